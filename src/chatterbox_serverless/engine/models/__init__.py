@@ -1,0 +1,1 @@
+"""One file per network component; attribute names mirror the official checkpoint keys."""

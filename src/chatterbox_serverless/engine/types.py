@@ -1,0 +1,51 @@
+"""What crosses the boundary between the job worker and the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    """Per-request generation parameters (ranges are validated by the API, see api/schemas.py)."""
+    exaggeration: float = 0.5
+    cfg_weight: float = 0.5
+    temperature: float = 0.8
+    min_p: float = 0.05
+    top_p: float = 1.0
+    repetition_penalty: float = 1.2
+    seed: int = 42
+
+
+@dataclass
+class VoiceAudio:
+    """A decoded reference clip: mono float32 samples in [-1, 1] at `sample_rate`."""
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass
+class SynthesisRequest:
+    text: str
+    params: SynthesisParams = field(default_factory=SynthesisParams)
+    voice: VoiceAudio | None = None      # None: the checkpoint's built-in voice (conds.pt)
+    request_id: str = ""
+
+
+@dataclass
+class SynthesisResult:
+    """Exactly one of `audio` / `error` is set. `audio` is mono float32 at the engine's sample rate."""
+    audio: np.ndarray | None = None
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)   # e.g. {"speech_tokens": n, "audio_seconds": s}
+
+
+class Engine(Protocol):
+    """What the worker needs from an engine: a batch of requests in, one result each out, in order.
+
+    A failure of one request is reported in its own result and never fails the others."""
+    sample_rate: int
+
+    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]: ...

@@ -1,0 +1,114 @@
+"""The job store interface. Two implementations pass one contract suite (tests/test_store_contract.py):
+SQLite (jobs/sqlite_store.py, the embedded single-machine default) and Redis (jobs/redis_store.py, scale-out).
+
+Life of a job:  submit -> QUEUED -> claim (lease) -> PROCESSING -> complete | fail
+A PROCESSING job whose lease runs out (worker died) goes back to QUEUED by `recover_expired`, or to FAILED
+once it has used `max_attempts`. `release` hands a job back without counting the attempt (graceful stop).
+Terminal jobs and their audio are deleted `retention` seconds after they finished.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class JobState(str, Enum):
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED)
+
+
+@dataclass
+class Job:
+    id: str                                   # unguessable (uuid4)
+    owner: str                                # account id of the submitting key ("" when auth is off)
+    params: dict                              # validated request parameters, JSON-serialisable
+    state: JobState = JobState.QUEUED
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None           # first claim
+    finished_at: float | None = None
+    attempts: int = 0                         # claims that counted
+    error: str | None = None                  # reason, when FAILED
+    metrics: dict = field(default_factory=dict)
+    media_type: str | None = None             # of the stored audio, when COMPLETED
+    worker_id: str | None = None              # lease holder while PROCESSING
+    lease_until: float | None = None
+
+
+@dataclass
+class StoreStats:
+    by_state: dict[str, int]                  # live (unexpired) jobs per state
+    oldest_queued_age: float                  # seconds; 0 when the queue is empty
+    workers: dict[str, dict]                  # live workers: id -> what they advertised
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the API answers 429."""
+
+
+class StoreUnavailable(Exception):
+    """The backend cannot be reached: the API answers 502."""
+
+
+class JobStore(ABC):
+    # --- API side -------------------------------------------------------------------------------------------
+    @abstractmethod
+    def submit(self, job: Job, max_queued: int) -> None:
+        """Persist a new QUEUED job (durable when this returns). Raises QueueFull when `max_queued` jobs wait."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> Job | None:
+        """The job, or None when unknown or expired."""
+
+    @abstractmethod
+    def get_audio(self, job_id: str) -> tuple[bytes, str] | None:
+        """(audio bytes, media type) of a COMPLETED job, or None."""
+
+    @abstractmethod
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        """Block until the job is terminal or `timeout` seconds pass; return its latest state."""
+
+    @abstractmethod
+    def stats(self) -> StoreStats: ...
+
+    # --- worker side ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Move up to `limit` QUEUED jobs to PROCESSING under a lease, fairly across owners (round-robin by
+        owner, oldest first within one), counting an attempt each. Never returns one job to two workers."""
+
+    @abstractmethod
+    def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float, info: dict | None = None) -> None:
+        """Extend the leases this worker holds, and advertise the worker as alive (with `info`)."""
+
+    @abstractmethod
+    def complete(self, job_id: str, worker_id: str, audio: bytes, media_type: str, metrics: dict) -> bool:
+        """Store the audio and mark COMPLETED, only if `worker_id` still holds the lease. False otherwise
+        (the job was reclaimed and may be completed by another worker: never twice)."""
+
+    @abstractmethod
+    def fail(self, job_id: str, worker_id: str | None, error: str, metrics: dict | None = None) -> bool:
+        """Mark FAILED with a reason (only if still held by `worker_id`; None: any non-terminal job)."""
+
+    @abstractmethod
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """Give a held job back to the queue without counting the attempt (graceful shutdown)."""
+
+    # --- maintenance ----------------------------------------------------------------------------------------
+    @abstractmethod
+    def recover_expired(self, max_attempts: int) -> int:
+        """Expired leases: back to QUEUED, or FAILED once `max_attempts` are used. Returns how many."""
+
+    @abstractmethod
+    def purge_expired(self, retention_seconds: float) -> int:
+        """Delete terminal jobs (and their audio) finished more than `retention_seconds` ago."""
+
+    def close(self) -> None:
+        pass
