@@ -1,0 +1,77 @@
+"""Long text: split at sentence boundaries into chunks the model handles well, and join the audio back.
+
+The official model degrades past ~300 characters and stops at ~40 s (1000 speech tokens), so a request is cut
+into chunks of at most `max_chars`, preferring sentence ends, then clause punctuation, then spaces. All chunks of
+all requests go through the engine as one batch; their audio is joined with a short equal-power crossfade.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+_SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+')
+_CLAUSE_END = re.compile(r'(?<=[,;:—–])\s+')
+
+
+def _pieces(text: str, pattern: re.Pattern) -> list[str]:
+    return [p for p in pattern.split(text) if p.strip()]
+
+
+def _split_long(sentence: str, max_chars: int) -> list[str]:
+    """A sentence longer than max_chars: cut at clause punctuation, then at spaces, then hard."""
+    out: list[str] = []
+    for clause in _pieces(sentence, _CLAUSE_END):
+        while len(clause) > max_chars:
+            cut = clause.rfind(" ", 0, max_chars + 1)
+            if cut <= 0:
+                cut = max_chars
+            out.append(clause[:cut].strip())
+            clause = clause[cut:].strip()
+        if clause:
+            out.append(clause)
+    return out
+
+
+def split_text(text: str, max_chars: int = 280) -> list[str]:
+    """Chunks of at most `max_chars` characters, whole sentences packed together where they fit."""
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return [text] if text else []
+    units: list[str] = []
+    for sentence in _pieces(text, _SENTENCE_END):
+        units.extend(_split_long(sentence.strip(), max_chars) if len(sentence) > max_chars else [sentence.strip()])
+    chunks: list[str] = []
+    for unit in units:
+        if chunks and len(chunks[-1]) + 1 + len(unit) <= max_chars:
+            chunks[-1] = f"{chunks[-1]} {unit}"
+        else:
+            chunks.append(unit)
+    return chunks
+
+
+def crossfade_join(clips: list[np.ndarray], sample_rate: int, fade_seconds: float = 0.05) -> np.ndarray:
+    """Concatenate clips, overlapping each boundary by an equal-power crossfade of `fade_seconds`
+    (shortened where a clip is shorter than that)."""
+    clips = [np.asarray(c, dtype=np.float32) for c in clips if len(c)]
+    if not clips:
+        return np.zeros(0, dtype=np.float32)
+    out = clips[0]
+    for clip in clips[1:]:
+        n = min(int(fade_seconds * sample_rate), len(out), len(clip))
+        if n == 0:
+            out = np.concatenate([out, clip])
+            continue
+        t = (np.arange(n, dtype=np.float32) + 0.5) / n
+        fade_in, fade_out = np.sin(0.5 * np.pi * t), np.cos(0.5 * np.pi * t)
+        mixed = out[-n:] * fade_out + clip[:n] * fade_in
+        out = np.concatenate([out[:-n], mixed, clip[n:]])
+    return out
+
+
+def max_speech_tokens(n_text_tokens: int, cap: int = 1000) -> int:
+    """A bound on the speech tokens a chunk may produce, from its text length: speech runs at 25 tokens/s and
+    English at roughly 12-18 characters/s, so ~2 speech tokens per text token is normal; allowing 6 per text
+    token plus 2 s of slack never truncates real speech but stops the babbling tails the model produces on very
+    short inputs ("Hi!") when it misses its stop token."""
+    return int(min(cap, 50 + 6 * n_text_tokens))
