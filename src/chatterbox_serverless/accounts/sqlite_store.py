@@ -1,0 +1,282 @@
+"""SQLite account store: tables of its own in the job store's database file (`<data-dir>/chatterbox.db`), WAL.
+
+Every write is one `BEGIN IMMEDIATE` transaction: SQLite takes the database write lock at BEGIN, so a read,
+its check and its write cannot interleave with another connection's (another thread, the `keys` command, a
+worker process). That is what makes holds race-free: two submissions for the last credits are serialised
+and the second sees the first's hold.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .store import (Account, AccountStore, DuplicateHold, Hold, InsufficientCredits, LedgerEntry, UnknownAccount,
+                    Usage)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS accounts (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    key_prefix TEXT NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    rate_per_min INTEGER NOT NULL,
+    balance INTEGER NOT NULL CHECK (balance >= 0),
+    held INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0 AND held <= balance),
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS account_holds (
+    job_id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts(id),
+    amount INTEGER NOT NULL CHECK (amount >= 0),
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS account_holds_created ON account_holds(created_at);
+CREATE TABLE IF NOT EXISTS account_ledger (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    delta INTEGER NOT NULL,
+    hold_delta INTEGER NOT NULL,
+    balance_after INTEGER NOT NULL,
+    held_after INTEGER NOT NULL,
+    job_id TEXT,
+    seconds REAL,
+    note TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS account_ledger_account ON account_ledger(account_id, id);
+CREATE TABLE IF NOT EXISTS account_buckets (
+    account_id TEXT PRIMARY KEY,
+    tokens REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+_ACCOUNT_COLUMNS = "id, name, key_hash, key_prefix, admin, revoked, rate_per_min, balance, held, created_at"
+
+
+def _account(row: tuple | None) -> Account | None:
+    if row is None:
+        return None
+    id_, name, key_hash, key_prefix, admin, revoked, rate, balance, held, created_at = row
+    return Account(id=id_, name=name, key_hash=key_hash, key_prefix=key_prefix, admin=bool(admin),
+                   revoked=bool(revoked), rate_per_min=rate, balance=balance, held=held, created_at=created_at)
+
+
+class SQLiteAccountStore(AccountStore):
+    def __init__(self, path: str | Path, busy_timeout: float = 10.0):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # One connection shared by this process's threads, serialised by a lock; isolation_level=None lets us
+        # issue BEGIN IMMEDIATE ourselves.
+        self._db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL under WAL: a commit survives a process crash (SIGKILL); only an OS crash / power loss can
+            # lose the last commits.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._tx() as db:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _get(db: sqlite3.Connection, account_id: str) -> Account:
+        acc = _account(db.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone())
+        if acc is None:
+            raise UnknownAccount(account_id)
+        return acc
+
+    @staticmethod
+    def _apply(db: sqlite3.Connection, acc: Account, kind: str, delta: int, hold_delta: int, job_id: str | None = None,
+               seconds: float | None = None, note: str = "", now: float | None = None) -> Account:
+        """Change an account's balance/held and write the ledger entry explaining it (inside a transaction)."""
+        acc.balance += delta
+        acc.held += hold_delta
+        db.execute("UPDATE accounts SET balance = ?, held = ? WHERE id = ?", (acc.balance, acc.held, acc.id))
+        db.execute("INSERT INTO account_ledger (account_id, at, kind, delta, hold_delta, balance_after, held_after, "
+                   "job_id, seconds, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (acc.id, time.time() if now is None else now, kind, delta, hold_delta, acc.balance, acc.held,
+                    job_id, seconds, note))
+        return acc
+
+    # --- keys -----------------------------------------------------------------------------------------------
+    def create(self, account: Account) -> Account:
+        if account.held != 0 or account.balance < 0:
+            raise ValueError("a new account starts with held = 0 and balance >= 0")
+        initial = account.balance
+        with self._tx() as db:
+            db.execute(f"INSERT INTO accounts ({_ACCOUNT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (account.id, account.name, account.key_hash, account.key_prefix, int(account.admin),
+                        int(account.revoked), account.rate_per_min, 0, 0, account.created_at))
+            acc = self._get(db, account.id)
+            if initial > 0:
+                acc = self._apply(db, acc, "grant", initial, 0, note="initial credits")
+        return acc
+
+    def get(self, account_id: str) -> Account | None:
+        rows = self._read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,))
+        return _account(rows[0]) if rows else None
+
+    def get_by_key_hash(self, key_hash: str) -> Account | None:
+        rows = self._read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE key_hash = ?", (key_hash,))
+        return _account(rows[0]) if rows else None
+
+    def list(self) -> list[Account]:
+        return [_account(r) for r in self._read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at, id")]
+
+    def count(self) -> int:
+        return self._read("SELECT COUNT(*) FROM accounts")[0][0]
+
+    def set_revoked(self, account_id: str, revoked: bool = True) -> Account:
+        with self._tx() as db:
+            acc = self._get(db, account_id)
+            db.execute("UPDATE accounts SET revoked = ? WHERE id = ?", (int(revoked), account_id))
+            acc.revoked = revoked
+        return acc
+
+    def update_limits(self, account_id: str, *, rate_per_min: int | None = None, admin: bool | None = None,
+                      name: str | None = None) -> Account:
+        with self._tx() as db:
+            acc = self._get(db, account_id)
+            if rate_per_min is not None:
+                acc.rate_per_min = rate_per_min
+            if admin is not None:
+                acc.admin = admin
+            if name is not None:
+                acc.name = name
+            db.execute("UPDATE accounts SET rate_per_min = ?, admin = ?, name = ? WHERE id = ?",
+                       (acc.rate_per_min, int(acc.admin), acc.name, account_id))
+        return acc
+
+    # --- credits --------------------------------------------------------------------------------------------
+    def adjust(self, account_id: str, delta: int, note: str = "") -> Account:
+        with self._tx() as db:
+            acc = self._get(db, account_id)
+            if delta < 0 and acc.available + delta < 0:
+                raise InsufficientCredits(-delta, acc.available)
+            return self._apply(db, acc, "grant" if delta >= 0 else "adjust", delta, 0, note=note)
+
+    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None) -> Account:
+        if amount < 0:
+            raise ValueError("a hold is >= 0")
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            acc = self._get(db, account_id)
+            if db.execute("SELECT 1 FROM account_holds WHERE job_id = ?", (job_id,)).fetchone():
+                raise DuplicateHold(job_id)
+            if acc.available < amount:
+                raise InsufficientCredits(amount, acc.available)
+            db.execute("INSERT INTO account_holds (job_id, account_id, amount, created_at) VALUES (?, ?, ?, ?)",
+                       (job_id, account_id, amount, now))
+            return self._apply(db, acc, "hold", 0, amount, job_id=job_id, now=now)
+
+    def _close_hold(self, job_id: str, charge: int | None, seconds: float | None, note: str) -> Account | None:
+        with self._tx() as db:
+            row = db.execute("SELECT account_id, amount FROM account_holds WHERE job_id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            account_id, amount = row
+            db.execute("DELETE FROM account_holds WHERE job_id = ?", (job_id,))
+            acc = self._get(db, account_id)
+            if charge is None:
+                return self._apply(db, acc, "release", 0, -amount, job_id=job_id, note=note)
+            payable = acc.available + amount          # what it can pay without eating its other holds
+            charged = max(0, min(charge, payable))
+            if charged < charge:
+                note = (note + "; " if note else "") + f"cost {charge} capped at the {charged} available"
+            return self._apply(db, acc, "settle", -charged, -amount, job_id=job_id, seconds=seconds, note=note)
+
+    def settle(self, job_id: str, cost: int, seconds: float | None = None, note: str = "") -> Account | None:
+        return self._close_hold(job_id, cost, seconds, note)
+
+    def release(self, job_id: str, note: str = "") -> Account | None:
+        return self._close_hold(job_id, None, None, note)
+
+    def holds(self, older_than: float | None = None) -> list[Hold]:
+        sql = "SELECT job_id, account_id, amount, created_at FROM account_holds"
+        args: tuple = ()
+        if older_than is not None:
+            sql += " WHERE created_at < ?"
+            args = (older_than,)
+        return [Hold(*r) for r in self._read(sql + " ORDER BY created_at", args)]
+
+    def get_hold(self, job_id: str) -> Hold | None:
+        rows = self._read("SELECT job_id, account_id, amount, created_at FROM account_holds WHERE job_id = ?",
+                          (job_id,))
+        return Hold(*rows[0]) if rows else None
+
+    # --- reporting ------------------------------------------------------------------------------------------
+    def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:
+        sql = ("SELECT id, account_id, at, kind, delta, hold_delta, balance_after, held_after, job_id, seconds, note "
+               "FROM account_ledger WHERE account_id = ? ORDER BY id DESC")
+        args: tuple = (account_id,)
+        if limit > 0:
+            sql += " LIMIT ?"
+            args += (limit,)
+        return [LedgerEntry(*r) for r in reversed(self._read(sql, args))]
+
+    def usage(self, account_id: str, since: float | None = None) -> Usage:
+        since = 0.0 if since is None else since
+        rows = self._read("SELECT kind, COUNT(*), COALESCE(SUM(seconds), 0), COALESCE(SUM(delta), 0) "
+                          "FROM account_ledger WHERE account_id = ? AND at >= ? AND kind IN ('settle', 'release') "
+                          "GROUP BY kind", (account_id, since))
+        u = Usage()
+        for kind, n, seconds, delta in rows:
+            if kind == "settle":
+                u.completed, u.audio_seconds, u.credits_spent = n, float(seconds), -int(delta)
+            else:
+                u.failed = n
+        u.open_holds = self._read("SELECT COUNT(*) FROM account_holds WHERE account_id = ?", (account_id,))[0][0]
+        return u
+
+    # --- rate limiting --------------------------------------------------------------------------------------
+    def take_token(self, account_id: str, rate_per_min: int, now: float | None = None) -> float:
+        if rate_per_min <= 0:
+            return 0.0
+        now = time.time() if now is None else now
+        capacity, per_second = float(rate_per_min), rate_per_min / 60.0
+        with self._tx() as db:
+            row = db.execute("SELECT tokens, updated FROM account_buckets WHERE account_id = ?",
+                             (account_id,)).fetchone()
+            if row is None:
+                tokens = capacity
+            else:
+                tokens = min(capacity, row[0] + max(0.0, now - row[1]) * per_second)
+            if tokens >= 1.0:
+                tokens -= 1.0
+                wait = 0.0
+            else:
+                wait = (1.0 - tokens) / per_second
+            db.execute("INSERT INTO account_buckets (account_id, tokens, updated) VALUES (?, ?, ?) "
+                       "ON CONFLICT(account_id) DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated",
+                       (account_id, tokens, now))
+        return wait
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

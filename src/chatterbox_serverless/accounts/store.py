@@ -1,0 +1,175 @@
+"""The account store interface. Implementations: SQLite (accounts/sqlite_store.py, same database file as the
+job store) and Redis (later, same contract: tests/test_accounts.py is parametrised by backend).
+
+Money model. Amounts are whole credits (int). An account has a `balance` (credits it owns) and `held` (the
+sum of its open holds). `available = balance - held` is what a new request may reserve.
+
+    grant/adjust   balance += delta                    (admin: `keys credits`, POST /v1/admin/keys/{id}/credits)
+    hold           held += amount                      (submit; only if available >= amount, else refused)
+    settle         held -= hold; balance -= charge     (job COMPLETED; charge <= available + hold, see below)
+    release        held -= hold                        (job FAILED or lost: failed jobs are not billed)
+
+Every change writes one ledger entry carrying `delta` (change of balance) and `hold_delta` (change of held),
+so `balance == sum(delta)` and `held == sum(hold_delta)` over an account's ledger, always: every balance is
+explainable. Each operation is atomic (one transaction / one script), so two submissions racing for the last
+credits cannot both hold them, a hold is settled or released at most once, and balance never goes negative.
+
+Rate limiting of submissions is part of the store so that every API instance sharing a backend shares the
+buckets (`take_token`).
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Account:
+    id: str                                   # public, not secret: "acc_" + random hex
+    name: str
+    key_hash: str                             # sha256 hex of the key; the key itself is never stored
+    key_prefix: str                           # first characters of the key, to recognise it in listings
+    admin: bool = False
+    revoked: bool = False
+    rate_per_min: int = 60                    # submissions per minute (token bucket, burst = rate); 0: unlimited
+    balance: int = 0                          # credits owned
+    held: int = 0                             # credits reserved by open holds
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+    def public(self) -> dict:
+        """What may be shown to the key's owner or an admin (no hash)."""
+        d = asdict(self)
+        d.pop("key_hash")
+        d["available"] = self.available
+        return d
+
+
+@dataclass
+class Hold:
+    job_id: str
+    account_id: str
+    amount: int
+    created_at: float
+
+
+@dataclass
+class LedgerEntry:
+    id: int
+    account_id: str
+    at: float
+    kind: str                                 # "grant" | "adjust" | "hold" | "settle" | "release"
+    delta: int                                # change of balance
+    hold_delta: int                           # change of held
+    balance_after: int
+    held_after: int
+    job_id: str | None = None
+    seconds: float | None = None              # audio seconds billed (settle)
+    note: str = ""
+
+
+@dataclass
+class Usage:
+    completed: int = 0                        # settled requests
+    failed: int = 0                           # released holds (not billed)
+    audio_seconds: float = 0.0
+    credits_spent: int = 0
+    open_holds: int = 0
+
+
+class InsufficientCredits(Exception):
+    """Not enough available credits for a hold, or a debit below zero: the API answers 406."""
+
+    def __init__(self, needed: int, available: int):
+        super().__init__(f"insufficient credits: this request needs {needed}, {available} available")
+        self.needed = needed
+        self.available = available
+
+
+class UnknownAccount(KeyError):
+    pass
+
+
+class DuplicateHold(Exception):
+    """A hold for this job id already exists (a job is held once)."""
+
+
+class AccountStore(ABC):
+    # --- keys -----------------------------------------------------------------------------------------------
+    @abstractmethod
+    def create(self, account: Account) -> Account:
+        """Insert a new account. Its initial `balance` (if > 0) is written as a "grant" ledger entry; `held`
+        must be 0. Returns the stored account."""
+
+    @abstractmethod
+    def get(self, account_id: str) -> Account | None: ...
+
+    @abstractmethod
+    def get_by_key_hash(self, key_hash: str) -> Account | None: ...
+
+    @abstractmethod
+    def list(self) -> list[Account]:
+        """All accounts, oldest first."""
+
+    @abstractmethod
+    def count(self) -> int: ...
+
+    @abstractmethod
+    def set_revoked(self, account_id: str, revoked: bool = True) -> Account:
+        """Raises UnknownAccount."""
+
+    @abstractmethod
+    def update_limits(self, account_id: str, *, rate_per_min: int | None = None, admin: bool | None = None,
+                      name: str | None = None) -> Account:
+        """Change the settings given (None: unchanged). Raises UnknownAccount."""
+
+    # --- credits --------------------------------------------------------------------------------------------
+    @abstractmethod
+    def adjust(self, account_id: str, delta: int, note: str = "") -> Account:
+        """Add (delta > 0, kind "grant") or remove (delta < 0, kind "adjust") credits. A removal may not take
+        the balance below what open holds reserve: raises InsufficientCredits. Raises UnknownAccount."""
+
+    @abstractmethod
+    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None) -> Account:
+        """Reserve `amount` credits for `job_id`, atomically, only if available >= amount; else raise
+        InsufficientCredits (nothing changes). Raises DuplicateHold, UnknownAccount."""
+
+    @abstractmethod
+    def settle(self, job_id: str, cost: int, seconds: float | None = None, note: str = "") -> Account | None:
+        """Close the hold of `job_id` and charge `cost`, capped at what the account can pay without touching
+        its other holds (available + this hold): the balance never goes negative. A capped charge says so in
+        the entry's note. Returns the account, or None when the job holds nothing (already settled or
+        released, or never held): settling twice charges once."""
+
+    @abstractmethod
+    def release(self, job_id: str, note: str = "") -> Account | None:
+        """Close the hold of `job_id` without charging. None when the job holds nothing."""
+
+    @abstractmethod
+    def holds(self, older_than: float | None = None) -> list[Hold]:
+        """Open holds (created before `older_than`, a timestamp, when given), oldest first."""
+
+    @abstractmethod
+    def get_hold(self, job_id: str) -> Hold | None: ...
+
+    # --- reporting ------------------------------------------------------------------------------------------
+    @abstractmethod
+    def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:
+        """The newest `limit` entries of an account, oldest first (limit <= 0: all)."""
+
+    @abstractmethod
+    def usage(self, account_id: str, since: float | None = None) -> Usage: ...
+
+    # --- rate limiting --------------------------------------------------------------------------------------
+    @abstractmethod
+    def take_token(self, account_id: str, rate_per_min: int, now: float | None = None) -> float:
+        """Token bucket per account: capacity `rate_per_min`, refilled at `rate_per_min` per 60 s. Take one
+        token and return 0.0, or, when empty, take nothing and return the seconds until one is available.
+        `rate_per_min <= 0` means unlimited."""
+
+    def close(self) -> None:
+        pass

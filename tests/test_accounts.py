@@ -1,0 +1,338 @@
+"""Accounts: the AccountStore contract (parametrised by backend), the service (keys, pricing, holds, repair) and
+the `keys` command. HTTP behaviour is in tests/test_accounts_api.py.
+
+To run the contract against another backend, add its name to BACKENDS and a branch to `make_store`."""
+from __future__ import annotations
+
+import json
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from chatterbox_serverless.accounts import open_account_store
+from chatterbox_serverless.accounts.service import (KEY_PREFIX, Accounts, AuthError, Pricing, RateLimited,
+                                                    hash_key, key_from_headers)
+from chatterbox_serverless.accounts.sqlite_store import SQLiteAccountStore
+from chatterbox_serverless.accounts.store import Account, AccountStore, DuplicateHold, InsufficientCredits
+
+BACKENDS = ["sqlite"]
+
+
+@pytest.fixture(params=BACKENDS)
+def account_store_factory(request, tmp_path):
+    """Opens connections to ONE fresh backend (each call: a new connection/client to the same data)."""
+    opened: list[AccountStore] = []
+
+    def make_store() -> AccountStore:
+        if request.param == "sqlite":
+            store = SQLiteAccountStore(tmp_path / "chatterbox.db")
+        else:  # pragma: no cover - other backends plug in here
+            raise AssertionError(request.param)
+        opened.append(store)
+        return store
+
+    yield make_store
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def account_store(account_store_factory) -> AccountStore:
+    return account_store_factory()
+
+
+def new_account(store: AccountStore, balance: int = 100, **kw) -> Account:
+    n = store.count()
+    return store.create(Account(id=f"acc_{n}", name=f"n{n}", key_hash=f"h{n}", key_prefix="cbx_xxxxxx",
+                                balance=balance, **kw))
+
+
+def assert_explainable(store: AccountStore, account_id: str) -> None:
+    """The ledger explains the balance and the holds, entry by entry."""
+    acc = store.get(account_id)
+    entries = store.ledger(account_id, limit=0)
+    balance = held = 0
+    for e in entries:
+        balance += e.delta
+        held += e.hold_delta
+        assert (e.balance_after, e.held_after) == (balance, held), e
+        assert 0 <= held <= balance
+    assert (acc.balance, acc.held) == (balance, held)
+    assert held == sum(h.amount for h in store.holds() if h.account_id == account_id)
+
+
+# --- the store contract -------------------------------------------------------------------------------------
+def test_create_and_lookup(account_store):
+    a = new_account(account_store, balance=50, admin=True, rate_per_min=7)
+    assert account_store.get(a.id) == a
+    assert account_store.get_by_key_hash(a.key_hash) == a
+    assert account_store.get("nope") is None and account_store.get_by_key_hash("nope") is None
+    b = new_account(account_store, balance=0)
+    assert [x.id for x in account_store.list()] == [a.id, b.id] and account_store.count() == 2
+    assert (a.balance, a.held, a.available, a.admin, a.rate_per_min) == (50, 0, 50, True, 7)
+    [grant] = account_store.ledger(a.id)
+    assert (grant.kind, grant.delta, grant.balance_after) == ("grant", 50, 50)
+    assert account_store.ledger(b.id) == []
+    with pytest.raises(Exception):  # the key hash is unique
+        account_store.create(Account(id="acc_other", name="", key_hash=a.key_hash, key_prefix=""))
+
+
+def test_revoke_and_limits(account_store):
+    a = new_account(account_store)
+    assert account_store.set_revoked(a.id).revoked and account_store.get(a.id).revoked
+    assert not account_store.set_revoked(a.id, False).revoked
+    b = account_store.update_limits(a.id, rate_per_min=3, admin=True)
+    assert (b.rate_per_min, b.admin, b.name) == (3, True, a.name)
+    assert account_store.get(a.id) == b
+    with pytest.raises(KeyError):
+        account_store.set_revoked("missing")
+
+
+def test_hold_settle_release(account_store):
+    a = new_account(account_store, balance=100)
+    assert account_store.hold(a.id, "j1", 30).available == 70
+    assert account_store.hold(a.id, "j2", 30).available == 40
+    with pytest.raises(DuplicateHold):
+        account_store.hold(a.id, "j1", 1)
+    with pytest.raises(InsufficientCredits) as e:
+        account_store.hold(a.id, "j3", 41)
+    assert (e.value.needed, e.value.available) == (41, 40)
+    assert account_store.get_hold("j3") is None
+    s = account_store.settle("j1", 12, seconds=11.5)
+    assert (s.balance, s.held, s.available) == (88, 30, 58)
+    assert account_store.settle("j1", 12) is None, "settling twice must charge once"
+    assert account_store.release("j1") is None
+    r = account_store.release("j2", note="boom")
+    assert (r.balance, r.held) == (88, 0)
+    assert account_store.release("j2") is None and account_store.settle("j2", 5) is None
+    kinds = [(e.kind, e.delta, e.hold_delta) for e in account_store.ledger(a.id)]
+    assert kinds == [("grant", 100, 0), ("hold", 0, 30), ("hold", 0, 30), ("settle", -12, -30), ("release", 0, -30)]
+    assert account_store.ledger(a.id, limit=2)[-1].note == "boom"
+    assert_explainable(account_store, a.id)
+
+
+def test_settle_never_goes_negative_nor_eats_other_holds(account_store):
+    a = new_account(account_store, balance=10)
+    account_store.hold(a.id, "j1", 4)
+    account_store.hold(a.id, "j2", 5)
+    s = account_store.settle("j1", 50, seconds=50.0)           # real cost far above the hold
+    assert (s.balance, s.held) == (5, 5), "charges what it can, keeps j2's hold covered"
+    assert "capped" in account_store.ledger(a.id, 1)[0].note
+    s = account_store.settle("j2", 3)
+    assert (s.balance, s.held) == (2, 0)
+    assert_explainable(account_store, a.id)
+
+
+def test_adjust(account_store):
+    a = new_account(account_store, balance=10)
+    assert account_store.adjust(a.id, 5, "top-up").balance == 15
+    account_store.hold(a.id, "j", 10)
+    with pytest.raises(InsufficientCredits):
+        account_store.adjust(a.id, -6)                     # would leave less than the hold
+    assert account_store.adjust(a.id, -5).balance == 10
+    assert [e.kind for e in account_store.ledger(a.id)] == ["grant", "grant", "hold", "adjust"]
+    with pytest.raises(KeyError):
+        account_store.adjust("missing", 1)
+    assert_explainable(account_store, a.id)
+
+
+def test_holds_listing_and_usage(account_store):
+    a = new_account(account_store, balance=100)
+    account_store.hold(a.id, "old", 1, now=1000.0)
+    account_store.hold(a.id, "new", 1, now=2000.0)
+    assert [h.job_id for h in account_store.holds()] == ["old", "new"]
+    assert [h.job_id for h in account_store.holds(older_than=1500.0)] == ["old"]
+    account_store.settle("old", 7, seconds=6.2)
+    account_store.hold(a.id, "x", 2)
+    account_store.release("x")
+    u = account_store.usage(a.id)
+    assert (u.completed, u.failed, u.credits_spent, u.open_holds) == (1, 1, 7, 1)
+    assert u.audio_seconds == pytest.approx(6.2)
+    assert account_store.usage(a.id, since=4e12).completed == 0
+
+
+def test_token_bucket(account_store):
+    a = new_account(account_store)
+    t = 1_000_000.0
+    assert [account_store.take_token(a.id, 3, now=t) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = account_store.take_token(a.id, 3, now=t)
+    assert wait == pytest.approx(20.0)                     # 3/min: one token every 20 s
+    assert account_store.take_token(a.id, 3, now=t + 19.0) > 0
+    assert account_store.take_token(a.id, 3, now=t + 21.0) == 0.0
+    assert account_store.take_token(a.id, 0, now=t) == 0.0  # unlimited
+    b = new_account(account_store)
+    assert account_store.take_token(b.id, 3, now=t + 21.0) == 0.0, "buckets are per account"
+
+
+def test_concurrent_holds_for_the_last_credits(account_store_factory):
+    """Threads, each with its own connection, race to hold 3 credits out of 10: exactly 3 win."""
+    first = account_store_factory()
+    a = new_account(first, balance=10)
+    stores = [account_store_factory() for _ in range(8)]
+    won, refused = [], []
+    barrier = threading.Barrier(len(stores))
+
+    def attempt(i: int, store: AccountStore) -> None:
+        barrier.wait()
+        for k in range(3):
+            try:
+                store.hold(a.id, f"job-{i}-{k}", 3)
+                won.append(i)
+            except InsufficientCredits:
+                refused.append(i)
+
+    threads = [threading.Thread(target=attempt, args=(i, s)) for i, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 3 and len(refused) == 21
+    acc = first.get(a.id)
+    assert (acc.balance, acc.held, acc.available) == (10, 9, 1)
+    # settle them all concurrently, twice each: charged exactly once each
+    holds = first.holds()
+    ts = [threading.Thread(target=s.settle, args=(h.job_id, 3)) for h in holds for s in stores[:2]]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    acc = first.get(a.id)
+    assert (acc.balance, acc.held) == (1, 0)
+    assert_explainable(first, a.id)
+
+
+# --- the service --------------------------------------------------------------------------------------------
+@pytest.fixture
+def accounts(account_store) -> Accounts:
+    return Accounts(account_store, Pricing(credits_per_second=2.0, minimum=3, max_audio_seconds=40.0))
+
+
+def test_keys_are_random_hashed_and_shown_once(accounts, account_store):
+    key, acc = accounts.create_key("app", credits=5, rate_per_min=10)
+    key2, _ = accounts.create_key()
+    assert key.startswith(KEY_PREFIX) and len(key) >= 40 and key != key2
+    assert acc.key_hash == hash_key(key) and key not in json.dumps(acc.public())
+    assert "key_hash" not in acc.public()
+    assert accounts.authenticate(key).id == acc.id
+    assert accounts.resolve(key).id == acc.id and accounts.resolve(acc.id).id == acc.id
+    assert accounts.resolve("cbx_unknown") is None
+
+
+def test_authenticate_codes(accounts, account_store):
+    key, acc = accounts.create_key()
+    admin_key, _ = accounts.create_key(admin=True)
+    for bad in (None, "", "cbx_nope", "x" * 10_000):
+        with pytest.raises(AuthError) as e:
+            accounts.authenticate(bad)
+        assert e.value.status == 401
+    with pytest.raises(AuthError) as e:
+        accounts.authenticate(key, admin=True)
+    assert e.value.status == 403
+    assert accounts.authenticate(admin_key, admin=True).admin
+    account_store.set_revoked(acc.id)
+    with pytest.raises(AuthError) as e:
+        accounts.authenticate(key)
+    assert e.value.status == 403 and "revoked" in e.value.message
+
+
+def test_key_from_headers():
+    assert key_from_headers("k1", "Bearer k2") == "k1"
+    assert key_from_headers(None, "Bearer k2") == "k2"
+    assert key_from_headers(None, "bearer  k2 ") == "k2"
+    assert key_from_headers(None, "Basic abc") is None
+    assert key_from_headers(None, "Bearer ") is None and key_from_headers(None, None) is None
+
+
+def test_pricing():
+    p = Pricing(credits_per_second=2.0, minimum=3, hold_chars_per_second=10.0, hold_extra_seconds=2.0,
+                max_audio_seconds=40.0)
+    assert p.cost(0.0) == 3 and p.cost(1.0) == 3 and p.cost(1.6) == 4 and p.cost(10.0) == 20
+    assert p.estimate("x" * 80) == 20                      # 8 s + 2 s at 2 credits/s
+    assert p.estimate("x" * 100_000) == 80                 # capped at 40 s
+
+
+def test_rate_limit(accounts):
+    _, acc = accounts.create_key(rate_per_min=2)
+    accounts.check_rate(acc, now=100.0)
+    accounts.check_rate(acc, now=100.0)
+    with pytest.raises(RateLimited) as e:
+        accounts.check_rate(acc, now=100.0)
+    assert e.value.retry_after == pytest.approx(30.0)
+
+
+def test_finish_and_reconcile(accounts, account_store):
+    _, acc = accounts.create_key(credits=100)
+    for j in ("done", "failed", "missing", "running", "young", "done-no-metrics"):
+        accounts.hold_for(acc, j, "hello world")           # estimate: 3.1 s -> 7 credits
+    assert account_store.get(acc.id).held == 42
+    jobs = {
+        "done": SimpleNamespace(state="COMPLETED", metrics={"audio_seconds": 4.2}, error=None),
+        "failed": SimpleNamespace(state="FAILED", metrics={}, error="engine exploded"),
+        "running": SimpleNamespace(state="PROCESSING", metrics={}, error=None),
+        "young": SimpleNamespace(state="COMPLETED", metrics={"audio_seconds": 1.0}, error=None),
+        "done-no-metrics": SimpleNamespace(state="COMPLETED", metrics={}, error=None),
+    }
+    now = account_store.get_hold("young").created_at
+    # everything except "young" is older than the grace period
+    for j in ("done", "failed", "missing", "running", "done-no-metrics"):
+        h = account_store.get_hold(j)
+        account_store.release(j)
+        account_store.hold(acc.id, j, h.amount, now=now - 600)
+    counts = accounts.reconcile(jobs.get, grace_seconds=60, now=now)
+    assert counts == {"settled": 2, "released": 2, "open": 1}
+    assert {h.job_id for h in account_store.holds()} == {"running", "young"}
+    a = account_store.get(acc.id)
+    assert a.balance == 100 - 9 - 7          # 4.2 s at 2/s -> 9; unknown length -> the hold (7)
+    notes = [e.note for e in account_store.ledger(acc.id) if e.kind == "release"]
+    assert any("engine exploded" in n for n in notes) and any("missing" in n for n in notes)
+    # the worker's path: finish() settles or releases, and never raises
+    accounts.finish("young", completed=True, metrics={"audio_seconds": 1.0})
+    accounts.finish("running", completed=False, error="x")
+    accounts.finish("running", completed=False, error="x")
+    a = account_store.get(acc.id)
+    assert (a.balance, a.held) == (100 - 9 - 7 - 3, 0)
+    assert_explainable(account_store, acc.id)
+
+
+def test_bootstrap_admin(accounts, account_store):
+    key = accounts.bootstrap_admin()
+    assert key and accounts.authenticate(key, admin=True).balance > 0
+    assert accounts.bootstrap_admin() is None
+
+
+# --- the `keys` command ---------------------------------------------------------------------------------------
+def test_keys_cli(tmp_path, capsys):
+    from chatterbox_serverless.cli import main
+
+    d = str(tmp_path / "data")
+    assert main(["keys", "create", "--data-dir", d, "--name", "app", "--credits", "50", "--rate", "5/min"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith(KEY_PREFIX)
+    assert main(["keys", "list", "--data-dir", d]) == 0
+    out = capsys.readouterr().out
+    assert "app" in out and key not in out
+    assert main(["keys", "credits", "--data-dir", d, key, "+25", "--note", "gift"]) == 0
+    assert "balance 75" in capsys.readouterr().out
+    assert main(["keys", "credits", "--data-dir", d, key, "-100"]) == 1
+    assert main(["keys", "credits", "--data-dir", d, key, "-5"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list", "--data-dir", d, "--json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["balance"], row["rate_per_min"], row["name"]) == (70, 5, "app")
+    assert main(["keys", "show", "--data-dir", d, row["id"]]) == 0
+    assert "gift" in capsys.readouterr().out
+    assert main(["keys", "revoke", "--data-dir", d, row["id"]]) == 0
+    assert main(["keys", "revoke", "--data-dir", d, "acc_missing"]) == 1
+    capsys.readouterr()
+    store = open_account_store(d)
+    try:
+        with pytest.raises(AuthError) as e:
+            Accounts(store).authenticate(key)
+        assert e.value.status == 403
+    finally:
+        store.close()
+    assert main(["keys", "list", "--store", f"sqlite:///{d}/chatterbox.db", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
+    with pytest.raises(SystemExit):
+        main(["keys", "create", "--data-dir", d, "--rate", "fast"])
