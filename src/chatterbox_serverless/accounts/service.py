@@ -62,18 +62,23 @@ def key_from_headers(x_api_key: str | None, authorization: str | None) -> str | 
 class Pricing:
     credits_per_second: float = 1.0       # price of one second of audio
     minimum: int = 1                      # least a completed request costs
-    # Hold estimate: speech runs ~14-16 characters/s in English; 10 is conservative so holds rarely fall short.
+    # Hold estimate: speech runs ~12-18 characters/s in English; 10 is conservative so holds rarely fall short
+    # (when one does, the settle charges the real cost as far as the balance allows, never below zero). Long
+    # text is chunked by the engine, so the audio grows with the text: no fixed cap.
     hold_chars_per_second: float = 10.0
     hold_extra_seconds: float = 2.0
-    max_audio_seconds: float = 40.0       # the model stops at 1000 speech tokens = 40 s at 25 tokens/s
+
+    def __post_init__(self) -> None:
+        if not (self.credits_per_second >= 0 and self.minimum >= 0 and self.hold_chars_per_second > 0
+                and self.hold_extra_seconds >= 0):
+            raise ValueError("prices and the hold estimate must be non-negative")
 
     def cost(self, audio_seconds: float) -> int:
         raw = max(0.0, audio_seconds) * self.credits_per_second
         return max(self.minimum, math.ceil(raw - 1e-9))
 
     def estimate(self, text: str) -> int:
-        seconds = min(self.max_audio_seconds, len(text) / self.hold_chars_per_second + self.hold_extra_seconds)
-        return self.cost(seconds)
+        return self.cost(len(text) / self.hold_chars_per_second + self.hold_extra_seconds)
 
 
 class AuthError(Exception):
@@ -185,19 +190,19 @@ class Accounts:
     # --- repair ---------------------------------------------------------------------------------------------
     def reconcile(self, lookup_job: Callable[[str], Any], grace_seconds: float = 120.0,
                   now: float | None = None) -> dict[str, int]:
-        """Close the holds whose job is over: settle COMPLETED jobs, release FAILED or missing ones. Holds
-        younger than `grace_seconds` are left alone (their job may be between hold and store.submit).
+        """Close the holds whose job is over: settle COMPLETED jobs, release FAILED ones, and missing ones once
+        older than `grace_seconds` (a younger one's job may be between the hold and store.submit).
         `lookup_job(job_id)` returns an object with `.state` (a JobState or its value) and `.metrics`, or
         None when the job is unknown or expired. Returns counts by action."""
         now = time.time() if now is None else now
         done = {"settled": 0, "released": 0, "open": 0}
-        for hold in self.store.holds(older_than=now - grace_seconds):
+        for hold in self.store.holds():
             job = lookup_job(hold.job_id)
             state = None if job is None else getattr(job.state, "value", job.state)
             if state == "COMPLETED":
                 self.settle(hold.job_id, audio_seconds_of(job.metrics))
                 done["settled"] += 1
-            elif state == "FAILED" or job is None:
+            elif state == "FAILED" or (job is None and hold.created_at < now - grace_seconds):
                 why = "job missing (expired, or never stored)" if job is None else (job.error or "failed")
                 self.release(hold.job_id, f"reconciled: {why}")
                 done["released"] += 1
