@@ -1,0 +1,192 @@
+"""The asyncio client: `AsyncClient` and its job handle `AsyncJobHandle`, the same methods as `Client`, awaited."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import _base
+from ._base import (DEFAULT_MAX_POLL_INTERVAL_S, DEFAULT_MAX_RETRIES, DEFAULT_POLL_BACKOFF, DEFAULT_POLL_INTERVAL_S,
+                    DEFAULT_POLL_TIMEOUT_S, PollSchedule, Progress, ProgressCallback)
+from .errors import APIConnectionError, InferenceFailed, InferenceTimeout
+from .params import validate_params
+
+
+@dataclass
+class AsyncJobHandle:
+    """A request submitted to the queue (`POST /v2/...`). Poll it with `status()`, block with `wait()`."""
+    request_id: str
+    status_url: str
+    response_url: str
+    submit_response: dict[str, Any]
+    _client: AsyncClient = field(repr=False)
+
+    async def status(self) -> dict[str, Any]:
+        """The status body now: `status` is QUEUED, PROCESSING, COMPLETED or FAILED (then with `error`)."""
+        return _base.terminal_tolerant(await self._client._send("GET", self.status_url))
+
+    async def result(self) -> dict[str, Any]:
+        """The final body: `output` (the audio URL) and `metrics` once COMPLETED; FAILED bodies are returned too."""
+        return _base.terminal_tolerant(await self._client._send("GET", self.response_url))
+
+    async def wait(self, timeout: float = DEFAULT_POLL_TIMEOUT_S, interval: float = DEFAULT_POLL_INTERVAL_S, *,
+                   backoff: float = DEFAULT_POLL_BACKOFF, max_interval: float | None = DEFAULT_MAX_POLL_INTERVAL_S,
+                   on_progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """Poll until the request is COMPLETED and return the result body.
+
+        The first gap between polls is `interval` seconds; each next one is `backoff` times longer, up to
+        `max_interval` (`backoff=1` polls at a fixed cadence, as the hosted SDK does). `on_progress` is called
+        with a `Progress` after every poll. Network errors and 429/502/503 while polling are retried until
+        the deadline (a restarting server does not lose the job).
+
+        Raises `InferenceFailed` (`e.detail`: the server's reason) or `InferenceTimeout` (`e.request_id`)."""
+        schedule = PollSchedule(timeout, interval, backoff, max_interval)
+        last_error: Exception | None = None
+        while True:
+            try:
+                body = await self.status()
+            except Exception as e:  # noqa: BLE001 - filtered just below
+                if not _base.is_transient(e):
+                    raise
+                last_error, body = e, None
+            if body is not None:
+                last_error = None
+                state = body.get("status")
+                if on_progress is not None:
+                    on_progress(Progress(self.request_id, str(state), schedule.elapsed(), body))
+                if state == "COMPLETED":
+                    return await self.result()
+                if state == "FAILED":
+                    raise InferenceFailed(detail=body.get("error"), status_body=body)
+            if schedule.expired():
+                raise InferenceTimeout(self.request_id, schedule.elapsed()) from last_error
+            await asyncio.sleep(schedule.next_sleep())
+
+    async def download(self, path: str | os.PathLike, result: dict[str, Any] | None = None) -> Path:
+        """Write the audio of this (completed) request to `path`; return the path."""
+        return await self._client.download(result if result is not None else await self.result(), path)
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`: same arguments, same methods, awaited (`async with AsyncClient() as c`).
+
+    `api_key` and `base_url` default to `CHATTERBOX_API_KEY` (or `SEGMIND_API_KEY`) and `CHATTERBOX_API_URL`
+    (else http://127.0.0.1:8000); the base URL may end in `/v1` like the hosted SDK's. `timeout`: seconds for
+    each HTTP call (`sync_timeout` for `run_sync`, which holds the connection while the audio is made).
+    Submissions answered 429/502/503, or whose connection fails, are retried up to `max_retries` times,
+    honouring `Retry-After`. Use it as a context manager, or call `close()`."""
+
+    def __init__(self, api_key: str | None = None, base_url: str | None = None, timeout: float = 30.0, *,
+                 sync_timeout: float = 600.0, max_retries: int = DEFAULT_MAX_RETRIES,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base_url, self.api_key = _base.resolve_config(base_url, api_key)
+        self.timeout = timeout
+        self.sync_timeout = sync_timeout
+        self.max_retries = max_retries
+        self._http = httpx.AsyncClient(headers=_base.default_headers(self.api_key),
+                                       timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                                       transport=transport, follow_redirects=False)
+
+    # --- the hosted SDK's surface -----------------------------------------------------------------------------
+    async def run(self, slug: str, **params: Any) -> dict[str, Any]:
+        """Submit to the queue and wait (default cadence, 600 s): the result body once COMPLETED.
+        Every keyword is a request parameter; for another deadline use `submit_async(...).wait(timeout=...)`."""
+        return await (await self.submit_async(slug, **params)).wait()
+
+    async def run_sync(self, slug: str, **params: Any) -> httpx.Response:
+        """One blocking `POST /v1/{slug}`: the response carries the audio bytes (`.content`)."""
+        body = validate_params(params)
+        slug = _base.check_slug(slug)
+        start = time.monotonic()
+        response = await self._post_with_retries(f"{self.base_url}/v1/{slug}", body, headers={"Accept": "*/*"},
+                                                timeout=httpx.Timeout(self.sync_timeout, connect=10.0))
+        _base.raise_for_status(response, elapsed_s=time.monotonic() - start)
+        return response
+
+    async def submit_async(self, slug: str, **params: Any) -> AsyncJobHandle:
+        """`POST /v2/{slug}`: queue the request and return its `AsyncJobHandle` at once."""
+        body = validate_params(params)
+        response = await self._post_with_retries(f"{self.base_url}/v2/{_base.check_slug(slug)}", body)
+        request_id, status_url, response_url, submitted = _base.parse_submit(response)
+        return AsyncJobHandle(request_id, status_url, response_url, submitted, self)
+
+    # --- beyond it ----------------------------------------------------------------------------------------------
+    def job(self, request_id: str) -> AsyncJobHandle:
+        """The handle of a request submitted earlier (for instance after an `InferenceTimeout`)."""
+        status_url, response_url = _base.v2_urls(self.base_url, request_id)
+        return AsyncJobHandle(request_id, status_url, response_url, {}, self)
+
+    async def download(self, result: dict[str, Any] | str, path: str | os.PathLike) -> Path:
+        """Write the audio of a result body (or an output URL) to `path` (atomically); return the path."""
+        url = _base.output_url(result)
+        path = Path(path)
+        response = await self._send("GET", url, stream=True, output=True)
+        try:
+            if not response.is_success:
+                await response.aread()
+                _base.raise_for_status(response)
+            tmp = _base.partial_path(path)
+            try:
+                with open(tmp, "wb") as f:
+                    async for chunk in response.aiter_bytes():
+                        f.write(chunk)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except httpx.TransportError as e:
+            raise APIConnectionError.from_httpx(e, url) from e
+        finally:
+            await response.aclose()
+        return path
+
+    async def fetch_audio(self, result: dict[str, Any] | str) -> bytes:
+        """The audio bytes of a result body (or an output URL)."""
+        response = await self._send("GET", _base.output_url(result), output=True)
+        _base.raise_for_status(response)
+        return response.content
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _send(self, method: str, url: str, *, stream: bool = False, output: bool = False,
+                    **kwargs: Any) -> httpx.Response:
+        """One HTTP exchange; transport failures become `APIConnectionError`. `output`: a signed audio URL,
+        fetched without the API key unless it is on the server's own origin."""
+        request = self._http.build_request(method, url, **kwargs)
+        if output:
+            request.headers["Accept"] = "*/*"
+            if not _base.same_origin(url, self.base_url):
+                request.headers.pop("x-api-key", None)
+        try:
+            return await self._http.send(request, stream=stream)
+        except httpx.TransportError as e:
+            raise APIConnectionError.from_httpx(e, url) from e
+
+    async def _post_with_retries(self, url: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                response = await self._send("POST", url, json=body, **kwargs)
+            except APIConnectionError as e:
+                if e.request_sent or attempt >= self.max_retries:   # sent: it may have been accepted
+                    raise
+                delay: float | None = _base.retry_delay(None, attempt)
+            else:
+                delay = _base.retry_delay(response, attempt) if attempt < self.max_retries else None
+                if delay is None:
+                    return response
+                await response.aclose()
+            await asyncio.sleep(delay)
+            attempt += 1
