@@ -111,6 +111,7 @@ class Accounts:
         self.store = store
         self.pricing = pricing or Pricing()
         self.default_rate_per_min = default_rate_per_min
+        self._last_reconcile = float("-inf")
 
     # --- keys -----------------------------------------------------------------------------------------------
     def create_key(self, name: str = "", credits: int = 0, rate_per_min: int | None = None,
@@ -211,6 +212,20 @@ class Accounts:
         if done["settled"] or done["released"]:
             log.info("accounts: reconciled holds: %s", done)
         return done
+
+    def maybe_reconcile(self, lookup_job: Callable[[str], Any], interval: float = 60.0,
+                        grace_seconds: float = 120.0) -> dict[str, int] | None:
+        """`reconcile` at most once per `interval` seconds (the first call runs at once: start-up repair).
+        For a maintenance loop; never raises."""
+        now = time.monotonic()
+        if now - self._last_reconcile < interval:
+            return None
+        self._last_reconcile = now
+        try:
+            return self.reconcile(lookup_job, grace_seconds)
+        except Exception:  # noqa: BLE001 - retried at the next interval
+            log.exception("accounts: reconcile failed")
+            return None
 
     # --- reporting ------------------------------------------------------------------------------------------
     def summary(self, acc: Account, since: float | None = None) -> dict:
