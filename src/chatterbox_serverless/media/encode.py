@@ -1,0 +1,78 @@
+"""Encode generated audio for the client: mp3 (the hosted API's default), wav, flac, ogg (opus).
+
+All four go through soundfile's bundled libsndfile (>= 1.1 writes MP3 via LAME and Opus natively), so no
+extra codec dependency. Rates an encoder cannot take (mp3: the MPEG rates; opus: 8/12/16/24/48 kHz) are
+resampled with soxr first; Chatterbox's 24 kHz goes through untouched in every format.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import soundfile as sf
+
+from chatterbox_serverless.media import MediaError
+
+FORMATS: dict[str, str] = {          # output_format -> media type
+    "mp3": "audio/mpeg",
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",              # Ogg Opus
+}
+DEFAULT_FORMAT = "mp3"
+
+_MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+# (libsndfile format, subtype, extra SoundFile arguments). compression_level is libsndfile's 0 (best) .. 1.
+# mp3: constant bitrate (players show the right duration; ~80 kb/s at 24 kHz mono);
+# opus: variable bitrate, ~40-70 kb/s at 24 kHz mono speech (transparent for speech).
+_WRITE_ARGS: dict[str, tuple[str, str, dict]] = {
+    "mp3": ("MP3", "MPEG_LAYER_III", {"bitrate_mode": "CONSTANT", "compression_level": 0.5}),
+    "wav": ("WAV", "PCM_16", {}),
+    "flac": ("FLAC", "PCM_16", {}),
+    "ogg": ("OGG", "OPUS", {"compression_level": 0.75}),
+}
+
+
+class EncodeError(MediaError):
+    """An unknown output format or unusable samples."""
+
+
+def _target_rate(fmt: str, sample_rate: int) -> int:
+    allowed = {"mp3": _MP3_RATES, "ogg": _OPUS_RATES}.get(fmt)
+    if allowed is None or sample_rate in allowed:
+        return sample_rate
+    return 48000
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str = DEFAULT_FORMAT) -> tuple[bytes, str]:
+    """Encode mono samples (float, nominally in [-1, 1]) as `fmt`; returns (file bytes, media type).
+
+    Values outside [-1, 1] are clipped and non-finite ones zeroed (16-bit PCM and the codecs need it)."""
+    fmt = fmt.lower() if isinstance(fmt, str) else fmt
+    if fmt not in FORMATS:
+        raise EncodeError(f"unsupported output_format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not isinstance(sample_rate, (int, np.integer)) or not 1000 <= sample_rate <= 384_000:
+        raise EncodeError(f"unsupported sample rate {sample_rate!r}")
+    x = np.asarray(samples)
+    if x.ndim == 2 and 1 in x.shape:
+        x = x.reshape(-1)
+    if x.ndim != 1:
+        raise EncodeError(f"expected mono samples (1-D), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise EncodeError(f"expected numeric samples, got {x.dtype}")
+    x = np.nan_to_num(x.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
+    x = np.clip(x, -1.0, 1.0)
+
+    rate = _target_rate(fmt, int(sample_rate))
+    if rate != sample_rate and len(x):
+        import soxr
+        x = soxr.resample(x, int(sample_rate), rate, quality="HQ").astype(np.float32, copy=False)
+        x = np.clip(x, -1.0, 1.0)
+
+    container, subtype, extra = _WRITE_ARGS[fmt]
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, mode="w", samplerate=rate, channels=1, format=container, subtype=subtype, **extra) as f:
+        f.write(x)
+    return buf.getvalue(), FORMATS[fmt]
