@@ -1,0 +1,400 @@
+"""The embedded job store: one SQLite database (WAL) in the data dir, audio files beside it.
+
+Durability: every state change is one transaction (`synchronous=FULL` by default: an accepted job survives a
+crash of the process and of the machine). Audio is written atomically (tmp file, fsync, rename, fsync of the
+directory) before the job is marked COMPLETED, under a name unique to the writing attempt, so a worker that lost
+its lease never overwrites nor deletes the winner's file.
+
+Threads: one writer connection behind a lock; each reading thread has its own connection (WAL readers never wait
+for the writer), so status polls stay fast while jobs are being written.
+
+Fairness: `claim` serves owners round-robin (the owner served least recently first, `owner_turns`), oldest job
+first within one owner.
+
+A full disk: `submit` raises (nothing was accepted); `complete` raises OSError/sqlite3.Error after removing its
+partial file, and the job stays PROCESSING under its lease, so the worker can mark it FAILED, or, if even that
+cannot be written, the lease runs out and `recover_expired` retries it (bounded attempts).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+WORKER_ALIVE_SECONDS = 30.0     # a worker that has not heartbeaten for this long is not listed as alive
+ORPHAN_AUDIO_SECONDS = 600.0    # audio files no job refers to (a crash between write and commit) are removed after
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    params TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    media_type TEXT,
+    audio_file TEXT,
+    worker_id TEXT,
+    lease_until REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs(owner, created_at) WHERE state = 'QUEUED';
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until) WHERE state = 'PROCESSING';
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS owner_turns (owner TEXT PRIMARY KEY, turn INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, seen REAL NOT NULL);
+"""
+
+_COLUMNS = ("id, owner, params, state, created_at, started_at, finished_at, attempts, error, metrics, "
+            "media_type, worker_id, lease_until")
+
+_EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav", "audio/x-wav": "wav", "audio/flac": "flac",
+               "audio/ogg": "ogg"}
+
+
+def _row_to_job(row: tuple) -> Job:
+    (id_, owner, params, state, created, started, finished, attempts, error, metrics, media_type, worker_id,
+     lease_until) = row
+    return Job(id=id_, owner=owner, params=json.loads(params), state=JobState(state), created_at=created,
+               started_at=started, finished_at=finished, attempts=attempts, error=error,
+               metrics=json.loads(metrics) if metrics else {}, media_type=media_type, worker_id=worker_id,
+               lease_until=lease_until)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class SQLiteJobStore(JobStore):
+    """`SQLiteJobStore(path)`: the database file at `path` (created with its directory), audio in `audio/` beside
+    it. `retention_seconds` hides terminal jobs that finished longer ago than that, even before a purge."""
+
+    def __init__(self, path: str | os.PathLike, retention_seconds: float = 3600.0, synchronous: str = "FULL"):
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError("synchronous must be FULL, NORMAL or EXTRA")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.audio_dir = self.path.parent / "audio"
+        self.audio_dir.mkdir(exist_ok=True)
+        self.retention_seconds = float(retention_seconds)
+        self._synchronous = synchronous.upper()
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._writer = self._connect()
+        with self._write_lock:
+            self._writer.executescript(_SCHEMA)
+
+    # --- connections ------------------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA busy_timeout=30000")
+        except sqlite3.Error as e:
+            raise StoreUnavailable(f"cannot open the job database {self.path}: {e}") from e
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreUnavailable("the job store is closed")
+            conn = self._connect()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _write(self, fn):
+        """Run `fn(conn)` in one IMMEDIATE transaction on the writer connection; commit, or roll back on error."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreUnavailable("the job store is closed")
+            conn = self._writer
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                    raise
+            except sqlite3.OperationalError as e:   # disk full, I/O error, locked by another process for 30 s
+                raise StoreUnavailable(f"the job database cannot be written ({e})") from e
+            return result
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # --- API side ---------------------------------------------------------------------------------------------
+    def submit(self, job: Job, max_queued: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'").fetchone()
+            if queued >= max_queued:
+                raise QueueFull(f"{queued} jobs are waiting (the limit is {max_queued})")
+            conn.execute(
+                "INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics) VALUES (?,?,?,?,?,?,?)",
+                (job.id, job.owner, json.dumps(job.params), JobState.QUEUED.value, job.created_at, 0,
+                 json.dumps(job.metrics or {})))
+        self._write(tx)
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._reader().execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        job = _row_to_job(row)
+        if job.finished_at is not None and job.finished_at < time.time() - self.retention_seconds:
+            return None
+        return job
+
+    def audio_file(self, job_id: str) -> Path | None:
+        """Path of a COMPLETED job's audio file (for streaming it without reading it whole), or None."""
+        job = self.get(job_id)
+        if job is None or job.state != JobState.COMPLETED:
+            return None
+        row = self._reader().execute("SELECT audio_file FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if not row or not row[0]:
+            return None
+        path = self.audio_dir / row[0]
+        return path if path.is_file() else None
+
+    def get_audio(self, job_id: str) -> tuple[bytes, str] | None:
+        path = self.audio_file(job_id)
+        if path is None:
+            return None
+        job = self.get(job_id)
+        try:
+            return path.read_bytes(), (job.media_type if job else None) or "application/octet-stream"
+        except FileNotFoundError:   # purged meanwhile
+            return None
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.state.terminal or remaining <= 0:
+                return job
+            # in-process changes notify at once; the bounded wait covers writers in other processes
+            with self._changed:
+                self._changed.wait(min(remaining, 0.2))
+
+    def stats(self) -> StoreStats:
+        now = time.time()
+        conn = self._reader()
+        by_state = {s.value: 0 for s in JobState}
+        for state, n in conn.execute(
+                "SELECT state, COUNT(*) FROM jobs WHERE finished_at IS NULL OR finished_at >= ? GROUP BY state",
+                (now - self.retention_seconds,)):
+            by_state[state] = n
+        (oldest,) = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state = 'QUEUED'").fetchone()
+        workers = {wid: json.loads(info) for wid, info in conn.execute(
+            "SELECT id, info FROM workers WHERE seen >= ?", (now - WORKER_ALIVE_SECONDS,))}
+        return StoreStats(by_state=by_state, oldest_queued_age=max(0.0, now - oldest) if oldest else 0.0,
+                          workers=workers)
+
+    # --- worker side ------------------------------------------------------------------------------------------
+    def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Job]:
+        if limit <= 0:
+            return []
+
+        def tx(conn: sqlite3.Connection) -> list[Job]:
+            now = time.time()
+            picked = conn.execute(
+                """WITH ranked AS (
+                       SELECT id, owner, created_at,
+                              ROW_NUMBER() OVER (PARTITION BY owner ORDER BY created_at, rowid) AS rn
+                       FROM jobs WHERE state = 'QUEUED')
+                   SELECT r.id, r.owner FROM ranked r LEFT JOIN owner_turns t ON t.owner = r.owner
+                   WHERE r.rn <= ? ORDER BY r.rn, COALESCE(t.turn, 0), r.created_at LIMIT ?""",
+                (limit, limit)).fetchall()
+            if not picked:
+                return []
+            (turn,) = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM owner_turns").fetchone()
+            for job_id, owner in picked:
+                turn += 1
+                conn.execute("INSERT INTO owner_turns (owner, turn) VALUES (?, ?) "
+                             "ON CONFLICT(owner) DO UPDATE SET turn = excluded.turn", (owner, turn))
+                conn.execute(
+                    "UPDATE jobs SET state = 'PROCESSING', worker_id = ?, lease_until = ?, attempts = attempts + 1, "
+                    "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                    (worker_id, now + lease_seconds, now, job_id))
+            marks = ",".join("?" * len(picked))
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", [p[0] for p in picked])
+            jobs = {r[0]: _row_to_job(r) for r in rows}
+            return [jobs[p[0]] for p in picked]
+        jobs = self._write(tx)
+        if jobs:
+            self._notify()
+        return jobs
+
+    def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float, info: dict | None = None) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            if job_ids:
+                marks = ",".join("?" * len(job_ids))
+                conn.execute(f"UPDATE jobs SET lease_until = ? WHERE state = 'PROCESSING' AND worker_id = ? "
+                             f"AND id IN ({marks})", [now + lease_seconds, worker_id, *job_ids])
+            conn.execute("INSERT INTO workers (id, info, seen) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                         "info = excluded.info, seen = excluded.seen", (worker_id, json.dumps(info or {}), now))
+        self._write(tx)
+
+    def complete(self, job_id: str, worker_id: str, audio: bytes, media_type: str, metrics: dict) -> bool:
+        row = self._reader().execute("SELECT state, worker_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or row[0] != JobState.PROCESSING.value or row[1] != worker_id:
+            return False
+        name = f"{job_id}.{secrets.token_hex(4)}.{_EXTENSIONS.get(media_type, 'bin')}"
+        self._write_file_atomically(self.audio_dir / name, audio)
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'COMPLETED', finished_at = ?, metrics = ?, media_type = ?, audio_file = ?, "
+                "worker_id = NULL, lease_until = NULL, error = NULL "
+                "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?",
+                (time.time(), json.dumps(metrics or {}), media_type, name, job_id, worker_id))
+            return cur.rowcount == 1
+        try:
+            done = self._write(tx)
+        except BaseException:
+            (self.audio_dir / name).unlink(missing_ok=True)
+            raise
+        if not done:
+            (self.audio_dir / name).unlink(missing_ok=True)
+            return False
+        self._notify()
+        return True
+
+    def _write_file_atomically(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    def fail(self, job_id: str, worker_id: str | None, error: str, metrics: dict | None = None) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            sql = ("UPDATE jobs SET state = 'FAILED', error = ?, finished_at = ?, worker_id = NULL, lease_until = NULL"
+                   + (", metrics = ?" if metrics is not None else "")
+                   + " WHERE id = ? AND state IN ('QUEUED', 'PROCESSING')")
+            args: list = [error, time.time()]
+            if metrics is not None:
+                args.append(json.dumps(metrics))
+            args.append(job_id)
+            if worker_id is not None:
+                sql += " AND state = 'PROCESSING' AND worker_id = ?"
+                args.append(worker_id)
+            return conn.execute(sql, args).rowcount == 1
+        done = self._write(tx)
+        if done:
+            self._notify()
+        return done
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL, "
+                "attempts = MAX(attempts - 1, 0), started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END "
+                "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?", (job_id, worker_id)).rowcount == 1
+        done = self._write(tx)
+        if done:
+            self._notify()
+        return done
+
+    # --- maintenance ------------------------------------------------------------------------------------------
+    def recover_expired(self, max_attempts: int) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            failed = conn.execute(
+                "UPDATE jobs SET state = 'FAILED', finished_at = ?, worker_id = NULL, lease_until = NULL, error = "
+                "'the job was interrupted ' || attempts || ' times (its worker stopped); giving up' "
+                "WHERE state = 'PROCESSING' AND lease_until < ? AND attempts >= ?", (now, now, max_attempts)).rowcount
+            requeued = conn.execute(
+                "UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL "
+                "WHERE state = 'PROCESSING' AND lease_until < ?", (now,)).rowcount
+            return failed + requeued
+        n = self._write(tx)
+        if n:
+            self._notify()
+        return n
+
+    def purge_expired(self, retention_seconds: float) -> int:
+        now = time.time()
+        cutoff = now - retention_seconds
+
+        def tx(conn: sqlite3.Connection) -> list[str | None]:
+            files = [r[0] for r in conn.execute("SELECT audio_file FROM jobs WHERE finished_at < ?", (cutoff,))]
+            conn.execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
+            conn.execute("DELETE FROM workers WHERE seen < ?", (now - 24 * 3600,))
+            conn.execute("DELETE FROM owner_turns WHERE owner NOT IN (SELECT owner FROM jobs)")
+            return files
+        files = self._write(tx)
+        for name in files:
+            if name:
+                (self.audio_dir / name).unlink(missing_ok=True)
+        self._remove_orphan_audio(now)
+        return len(files)
+
+    def _remove_orphan_audio(self, now: float) -> None:
+        """Audio files no job refers to: left by a crash between writing the file and committing the job."""
+        try:
+            entries = list(os.scandir(self.audio_dir))
+        except OSError:
+            return
+        old = [e for e in entries if e.is_file() and e.stat().st_mtime < now - ORPHAN_AUDIO_SECONDS]
+        if not old:
+            return
+        known = {r[0] for r in self._reader().execute("SELECT audio_file FROM jobs WHERE audio_file IS NOT NULL")}
+        for e in old:
+            if e.name not in known:
+                Path(e.path).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._writer.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._readers.clear()
