@@ -74,19 +74,26 @@ class SQLiteAccountStore(AccountStore):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # One connection shared by this process's threads, serialised by a lock; isolation_level=None lets us
-        # issue BEGIN IMMEDIATE ourselves.
-        self._db = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+        self._busy_timeout = busy_timeout
+        # Writes: one connection shared by this process's threads, serialised by a lock (isolation_level=None
+        # lets us issue BEGIN IMMEDIATE ourselves). Reads (authentication on every request): one connection per
+        # thread, so they never queue behind a write (WAL readers do not wait for the writer).
         self._lock = threading.RLock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL under WAL: a commit survives a process crash (SIGKILL); only an OS crash / power loss can
-            # lose the last commits.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            with self._tx() as db:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._db = self._connect()
+        with self._tx() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL under WAL: a commit survives a crash of the process (SIGKILL); only an OS crash or a power loss
+        # can lose the last commits.
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
 
     # --- plumbing -------------------------------------------------------------------------------------------
     @contextmanager
@@ -101,8 +108,12 @@ class SQLiteAccountStore(AccountStore):
             self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+            with self._lock:
+                self._readers.append(db)
+        return db.execute(sql, args).fetchall()
 
     @staticmethod
     def _get(db: sqlite3.Connection, account_id: str) -> Account:
@@ -279,4 +290,7 @@ class SQLiteAccountStore(AccountStore):
 
     def close(self) -> None:
         with self._lock:
+            for db in self._readers:
+                db.close()
+            self._readers.clear()
             self._db.close()
