@@ -1,0 +1,265 @@
+"""`chatterbox-serverless say`: synthesize text through a running server and write the audio to a file.
+
+    chatterbox-serverless say "Hello there." -o hello.mp3 --voice me.wav --seed 7
+    chatterbox-serverless say --file chapter.txt -o chapter.flac --server http://gpu-box:8000
+
+The request goes through the queue (`/v2`); while it waits and runs, a progress line is shown on stderr.
+A text longer than the server accepts in one request (`--max-chars`) is sent as several requests, cut at
+paragraph and sentence ends, and their audio is joined here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+SUFFIX_FORMATS = {".mp3": "mp3", ".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".opus": "ogg"}
+FORMATS = ("mp3", "wav", "flac", "ogg")
+DEFAULT_MAX_CHARS = 5000
+_SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+_PARAGRAPH = re.compile(r"\n\s*\n")
+_SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", nargs="?", help="the text to speak (or use --file)")
+    parser.add_argument("-f", "--file", help="read the text from this file ('-': standard input)")
+    parser.add_argument("-o", "--output", help="audio file to write (default: speech.FORMAT; '-': standard output)")
+    parser.add_argument("--format", choices=FORMATS,
+                        help="audio format (default: from the output file's suffix, else mp3)")
+    parser.add_argument("--voice", help="reference audio to clone: a local file or an http(s) URL "
+                                        "(default: the model's built-in voice)")
+    parser.add_argument("--seed", type=int, help="same text + same seed -> same audio (server default 42)")
+    parser.add_argument("--exaggeration", type=float, help="emotion intensity, 0-2 (0.5)")
+    parser.add_argument("--cfg-weight", type=float, help="classifier-free guidance weight, 0-2 (0.5)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature, 0-2 (0.8)")
+    parser.add_argument("--min-p", type=float, help="min-p sampling, 0-1 (0.05)")
+    parser.add_argument("--top-p", type=float, help="top-p sampling, 0-1 (1.0)")
+    parser.add_argument("--repetition-penalty", type=float, help="1-2 (1.2)")
+    parser.add_argument("--server", help="server URL (default: $CHATTERBOX_API_URL, else http://127.0.0.1:8000)")
+    parser.add_argument("--key", help="API key (default: $CHATTERBOX_API_KEY or $SEGMIND_API_KEY; prefer those: "
+                                      "a key on the command line is visible to other users)")
+    parser.add_argument("--model", default="chatterbox-tts", help="model name on the server (chatterbox-tts)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the audio (600)")
+    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+                        help=f"longest text sent in one request; longer texts are split ({DEFAULT_MAX_CHARS})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+
+
+class _Usage(Exception):
+    """A mistake in the command line: reported with exit status 2."""
+
+
+def _read_text(args: argparse.Namespace) -> str:
+    if args.text is not None and args.file:
+        raise _Usage("give the text or --file, not both")
+    if args.file:
+        try:
+            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise _Usage(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
+    elif args.text is not None:
+        text = args.text
+    else:
+        raise _Usage("nothing to say: give the text, or --file FILE")
+    if not text.strip():
+        raise _Usage("the text is empty")
+    return text.strip()
+
+
+def _output_and_format(args: argparse.Namespace) -> tuple[str, str]:
+    fmt = args.format
+    output = args.output
+    if output and output != "-":
+        from_suffix = SUFFIX_FORMATS.get(Path(output).suffix.lower())
+        if fmt and from_suffix and fmt != from_suffix:
+            raise _Usage(f"--format {fmt} does not match the output file {output}")
+        fmt = fmt or from_suffix
+    fmt = fmt or "mp3"
+    return output or f"speech.{fmt}", fmt
+
+
+def _params(args: argparse.Namespace, text: str, fmt: str) -> dict[str, Any]:
+    from .params import encode_audio
+    params: dict[str, Any] = {"text": text, "output_format": fmt}
+    for name in ("seed", "exaggeration", "cfg_weight", "temperature", "min_p", "top_p", "repetition_penalty"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    if args.voice:
+        if re.match(r"(?i)https?://", args.voice):
+            params["reference_audio"] = args.voice
+        else:
+            params["reference_audio"] = encode_audio(args.voice)
+    return params
+
+
+def split_text(text: str, max_chars: int) -> list[str]:
+    """Pieces of at most `max_chars` characters, cut at paragraph ends, then sentence ends, then spaces."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    units = [s for para in _PARAGRAPH.split(text) for s in _SENTENCE_END.split(para.strip()) if s.strip()]
+    for unit in units:
+        unit = " ".join(unit.split())
+        while len(unit) > max_chars:   # one sentence longer than a request: cut at a space
+            cut = unit.rfind(" ", 0, max_chars + 1)
+            cut = cut if cut > 0 else max_chars
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(unit[:cut].strip())
+            unit = unit[cut:].strip()
+        if current and len(current) + 1 + len(unit) > max_chars:
+            pieces.append(current)
+            current = ""
+        current = f"{current} {unit}" if current else unit
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+class ProgressLine:
+    """One status line on stderr: rewritten in place on a terminal, one line per change otherwise."""
+
+    def __init__(self, stream: TextIO, total: int, enabled: bool = True) -> None:
+        self.stream = stream
+        self.total = total
+        self.enabled = enabled
+        self.tty = enabled and stream.isatty()
+        self.states: dict[int, str] = {}
+        self.start = time.monotonic()
+        self.last = ""
+        self.frame = 0
+
+    def update(self, index: int, state: str) -> None:
+        self.states[index] = state
+        self.show()
+
+    def show(self) -> None:
+        if not self.enabled:
+            return
+        counts = {s: sum(1 for v in self.states.values() if v == s) for s in ("QUEUED", "PROCESSING", "COMPLETED")}
+        if self.total == 1:
+            summary = next(iter(self.states.values()), "SUBMITTING").lower()
+        else:
+            summary = (f"{counts['COMPLETED']}/{self.total} done, {counts['PROCESSING']} processing, "
+                       f"{counts['QUEUED']} queued")
+        if self.tty:
+            self.frame = (self.frame + 1) % len(_SPINNER)
+            line = f"\r{_SPINNER[self.frame]} {summary}  {time.monotonic() - self.start:5.1f}s"
+            self.stream.write(line + "\033[K")
+            self.stream.flush()
+        elif summary != self.last:
+            self.stream.write(f"{summary} ({time.monotonic() - self.start:.1f}s)\n")
+            self.stream.flush()
+        self.last = summary
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+def _join_audio(parts: list[bytes], fmt: str, gap_s: float = 0.15) -> bytes:
+    """Decode the parts (wav), join them with a short pause, encode as `fmt`."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+    arrays, rate = [], None
+    for data in parts:
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        if rate is not None and sr != rate:
+            raise RuntimeError(f"the parts came back at different sample rates ({rate}, {sr})")
+        rate = sr
+        if arrays:
+            arrays.append(np.zeros(int(gap_s * sr), dtype=np.float32))
+        arrays.append(audio if audio.ndim == 1 else audio.mean(axis=1))
+    out = io.BytesIO()
+    kinds = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", None), "ogg": ("OGG", "OPUS")}
+    container, subtype = kinds[fmt]
+    sf.write(out, np.concatenate(arrays), rate, format=container, subtype=subtype)
+    return out.getvalue()
+
+
+def _write(data: bytes, output: str) -> None:
+    if output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    path = Path(output)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
+    """The command's work, with the client given (tests pass one bound to a test server)."""
+    from .errors import InferenceTimeout
+
+    text = _read_text(args)
+    output, fmt = _output_and_format(args)
+    if args.max_chars < 1:
+        raise _Usage("--max-chars must be positive")
+    pieces = split_text(text, args.max_chars)
+    # One request: ask for the final format. Several: ask for wav, join here, encode once.
+    params = _params(args, text, fmt if len(pieces) == 1 else "wav")
+    progress = ProgressLine(stderr, total=len(pieces), enabled=not args.quiet)
+    progress.show()
+    jobs = [client.submit_async(args.model, **{**params, "text": piece}) for piece in pieces]
+    for i in range(len(jobs)):
+        progress.update(i, "QUEUED")
+    start = time.monotonic()
+    results, inference = [], 0.0
+    try:
+        for i, job in enumerate(jobs):
+            remaining = max(0.0, args.timeout - (time.monotonic() - start))
+            result = job.wait(timeout=remaining, interval=0.25, backoff=1.5, max_interval=2.0,
+                              on_progress=lambda p, i=i: progress.update(i, p.status))
+            inference += float((result.get("metrics") or {}).get("inference_time") or 0.0)
+            results.append(result)
+    except InferenceTimeout as e:
+        progress.finish()
+        stderr.write(f"error: timed out after {e.elapsed_s:.0f}s; request {e.request_id} may still finish "
+                     f"(raise --timeout)\n")
+        return 1
+    except KeyboardInterrupt:
+        progress.finish()
+        stderr.write("interrupted; submitted requests: " + ", ".join(j.request_id for j in jobs) + "\n")
+        return 130
+    finally:
+        progress.finish()
+    if len(results) == 1 and output != "-":
+        client.download(results[0], output)
+        size = Path(output).stat().st_size
+    else:
+        audio = [client.fetch_audio(r) for r in results]
+        data = audio[0] if len(audio) == 1 else _join_audio(audio, fmt)
+        _write(data, output)
+        size = len(data)
+    if not args.quiet:
+        where = "standard output" if output == "-" else output
+        stderr.write(f"wrote {where} ({size / 1024:.1f} KiB, {fmt}) in {time.monotonic() - progress.start:.1f}s "
+                     f"(inference {inference:.1f}s{f', {len(pieces)} requests' if len(pieces) > 1 else ''})\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import Client
+    from .errors import ChatterboxError
+
+    try:
+        with Client(api_key=args.key, base_url=args.server) as client:
+            return say(args, client, sys.stderr)
+    except _Usage as e:
+        sys.stderr.write(f"chatterbox-serverless say: error: {e}\n")
+        return 2
+    except (ChatterboxError, ValueError) as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
