@@ -26,7 +26,7 @@ def account_store_factory(request, tmp_path):
 
     def make_store() -> AccountStore:
         if request.param == "sqlite":
-            store = SQLiteAccountStore(tmp_path / "chatterbox.db")
+            store = SQLiteAccountStore(tmp_path / "jobs.sqlite3")
         else:  # pragma: no cover - other backends plug in here
             raise AssertionError(request.param)
         opened.append(store)
@@ -334,7 +334,7 @@ def test_keys_cli(tmp_path, capsys):
         assert e.value.status == 403
     finally:
         store.close()
-    assert main(["keys", "list", "--store", f"sqlite:///{d}/chatterbox.db", "--json"]) == 0
+    assert main(["keys", "list", "--store", f"sqlite:///{d}/jobs.sqlite3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
     with pytest.raises(SystemExit):
         main(["keys", "create", "--data-dir", d, "--rate", "fast"])

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from .store import AccountStore
 
-DB_FILENAME = "chatterbox.db"   # shared with the SQLite job store: one file per data dir
+DB_FILENAME = "jobs.sqlite3"    # the SQLite job store's file (api/serve.py): one database per data dir
 
 
 def open_account_store(data_dir: str | Path | None = None, url: str | None = None) -> AccountStore:
-    """The account store for a data dir (SQLite, `<data-dir>/chatterbox.db`) or a store URL
+    """The account store for a data dir (SQLite, `<data-dir>/jobs.sqlite3`) or a store URL
     (`sqlite:///path/to/file.db`, `redis://...`)."""
     if url:
         if url.startswith("sqlite:///"):

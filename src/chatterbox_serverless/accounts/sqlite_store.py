@@ -1,4 +1,4 @@
-"""SQLite account store: tables of its own in the job store's database file (`<data-dir>/chatterbox.db`), WAL.
+"""SQLite account store: tables of its own in the job store's database file (`<data-dir>/jobs.sqlite3`), WAL.
 
 Every write is one `BEGIN IMMEDIATE` transaction: SQLite takes the database write lock at BEGIN, so a read,
 its check and its write cannot interleave with another connection's (another thread, the `keys` command, a

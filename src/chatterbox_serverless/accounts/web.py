@@ -53,6 +53,13 @@ class AccountGate:
     def enabled(self) -> bool:
         return self.accounts is not None
 
+    @property
+    def dependency(self):
+        """`authenticate` as a FastAPI dependency: `owner: str = Depends(gate.dependency)`."""
+        def authenticate(request: Request) -> str:
+            return self.authenticate(request)
+        return authenticate
+
     def authenticate(self, request: Request, admin: bool = False) -> str:
         """The owner id of the request's key. Raises AccountsHTTPError 401/403 (and 404 for the admin API
         when auth is off: there are no accounts to administer)."""
