@@ -1,0 +1,540 @@
+"""The Redis job store: N stateless API replicas and M workers sharing one Redis (scale-out).
+
+Every state transition is one Lua script, so it is atomic on the server: no job is claimed by two workers or
+completed twice, whichever replicas race. Times that matter across hosts (leases, finish times) come from the
+Redis server's clock (TIME), so clock skew between hosts cannot expire a lease early.
+
+Keys (all under `prefix`, default "cbx:"; use a hash tag such as "{cbx}:" on Redis Cluster):
+
+    job:<id>      hash    the job's fields; a TTL of `retention` once it is terminal (retention by Redis)
+    audio:<id>    string  the audio of a COMPLETED job, same TTL (or a file in `audio_dir`, see below)
+    q:<owner>     zset    the owner's QUEUED job ids, scored by created_at (oldest first within an owner)
+    owners        zset    owners with queued jobs, scored by when they were last served: claims take the
+                          least recently served owner first, i.e. round-robin across tenants, so one key's
+                          burst never starves the others
+    rr            counter the round-robin clock
+    queued        zset    every QUEUED id by created_at (bounded queue size, oldest queued age)
+    leases        zset    every PROCESSING id by lease deadline; `recover_expired` takes the overdue ones
+    done:<state>  zset    terminal ids by finished_at (counting live results, purging, deleting audio files)
+    worker:<id>   string  a worker's advertised info, with a TTL: the worker is alive while the key exists
+    workers       set     worker ids that have advertised (entries whose key expired are pruned)
+    events        stream  one entry per terminal transition (job, state, worker), capped: `wait` blocks on
+                          it with XREAD, and it is an audit trail showing each job completed once
+
+Why sorted sets and leases rather than a Streams consumer group for the queue: a consumer group re-delivers a
+dead consumer's entry by its idle time (XAUTOCLAIM), one threshold for all, and cannot put an entry back in
+the queue at its original position; here each claim has its own lease that heartbeats extend, a reclaimed job
+goes back in front of newer ones, and fairness across tenants is one ZRANGE. It is the same reliable pattern
+(claimed work is recorded atomically with its holder until acknowledged, and reclaimed when the holder goes
+silent), with the properties this interface asks for. Streams carry the completion events.
+
+Audio: stored in Redis by default (every replica can serve it, and it expires with the job through the TTL).
+Outputs larger than `inline_max_bytes` go to `audio_dir` when one is configured: a directory every API replica
+and worker mounts (NFS, a Kubernetes ReadWriteMany volume), which keeps Redis's memory bounded when results are
+large or retention is long. Files are named `<id>.<nonce>` so that two workers that both synthesised a
+reclaimed job never write the same file; only the one whose completion wins is referenced.
+
+Redis unreachable (or still loading its data after a restart): every method raises `StoreUnavailable`, and the
+next call after Redis returns works again (connections are re-established by the pool).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+EVENTS_MAXLEN = 100_000       # approximate cap of the events stream
+BATCH = 500                   # jobs handled per maintenance script call
+
+# --- Lua ----------------------------------------------------------------------------------------------------
+# Every script gets the key prefix as ARGV[1] and builds its keys from it (all keys share the prefix, so a
+# hash-tagged prefix keeps them in one Redis Cluster slot).
+
+_LUA_COMMON = r"""
+local P = ARGV[1]
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function enqueue(id, owner, created)
+  redis.call('ZADD', P .. 'queued', created, id)
+  redis.call('ZADD', P .. 'q:' .. owner, created, id)
+  redis.call('ZADD', P .. 'owners', 'NX', tonumber(redis.call('GET', P .. 'rr') or '0'), owner)
+end
+local function dequeue(id, owner)
+  redis.call('ZREM', P .. 'queued', id)
+  local q = P .. 'q:' .. owner
+  redis.call('ZREM', q, id)
+  if redis.call('ZCARD', q) == 0 then redis.call('ZREM', P .. 'owners', owner) end
+end
+local function finish(id, k, state, t, retention_ms, worker)
+  redis.call('HSET', k, 'state', state, 'finished_at', string.format('%.6f', t), 'lease_until', '')
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('ZADD', P .. 'done:' .. state, t, id)
+  redis.call('PEXPIRE', k, retention_ms)
+  redis.call('XADD', P .. 'events', 'MAXLEN', '~', ARGV[2], '*', 'job', id, 'state', state, 'worker', worker)
+end
+"""
+
+# ARGV: P, maxlen, id, owner, created_at, max_queued, field, value, ...
+_SUBMIT = _LUA_COMMON + r"""
+local id, owner, created, maxq = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local k = P .. 'job:' .. id
+if redis.call('EXISTS', k) == 1 then return redis.error_reply('job id already exists: ' .. id) end
+if redis.call('ZCARD', P .. 'queued') >= maxq then return 0 end
+redis.call('HSET', k, unpack(ARGV, 7))
+enqueue(id, owner, created)
+return 1
+"""
+
+# ARGV: P, maxlen, worker, limit, lease_seconds  -> list of HGETALL replies
+_CLAIM = _LUA_COMMON + r"""
+local worker, limit, lease = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = now()
+local until_ = string.format('%.6f', t + lease)
+local out = {}
+local guard = 0
+while #out < limit and guard < limit + 1000 do
+  guard = guard + 1
+  local o = redis.call('ZRANGE', P .. 'owners', 0, 0)
+  if #o == 0 then break end
+  local owner = o[1]
+  local q = P .. 'q:' .. owner
+  local popped = redis.call('ZPOPMIN', q)
+  if #popped == 0 then
+    redis.call('ZREM', P .. 'owners', owner)
+  else
+    local id = popped[1]
+    redis.call('ZREM', P .. 'queued', id)
+    if redis.call('ZCARD', q) == 0 then
+      redis.call('ZREM', P .. 'owners', owner)
+    else
+      redis.call('ZADD', P .. 'owners', redis.call('INCR', P .. 'rr'), owner)
+    end
+    local k = P .. 'job:' .. id
+    if redis.call('HGET', k, 'state') == 'QUEUED' then
+      redis.call('HSET', k, 'state', 'PROCESSING', 'worker_id', worker, 'lease_until', until_)
+      redis.call('HINCRBY', k, 'attempts', 1)
+      if (redis.call('HGET', k, 'started_at') or '') == '' then
+        redis.call('HSET', k, 'started_at', string.format('%.6f', t))
+      end
+      redis.call('ZADD', P .. 'leases', t + lease, id)
+      out[#out + 1] = redis.call('HGETALL', k)
+    end
+  end
+end
+return out
+"""
+
+# ARGV: P, maxlen, worker, lease_seconds, info_json, worker_ttl_ms, id...
+_HEARTBEAT = _LUA_COMMON + r"""
+local worker, lease = ARGV[3], tonumber(ARGV[4])
+local t = now()
+local n = 0
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local k = P .. 'job:' .. id
+  local h = redis.call('HMGET', k, 'state', 'worker_id')
+  if h[1] == 'PROCESSING' and h[2] == worker then
+    redis.call('HSET', k, 'lease_until', string.format('%.6f', t + lease))
+    redis.call('ZADD', P .. 'leases', 'XX', t + lease, id)
+    n = n + 1
+  end
+end
+redis.call('SET', P .. 'worker:' .. worker, ARGV[5], 'PX', ARGV[6])
+redis.call('SADD', P .. 'workers', worker)
+return n
+"""
+
+# ARGV: P, maxlen, id, worker, media_type, metrics_json, retention_ms, where ('inline'|'file'), audio|path
+_COMPLETE = _LUA_COMMON + r"""
+local id, worker = ARGV[3], ARGV[4]
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'state', 'worker_id')
+if h[1] ~= 'PROCESSING' or h[2] ~= worker then return 0 end
+local retention_ms = ARGV[7]
+redis.call('HSET', k, 'media_type', ARGV[5], 'metrics', ARGV[6])
+if ARGV[8] == 'file' then
+  redis.call('HSET', k, 'audio_path', ARGV[9])
+else
+  redis.call('SET', P .. 'audio:' .. id, ARGV[9], 'PX', retention_ms)
+end
+finish(id, k, 'COMPLETED', now(), retention_ms, worker)
+return 1
+"""
+
+# ARGV: P, maxlen, id, worker ('' = any), error, metrics_json ('' = keep), retention_ms
+_FAIL = _LUA_COMMON + r"""
+local id, worker = ARGV[3], ARGV[4]
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner')
+if h[1] ~= 'QUEUED' and h[1] ~= 'PROCESSING' then return 0 end
+if worker ~= '' and (h[1] ~= 'PROCESSING' or h[2] ~= worker) then return 0 end
+if h[1] == 'QUEUED' then dequeue(id, h[3]) end
+redis.call('HSET', k, 'error', ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', k, 'metrics', ARGV[6]) end
+finish(id, k, 'FAILED', now(), ARGV[7], worker)
+return 1
+"""
+
+# ARGV: P, maxlen, id, worker
+_RELEASE = _LUA_COMMON + r"""
+local id, worker = ARGV[3], ARGV[4]
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'created_at', 'attempts')
+if h[1] ~= 'PROCESSING' or h[2] ~= worker then return 0 end
+local attempts = math.max(0, (tonumber(h[5]) or 1) - 1)
+redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '', 'attempts', attempts)
+if attempts == 0 then redis.call('HSET', k, 'started_at', '') end
+redis.call('ZREM', P .. 'leases', id)
+enqueue(id, h[3], h[4])
+return 1
+"""
+
+# ARGV: P, maxlen, max_attempts, retention_ms, batch
+_RECOVER = _LUA_COMMON + r"""
+local max_attempts = tonumber(ARGV[3])
+local t = now()
+local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', t, 'LIMIT', 0, tonumber(ARGV[5]))
+local n = 0
+for _, id in ipairs(ids) do
+  local k = P .. 'job:' .. id
+  local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'created_at', 'attempts')
+  if h[1] ~= 'PROCESSING' then
+    redis.call('ZREM', P .. 'leases', id)
+  else
+    local attempts = tonumber(h[5]) or 0
+    if attempts >= max_attempts then
+      redis.call('HSET', k, 'error',
+        'the worker processing this job stopped responding (lease expired) ' .. attempts .. ' times; giving up')
+      finish(id, k, 'FAILED', t, ARGV[4], '')
+    else
+      redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '')
+      redis.call('ZREM', P .. 'leases', id)
+      enqueue(id, h[3], h[4])
+    end
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: P, maxlen, retention_seconds, batch  -> ids removed (their audio files are deleted by the caller)
+_PURGE = _LUA_COMMON + r"""
+local cutoff = now() - tonumber(ARGV[3])
+local out = {}
+for _, state in ipairs({'COMPLETED', 'FAILED'}) do
+  local z = P .. 'done:' .. state
+  local ids = redis.call('ZRANGEBYSCORE', z, '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[4]))
+  for _, id in ipairs(ids) do
+    local k = P .. 'job:' .. id
+    local s = redis.call('HGET', k, 'state')
+    if s == false or s == state then
+      redis.call('DEL', k, P .. 'audio:' .. id)
+    end
+    redis.call('ZREM', z, id)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# --- (de)serialisation ---------------------------------------------------------------------------------------
+
+def _num(v: str) -> float | None:
+    return float(v) if v else None
+
+
+def _job_fields(job: Job) -> list[str]:
+    def s(v: Any) -> str:
+        return "" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+    # A submitted job starts afresh: QUEUED, no attempts, whatever the object said.
+    return ["id", job.id, "owner", job.owner, "params", json.dumps(job.params), "state", JobState.QUEUED.value,
+            "created_at", s(float(job.created_at)), "started_at", "", "finished_at", "", "attempts", "0",
+            "error", "", "metrics", json.dumps(job.metrics or {}), "media_type", "", "worker_id", "",
+            "lease_until", "", "audio_path", ""]
+
+
+def _job_from_hash(h: dict[str, str]) -> Job:
+    return Job(id=h["id"], owner=h.get("owner", ""), params=json.loads(h.get("params") or "{}"),
+               state=JobState(h["state"]), created_at=float(h["created_at"]),
+               started_at=_num(h.get("started_at", "")), finished_at=_num(h.get("finished_at", "")),
+               attempts=int(h.get("attempts") or 0), error=h.get("error") or None,
+               metrics=json.loads(h.get("metrics") or "{}"), media_type=h.get("media_type") or None,
+               worker_id=h.get("worker_id") or None, lease_until=_num(h.get("lease_until", "")))
+
+
+def _decode(raw: dict | list) -> dict[str, str]:
+    if isinstance(raw, list):  # a Lua HGETALL reply: [k1, v1, k2, v2, ...]
+        raw = dict(zip(raw[0::2], raw[1::2]))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class RedisJobStore(JobStore):
+    """The job store on Redis. `url`: redis://[user:password@]host:port/db (rediss:// for TLS, unix://).
+
+    retention: seconds terminal jobs and their audio live (a Redis TTL set when the job finishes).
+    audio_dir: a directory shared by every replica and worker for outputs over `inline_max_bytes`
+    (None: all audio in Redis). timeout: seconds before an unresponsive Redis counts as unavailable."""
+
+    def __init__(self, url: str, prefix: str = "cbx:", retention: float = 3600.0, audio_dir: str | None = None,
+                 inline_max_bytes: int = 1 << 20, timeout: float = 5.0) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.retention = float(retention)
+        self.audio_dir = Path(audio_dir) if audio_dir else None
+        self.inline_max_bytes = inline_max_bytes
+        if self.audio_dir is not None:
+            self.audio_dir.mkdir(parents=True, exist_ok=True)
+        common = dict(socket_connect_timeout=min(2.0, timeout), health_check_interval=15,
+                      retry=Retry(ExponentialBackoff(cap=0.25, base=0.02), 2))
+        self.r = redis.Redis.from_url(url, socket_timeout=timeout, **common)
+        # Blocking reads (`wait`) get their own connections, with a read timeout longer than the block time.
+        self._blocking = redis.Redis.from_url(url, socket_timeout=timeout + 5.0, **common)
+        self._scripts = {name: self.r.register_script(src) for name, src in (
+            ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("complete", _COMPLETE),
+            ("fail", _FAIL), ("release", _RELEASE), ("recover", _RECOVER), ("purge", _PURGE))}
+        self._waiters: dict[str, list[threading.Event]] = {}
+        self._waiters_lock = threading.Lock()
+        self._listener_lock = threading.Lock()
+        self._listener: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # --- plumbing -----------------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._call(self._scripts[name], args=[self.prefix, EVENTS_MAXLEN, *args])
+
+    def _call(self, fn, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as e:
+            raise StoreUnavailable(f"the job store (Redis at {self._where()}) is unavailable: {e}") from e
+        except redis.ResponseError as e:
+            if str(e).startswith(("LOADING", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN")):
+                raise StoreUnavailable(f"the job store (Redis at {self._where()}) is unavailable: {e}") from e
+            raise
+
+    def _where(self) -> str:
+        kw = self.r.connection_pool.connection_kwargs
+        if "path" in kw:
+            return kw["path"]
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}"
+
+    def _ms(self, seconds: float) -> int:
+        return max(1, int(seconds * 1000))
+
+    def ping(self) -> bool:
+        return bool(self._call(self.r.ping))
+
+    # --- API side -----------------------------------------------------------------------------------------
+    def submit(self, job: Job, max_queued: int) -> None:
+        ok = self._run("submit", job.id, job.owner, f"{float(job.created_at):.6f}", int(max_queued),
+                       *_job_fields(job))
+        if not ok:
+            raise QueueFull(f"the queue is full ({max_queued} jobs waiting)")
+
+    def get(self, job_id: str) -> Job | None:
+        h = self._call(self.r.hgetall, self._k("job", job_id))
+        return _job_from_hash(_decode(h)) if h else None
+
+    def get_audio(self, job_id: str) -> tuple[bytes, str] | None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hmget(self._k("job", job_id), "state", "media_type", "audio_path")
+        pipe.get(self._k("audio", job_id))
+        (state, media_type, path), data = self._call(pipe.execute)
+        if state != b"COMPLETED" or not media_type:
+            return None
+        if path:
+            try:
+                data = Path(path.decode()).read_bytes()
+            except FileNotFoundError:
+                return None
+        if data is None:
+            return None
+        return data, media_type.decode()
+
+    def wait(self, job_id: str, timeout: float) -> Job | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        event = threading.Event()
+        with self._waiters_lock:
+            self._waiters.setdefault(job_id, []).append(event)
+        try:
+            self._ensure_listener()
+            while True:
+                job = self.get(job_id)
+                if job is None or job.state.terminal:
+                    return job
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return job
+                # Woken by the events listener; the periodic re-check covers a listener that is reconnecting.
+                event.wait(min(left, 1.0))
+                event.clear()
+        finally:
+            with self._waiters_lock:
+                events = self._waiters.get(job_id, [])
+                if event in events:
+                    events.remove(event)
+                if not events:
+                    self._waiters.pop(job_id, None)
+
+    def _ensure_listener(self) -> None:
+        if self._listener is not None and self._listener.is_alive():
+            return
+        with self._listener_lock:
+            if self._listener is None or not self._listener.is_alive():
+                # Position the listener before any waiter re-checks its job, so no completion falls between.
+                key = self._k("events")
+                info = self._call(self._events_position, key)
+                self._listener = threading.Thread(target=self._listen, args=(key, info), daemon=True,
+                                                  name="redis-job-events")
+                self._listener.start()
+
+    def _events_position(self, key: str) -> bytes:
+        try:
+            return self.r.xinfo_stream(key)["last-generated-id"]
+        except redis.ResponseError:  # no such key yet
+            return b"0-0"
+
+    def _listen(self, key: str, last: bytes) -> None:
+        while not self._closed.is_set():
+            try:
+                reply = self._blocking.xread({key: last}, count=1000, block=1000)
+            except Exception as e:  # Redis away: keep the position and retry; waiters re-check meanwhile
+                log.debug("events listener: %s", e)
+                self._closed.wait(0.5)
+                continue
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    job_id = fields.get(b"job", b"").decode()
+                    with self._waiters_lock:
+                        for ev in self._waiters.get(job_id, []):
+                            ev.set()
+
+    def stats(self) -> StoreStats:
+        cutoff = time.time() - self.retention
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zcard(self._k("queued"))
+        pipe.zcard(self._k("leases"))
+        pipe.zcount(self._k("done", "COMPLETED"), cutoff, "+inf")
+        pipe.zcount(self._k("done", "FAILED"), cutoff, "+inf")
+        pipe.zrange(self._k("queued"), 0, 0, withscores=True)
+        pipe.smembers(self._k("workers"))
+        queued, processing, completed, failed, oldest, worker_ids = self._call(pipe.execute)
+        workers: dict[str, dict] = {}
+        if worker_ids:
+            ids = sorted(w.decode() for w in worker_ids)
+            infos = self._call(self.r.mget, [self._k("worker", w) for w in ids])
+            gone = []
+            for w, info in zip(ids, infos):
+                if info is None:
+                    gone.append(w)
+                else:
+                    workers[w] = json.loads(info)
+            if gone:
+                self._call(self.r.srem, self._k("workers"), *gone)
+        age = max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
+        return StoreStats(by_state={"QUEUED": queued, "PROCESSING": processing, "COMPLETED": completed,
+                                    "FAILED": failed},
+                          oldest_queued_age=age, workers=workers)
+
+    # --- worker side --------------------------------------------------------------------------------------
+    def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Job]:
+        if limit <= 0:
+            return []
+        replies = self._run("claim", worker_id, int(limit), float(lease_seconds))
+        return [_job_from_hash(_decode(r)) for r in replies]
+
+    def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float, info: dict | None = None) -> None:
+        self._run("heartbeat", worker_id, float(lease_seconds), json.dumps(info or {}),
+                  self._ms(lease_seconds), *job_ids)
+
+    def complete(self, job_id: str, worker_id: str, audio: bytes, media_type: str, metrics: dict) -> bool:
+        retention_ms = self._ms(self.retention)
+        if self.audio_dir is not None and len(audio) > self.inline_max_bytes:
+            path = self.audio_dir / f"{job_id}.{uuid.uuid4().hex[:12]}"
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(audio)
+            os.replace(tmp, path)
+            try:
+                ok = self._run("complete", job_id, worker_id, media_type, json.dumps(metrics), retention_ms,
+                               "file", str(path))
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+            if not ok:
+                path.unlink(missing_ok=True)
+            return bool(ok)
+        return bool(self._run("complete", job_id, worker_id, media_type, json.dumps(metrics), retention_ms,
+                              "inline", audio))
+
+    def fail(self, job_id: str, worker_id: str | None, error: str, metrics: dict | None = None) -> bool:
+        return bool(self._run("fail", job_id, worker_id or "", error,
+                              "" if metrics is None else json.dumps(metrics), self._ms(self.retention)))
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        return bool(self._run("release", job_id, worker_id))
+
+    # --- maintenance --------------------------------------------------------------------------------------
+    def recover_expired(self, max_attempts: int) -> int:
+        total = 0
+        while True:
+            n = int(self._run("recover", int(max_attempts), self._ms(self.retention), BATCH))
+            total += n
+            if n < BATCH:
+                return total
+
+    def purge_expired(self, retention_seconds: float) -> int:
+        total = 0
+        while True:
+            ids = [i.decode() for i in self._run("purge", float(retention_seconds), BATCH)]
+            total += len(ids)
+            if self.audio_dir is not None:
+                for job_id in ids:
+                    for f in self.audio_dir.glob(f"{job_id}.*"):
+                        f.unlink(missing_ok=True)
+            if len(ids) < BATCH:
+                break
+        if self.audio_dir is not None:
+            self._sweep_orphan_files(retention_seconds)
+        return total
+
+    def _sweep_orphan_files(self, retention_seconds: float) -> None:
+        """Files left by a worker that died between writing the audio and completing the job."""
+        cutoff = time.time() - max(retention_seconds, self.retention) - 600
+        for f in self.audio_dir.iterdir():
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+
+    def events(self, count: int = EVENTS_MAXLEN) -> list[dict[str, str]]:
+        """The most recent terminal transitions, oldest first: [{"job", "state", "worker"}]."""
+        entries = self._call(self.r.xrange, self._k("events"), count=count)
+        return [{k.decode(): v.decode() for k, v in fields.items()} for _id, fields in entries]
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._listener is not None:
+            self._blocking.connection_pool.disconnect()   # interrupts a blocked XREAD
+            self._listener.join(timeout=3)
+        self.r.close()
+        self._blocking.close()
