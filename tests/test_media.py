@@ -331,6 +331,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(404, b"not found")
             elif url.path == "/empty":
                 self._send(200, b"")
+            elif url.path == "/gzip":
+                import gzip
+                self._send(200, gzip.compress(WAV), {"Content-Encoding": "gzip"})
             elif url.path == "/declared-big":
                 self._send(200, b"x" * 100, {"Content-Length": "50000000"})
             elif url.path == "/chunked-big":
@@ -452,6 +455,7 @@ def test_fetch_limits_and_http_errors(server):
         "/loop": "too many redirects",
         "/missing": "answered HTTP 404",
         "/empty": "empty body",
+        "/gzip": "compressed body (Content-Encoding: gzip)",
         "/declared-big": "too large (50000000 bytes",
         "/chunked-big": "too large (more than 500000 bytes)",
     }
@@ -521,9 +525,56 @@ def test_load_reference_end_to_end(server):
     assert voice.sample_rate == SR and len(voice.samples) == SR
     voice = asyncio.run(media.aload_reference("data:audio/wav;base64," + base64.b64encode(WAV).decode(), fetcher))
     assert len(voice.samples) == SR
-    with pytest.raises(media.FetchError, match=r"^reference_audio: refused"):
+    with pytest.raises(media.FetchError, match=r"^refused"):
         media.load_reference(f"{base}/audio.wav", media.SafeFetcher())
-    with pytest.raises(media.DecodeError, match=r"^reference_audio: unsupported or unrecognised"):
+    with pytest.raises(media.DecodeError, match=r"^unsupported or unrecognised"):
         media.load_reference("https://example.com/x", FakeFetcherForTests(b"<html>not audio</html>"))
-    with pytest.raises(media.DecodeError, match=r"^reference_audio: the audio is too long"):
+    with pytest.raises(media.DecodeError, match=r"^the audio is too long"):
         media.load_reference(f"{base}/audio.wav", fetcher, max_seconds=0.5)
+    with pytest.raises(media.ReferenceError, match=r"^unsupported URL scheme 'ftp'"):   # caller adds the name
+        media.load_reference("ftp://example.com/x", fetcher)
+
+
+# --- TLS: connecting to the vetted IP keeps SNI and certificate checks on the URL's host -----------------------
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    import shutil
+    import ssl
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=audio.test",
+                    "-addext", "subjectAltName=DNS:audio.test"], check=True, capture_output=True)
+    server_names: list = []
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.sni_callback = lambda sock, name, _ctx: server_names.append(name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_address[1], str(cert), server_names
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fetch_tls_keeps_sni_and_verifies_the_url_host(tls_server):
+    import ssl
+    port, cert, server_names = tls_server
+    client_ctx = ssl.create_default_context(cafile=cert)
+    resolver = CountingResolverForTests({"audio.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
+    fetcher = media.SafeFetcher(allow_hosts=["audio.test", "other.test"], resolver=resolver, ssl_context=client_ctx)
+    server_names.clear()
+    assert both(fetcher, f"https://audio.test:{port}/audio.wav") == [WAV, WAV]
+    assert server_names == ["audio.test", "audio.test"]
+    # Same address, but the certificate is not valid for the URL's host: refused by TLS verification.
+    for result in both(fetcher, f"https://other.test:{port}/audio.wav"):
+        assert isinstance(result, str) and "could not connect" in result and "certificate" in result.lower()
+    # Not allowed: refused before any connection.
+    strict = media.SafeFetcher(resolver=resolver, ssl_context=client_ctx)
+    assert all("refused" in r for r in both(strict, f"https://audio.test:{port}/audio.wav"))

@@ -22,6 +22,7 @@ carry a signed token).
 """
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import socket
 import ssl
@@ -205,7 +206,7 @@ class _Policy:
             return self.vet(host, [str(ip)])
         try:
             with anyio.fail_after(self.remaining()):
-                addresses = await anyio.to_thread.run_sync(self.resolver, host, port, abandon_on_cancel=True)
+                addresses = await _run_in_thread(self.resolver, host, port)
         except TimeoutError:
             raise FetchError(f"timed out after {self.timeout:g} s (resolving {host!r})") from None
         except FetchError:
@@ -213,6 +214,15 @@ class _Policy:
         except Exception:
             raise FetchError(f"could not resolve host {host!r}") from None
         return self.vet(host, list(addresses))
+
+
+_ANYIO_ABANDON = "abandon_on_cancel" in inspect.signature(anyio.to_thread.run_sync).parameters
+
+
+async def _run_in_thread(func: Callable, *args: typing.Any) -> typing.Any:
+    """Run blocking `func` in a worker thread; on cancellation (the deadline) stop waiting for it."""
+    flag = "abandon_on_cancel" if _ANYIO_ABANDON else "cancellable"      # anyio < 4.1 names it `cancellable`
+    return await anyio.to_thread.run_sync(func, *args, **{flag: True})
 
 
 # --- sync network layer ---------------------------------------------------------------------------------------
@@ -342,7 +352,7 @@ class SafeFetcher:
                         if nxt is None:
                             self._check_response(current, response)
                             body = bytearray()
-                            for chunk in response.iter_bytes():
+                            for chunk in response.iter_raw():
                                 body += chunk
                                 self._check_size(current, len(body), policy)
                             return self._finish(current, body)
@@ -366,7 +376,7 @@ class SafeFetcher:
                         if nxt is None:
                             self._check_response(current, response)
                             body = bytearray()
-                            async for chunk in response.aiter_bytes():
+                            async for chunk in response.aiter_raw():
                                 body += chunk
                                 self._check_size(current, len(body), policy)
                             return self._finish(current, body)
@@ -415,6 +425,11 @@ class SafeFetcher:
     def _check_response(self, url: httpx.URL, response: httpx.Response) -> None:
         if response.status_code != 200:
             raise FetchError(f"{_origin(url)} answered HTTP {response.status_code}")
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # We ask for identity; decompressing would let a tiny body expand past every limit.
+            raise FetchError(f"{_origin(url)} answered a compressed body (Content-Encoding: {encoding[:40]}), "
+                             "which is not accepted")
         length = response.headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.max_bytes:
             raise FetchError(f"the file at {_origin(url)} is too large ({int(length)} bytes; "

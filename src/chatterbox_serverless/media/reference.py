@@ -8,8 +8,9 @@ Inline data is decoded (base64) and probed (container, rate, declared duration) 
 time, so a bad value is a 400 before a job exists. The byte limit is checked before decoding base64.
 
 Typical use:
-    api:     source = parse_reference(body["reference_audio"])            # ReferenceError -> 400
-    worker:  voice = load_reference(params["reference_audio"], fetcher)   # MediaError -> job FAILED
+    api:     source = parse_reference(body["reference_audio"])   # ReferenceError -> 400, message names the param
+    worker:  voice = load_reference(params["reference_audio"], fetcher)
+             # MediaError -> job FAILED with error f"reference_audio: {e}"
 """
 from __future__ import annotations
 
@@ -186,27 +187,21 @@ async def aresolve(source: ReferenceSource, fetcher: Fetcher) -> bytes:
 def _as_source(value: str | ReferenceSource, max_bytes: int, max_seconds: float) -> ReferenceSource:
     if isinstance(value, ReferenceSource):
         return value
-    return parse_reference(value, max_bytes=max_bytes, check_audio=False, max_seconds=max_seconds)
-
-
-def _decode(data: bytes, max_seconds: float, min_seconds: float) -> VoiceAudio:
     try:
-        return decode_audio(data, max_seconds=max_seconds, min_seconds=min_seconds)
-    except MediaError as e:
-        raise type(e)(f"{PARAM}: {e}") from None
+        return parse_reference(value, max_bytes=max_bytes, check_audio=False, max_seconds=max_seconds)
+    except ReferenceAudioError as e:
+        raise ReferenceAudioError(str(e).removeprefix(f"{PARAM}: ")) from None
 
 
 def load_reference(value: str | ReferenceSource, fetcher: Fetcher, *, max_bytes: int = DEFAULT_MAX_BYTES,
                    max_seconds: float = DEFAULT_MAX_SECONDS,
                    min_seconds: float = DEFAULT_MIN_SECONDS) -> VoiceAudio:
-    """parse -> fetch (if a URL) -> decode, for the worker. Every failure is a MediaError whose message starts
-    with "reference_audio:" and is fit to be the FAILED job's `error`."""
+    """parse -> fetch (if a URL) -> decode, for the worker. Every failure is a MediaError (ReferenceError,
+    FetchError or DecodeError) whose message is the reason for the FAILED job; it does not repeat the parameter
+    name, the caller prefixes it (the worker stores "reference_audio: <message>")."""
     source = _as_source(value, max_bytes, max_seconds)
-    try:
-        data = resolve(source, fetcher)
-    except MediaError as e:
-        raise type(e)(f"{PARAM}: {e}") from None
-    return _decode(data, max_seconds, min_seconds)
+    data = resolve(source, fetcher)
+    return decode_audio(data, max_seconds=max_seconds, min_seconds=min_seconds)
 
 
 async def aload_reference(value: str | ReferenceSource, fetcher: Fetcher, *, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -214,8 +209,5 @@ async def aload_reference(value: str | ReferenceSource, fetcher: Fetcher, *, max
                           min_seconds: float = DEFAULT_MIN_SECONDS) -> VoiceAudio:
     """`load_reference` for async callers (decoding is short and CPU-bound; it runs inline)."""
     source = _as_source(value, max_bytes, max_seconds)
-    try:
-        data = await aresolve(source, fetcher)
-    except MediaError as e:
-        raise type(e)(f"{PARAM}: {e}") from None
-    return _decode(data, max_seconds, min_seconds)
+    data = await aresolve(source, fetcher)
+    return decode_audio(data, max_seconds=max_seconds, min_seconds=min_seconds)
