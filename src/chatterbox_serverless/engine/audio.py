@@ -70,7 +70,8 @@ def soxr_resample(y: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     if orig_sr == target_sr:
         return y
     import soxr
-    n_out = int(np.ceil(y.shape[-1] * float(target_sr) / orig_sr))
+    ratio = float(target_sr) / orig_sr
+    n_out = int(np.ceil(y.shape[-1] * ratio))   # librosa's rounding: e.g. 352800 at 44.1k -> 192001 at 24k
     out = soxr.resample(y, orig_sr, target_sr, quality="HQ")
     if out.shape[-1] > n_out:
         out = out[..., :n_out]

@@ -95,11 +95,30 @@ def save_builtin_voice(conds: VoiceConditionals, path: str | Path) -> None:
 
 def _read_overrides(ckpt_dir: Path) -> dict:
     path = ckpt_dir / "serverless_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Only the tensors of a safetensors file whose keys start with one of `prefixes` (keys kept whole)."""
+    from safetensors import safe_open
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+
+
+def _config(config_cls, sd: dict[str, torch.Tensor], overrides: dict | None, what: str):
+    try:
+        return config_cls.from_state_dict(sd, overrides)
+    except KeyError as e:
+        raise CheckpointError(f"{what}: 1 missing key(s): {e.args[0]}") from None
 
 
 def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
@@ -107,20 +126,25 @@ def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
                        ) -> tuple[VoiceEncoder, S3TokenizerV2, CAMPPlus]:
     """The three front-end networks, loaded strictly: VE from ve.safetensors, the tokenizer and speaker encoder
     from the `tokenizer.` / `speaker_encoder.` parts of s3gen.safetensors (pass `s3gen_state` to reuse an
-    already-read file). Sizes come from tensor shapes; what shapes cannot say from serverless_config.json
-    (sections "voice_encoder", "s3tokenizer", "campplus")."""
+    already-read file; otherwise only those parts are read). Sizes come from tensor shapes; what shapes cannot
+    say from serverless_config.json: section "voice_encoder", and "s3gen" -> "tokenizer" / "speaker_encoder"
+    (top-level "s3tokenizer" / "campplus" sections are accepted too)."""
     ckpt_dir = Path(ckpt_dir)
     overrides = _read_overrides(ckpt_dir)
+    s3gen_over = overrides.get("s3gen") or {}
     ve_sd = read_safetensors(ckpt_dir / "ve.safetensors")
-    ve = VoiceEncoder(VoiceEncoderConfig.from_state_dict(ve_sd, overrides.get("voice_encoder")))
+    ve = VoiceEncoder(_config(VoiceEncoderConfig, ve_sd, overrides.get("voice_encoder"), "ve.safetensors"))
     load_strict(ve, ve_sd, what="ve.safetensors")
-    s3 = s3gen_state if s3gen_state is not None else read_safetensors(ckpt_dir / "s3gen.safetensors")
+    s3 = s3gen_state if s3gen_state is not None else read_prefixed(ckpt_dir / "s3gen.safetensors",
+                                                                    ("tokenizer.", "speaker_encoder."))
     tok_sd, spk_sd = _prefixed(s3, "tokenizer."), _prefixed(s3, "speaker_encoder.")
     if not tok_sd or not spk_sd:
         raise CheckpointError("s3gen.safetensors has no tokenizer.* or speaker_encoder.* weights")
-    tok = S3TokenizerV2(S3TokenizerConfig.from_state_dict(tok_sd, overrides.get("s3tokenizer")))
+    tok = S3TokenizerV2(_config(S3TokenizerConfig, tok_sd, s3gen_over.get("tokenizer") or overrides.get("s3tokenizer"),
+                                "s3gen.safetensors (tokenizer.*)"))
     load_strict(tok, tok_sd, what="s3gen.safetensors (tokenizer.*)")
-    spk = CAMPPlus(CAMPPlusConfig.from_state_dict(spk_sd, overrides.get("campplus")))
+    spk = CAMPPlus(_config(CAMPPlusConfig, spk_sd, s3gen_over.get("speaker_encoder") or overrides.get("campplus"),
+                           "s3gen.safetensors (speaker_encoder.*)"))
     load_strict(spk, spk_sd, what="s3gen.safetensors (speaker_encoder.*)")
     return ve.to(device).eval(), tok.to(device).eval(), spk.to(device).eval()
 

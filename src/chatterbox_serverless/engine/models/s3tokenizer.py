@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import audio
+from ..checkpoint import CheckpointError
 
 MAX_MEL_FRAMES = 3000   # 30 s; longer audio needs s3tokenizer's sliding windows, which Chatterbox never uses
 
@@ -45,7 +46,11 @@ class S3TokenizerConfig:
                    fsq_dims=sd["quantizer._codebook.project_down.weight"].shape[0])
         known = {f.name for f in fields(cls)}
         cfg.update({k: v for k, v in (overrides or {}).items() if k in known and k not in cfg})
-        return cls(**cfg)
+        config = cls(**cfg)
+        if config.n_state % config.n_head or (config.n_state // config.n_head) % 2:
+            raise CheckpointError(f"S3 tokenizer width {config.n_state} does not split into {config.n_head} heads; "
+                             f"set n_head in serverless_config.json")
+        return config
 
 
 def _lengths_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -154,19 +159,19 @@ class S3TokenizerV2(nn.Module):
         return audio.s3_log_mel(wav.to(self._mel_filters.device, torch.float32), self._mel_filters, self.window,
                                 n_fft=c.n_fft, hop=c.hop, n_mels=c.n_mels)
 
-    def forward(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens of a padded batch of log-mels (B, n_mels, T) with lengths (B,) -> (codes (B, T'), lens (B,)).
-        Positions past a row's length are padding (their codes are meaningless)."""
+    def encode(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder states of a padded batch of log-mels (B, n_mels, T) with lengths (B,) -> ((B, T', n_state),
+        lengths (B,)); T' = ceil(T / 4). Padding is masked, so a row's valid states do not depend on the batch."""
         if int(mel_lens.max()) > MAX_MEL_FRAMES:
             raise ValueError(f"the S3 tokenizer takes at most {MAX_MEL_FRAMES // 100} s of audio at once")
         enc = self.encoder
         x_len = mel_lens.to(mels.device)
         x = mels * _lengths_mask(x_len, mels.shape[-1]).unsqueeze(1).to(mels.dtype)
         x = F.gelu(enc.conv1(x))
-        x_len = (x_len + 2 - 2 - 1) // 2 + 1
+        x_len = (x_len - 1) // 2 + 1
         x = x * _lengths_mask(x_len, x.shape[-1]).unsqueeze(1).to(x.dtype)
         x = F.gelu(enc.conv2(x))
-        x_len = (x_len + 2 - 2 - 1) // 2 + 1
+        x_len = (x_len - 1) // 2 + 1
         valid = _lengths_mask(x_len, x.shape[-1])
         x = x.permute(0, 2, 1)
         T = x.shape[1]
@@ -175,11 +180,20 @@ class S3TokenizerV2(nn.Module):
         cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)
         for block in enc.blocks:
             x = block(x, bias, valid_f, cos, sin)
-        h = self.quantizer._codebook.project_down(x).float().tanh() * 0.9990000128746033
+        return x, x_len
+
+    def quantize(self, hidden: torch.Tensor) -> torch.Tensor:
+        """FSQ codes (B, T') int64 in [0, 3**fsq_dims) of encoder states (B, T', n_state)."""
+        h = self.quantizer._codebook.project_down(hidden).float().tanh() * 0.9990000128746033
         h = h.round() + 1
         powers = torch.pow(3.0, torch.arange(h.shape[-1], device=h.device, dtype=h.dtype))
-        codes = (h * powers).sum(dim=-1).int()
-        return codes.long(), x_len.long()
+        return (h * powers).sum(dim=-1).long()
+
+    def forward(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of a padded batch of log-mels (B, n_mels, T) with lengths (B,) -> (codes (B, T'), lens (B,)).
+        Codes past a row's length are padding."""
+        hidden, lens = self.encode(mels, mel_lens)
+        return self.quantize(hidden), lens.long()
 
     def tokenize(self, wavs: list[torch.Tensor], max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens of 16 kHz clips (each (L,)): per-clip log-mel (optionally cut to max_len tokens), batched.
