@@ -11,7 +11,6 @@ import io
 import json
 import time
 import uuid
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -182,11 +182,12 @@ class AsyncClient:
             except APIConnectionError as e:
                 if e.request_sent or attempt >= self.max_retries:   # sent: it may have been accepted
                     raise
-                delay: float | None = _base.retry_delay(None, attempt)
+                wait_s = _base.backoff_delay(attempt)
             else:
                 delay = _base.retry_delay(response, attempt) if attempt < self.max_retries else None
                 if delay is None:
                     return response
+                wait_s = delay
                 await response.aclose()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(wait_s)
             attempt += 1

@@ -9,7 +9,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -88,8 +89,8 @@ def raise_for_status(response: httpx.Response, elapsed_s: float = 0.0) -> None:
     if body.get("status") == "FAILED":
         raise InferenceFailed(detail=body.get("error"), status_body=body, status=response.status_code)
     if response.status_code == 504:
-        request_id = body.get("request_id") or response.headers.get("x-request-id")
-        if request_id:
+        request_id = body.get("request_id")     # the job goes on: its id lets the caller pick it up
+        if isinstance(request_id, str) and request_id:
             raise InferenceTimeout(request_id=request_id, elapsed_s=elapsed_s, status=504)
     raise ChatterboxError.from_response(response)
 
@@ -131,6 +132,11 @@ def retry_delay(response: httpx.Response | None, attempt: int, now: float | None
         delay = _parse_retry_after(header, time.time() if now is None else now)
         if delay is not None:
             return delay if delay <= MAX_RETRY_WAIT_S else None
+    return backoff_delay(attempt)
+
+
+def backoff_delay(attempt: int) -> float:
+    """0.5 s, 1 s, 2 s, ... up to 8 s, with +-25% jitter so that many clients do not retry in step."""
     return min(0.5 * 2**attempt, 8.0) * (0.75 + 0.5 * random.random())
 
 

@@ -172,7 +172,8 @@ def _join_audio(parts: list[bytes], fmt: str, gap_s: float = 0.15) -> bytes:
 
     import numpy as np
     import soundfile as sf
-    arrays, rate = [], None
+    arrays: list[np.ndarray] = []
+    rate: int | None = None
     for data in parts:
         audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
         if rate is not None and sr != rate:

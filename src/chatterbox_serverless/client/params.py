@@ -11,14 +11,14 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from .errors import ParameterError
 
 MODEL = "chatterbox-tts"
 OUTPUT_FORMATS = ("mp3", "wav", "flac", "ogg")
 OutputFormat = Literal["mp3", "wav", "flac", "ogg"]
-AudioSource = Union[str, bytes, os.PathLike]   # URL / data: URI / base64 string, raw bytes, or a local file
+AudioSource = str | bytes | os.PathLike   # URL / data: URI / base64 string, raw bytes, or a local file
 
 # name -> (low, high) inclusive; the API contract's ranges.
 RANGES: dict[str, tuple[float, float]] = {
@@ -29,7 +29,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "top_p": (0.0, 1.0),
     "repetition_penalty": (1.0, 2.0),
 }
-SEED_RANGE = (0, 2**32 - 1)
+SEED_RANGE = (0, 2**63 - 1)      # the server's range (api/schemas.py)
 
 _MEDIA_TYPES = {".wav": "audio/wav", ".mp3": "audio/mpeg", ".flac": "audio/flac", ".ogg": "audio/ogg",
                 ".opus": "audio/ogg", ".m4a": "audio/mp4"}
@@ -54,7 +54,7 @@ class TTSParams:
         return validate_params(body)
 
 
-def encode_audio(source: bytes | os.PathLike | str, media_type: str | None = None) -> str:
+def encode_audio(source: bytes | bytearray | memoryview | os.PathLike | str, media_type: str | None = None) -> str:
     """A local audio file (path) or raw bytes as a `data:` URI, ready for `reference_audio`."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
