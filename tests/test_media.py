@@ -262,6 +262,8 @@ def test_encode_sanitises_and_rejects():
         media.encode_audio(tone(0.5), SR, "aac")
     with pytest.raises(media.EncodeError, match="mono"):
         media.encode_audio(np.zeros((100, 2), np.float32), SR, "wav")
+    with pytest.raises(media.EncodeError, match="no audio"):
+        media.encode_audio(np.zeros(0, np.float32), SR, "mp3")
     with pytest.raises(media.EncodeError, match="sample rate"):
         media.encode_audio(tone(0.5), 0, "wav")
 

@@ -20,7 +20,7 @@ DEFAULT_MIN_SECONDS = 0.5       # shorter clips carry too little voice to condit
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 192_000
 MAX_CHANNELS = 8
-_BLOCK_FRAMES = 1 << 16
+_BLOCK_FRAMES = 1 << 20         # few, large reads (mpg123 logs spurious warnings at many small ones)
 
 # libsndfile's name for each container we accept (WAVEX / RF64 are WAV variants).
 _CONTAINERS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "MP3": "mp3", "FLAC": "flac", "OGG": "ogg"}

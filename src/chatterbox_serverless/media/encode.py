@@ -62,11 +62,13 @@ def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str = DEFAULT_FORMA
         raise EncodeError(f"expected mono samples (1-D), got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number):
         raise EncodeError(f"expected numeric samples, got {x.dtype}")
+    if len(x) == 0:
+        raise EncodeError("there is no audio to encode (0 samples)")
     x = np.nan_to_num(x.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
     x = np.clip(x, -1.0, 1.0)
 
     rate = _target_rate(fmt, int(sample_rate))
-    if rate != sample_rate and len(x):
+    if rate != sample_rate:
         import soxr
         x = soxr.resample(x, int(sample_rate), rate, quality="HQ").astype(np.float32, copy=False)
         x = np.clip(x, -1.0, 1.0)
