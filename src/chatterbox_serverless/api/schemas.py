@@ -1,0 +1,84 @@
+"""The request parameters of the contract (types, ranges, defaults) and the response bodies.
+
+Types are strict: a number given as a string, or a float seed, is a 400 naming the parameter (JSON integers are
+accepted where a number is expected). Parameters this API does not know are ignored, as the hosted API does.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..engine.types import SynthesisParams
+
+DEFAULT_TEXT = "Welcome to Chatterbox TTS, where your text turns into captivating audio effortlessly."
+OUTPUT_FORMATS = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+MAX_SEED = 2**63 - 1
+
+
+class TTSRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    text: str = Field(description="The text to speak (required, non-empty; at most the server's text limit, "
+                                  "5000 characters by default).", examples=[DEFAULT_TEXT])
+    reference_audio: str | None = Field(
+        None, description="Voice to clone: an http(s) URL, a data: URI or bare base64 of a wav/mp3/flac/ogg clip. "
+                          "Omitted: the model's built-in voice.")
+    exaggeration: float = Field(0.5, ge=0, le=2, description="Emotion exaggeration.")
+    cfg_weight: float = Field(0.5, ge=0, le=2, description="Classifier-free guidance weight (pacing).")
+    temperature: float = Field(0.8, ge=0, le=2, description="Sampling temperature.")
+    min_p: float = Field(0.05, ge=0, le=1, description="Min-p sampling threshold.")
+    top_p: float = Field(1.0, ge=0, le=1, description="Top-p (nucleus) sampling threshold.")
+    repetition_penalty: float = Field(1.2, ge=1, le=2, description="Penalty on repeated speech tokens.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Same input and seed give the same audio.")
+    output_format: Literal["mp3", "wav", "flac", "ogg"] = Field(
+        "mp3", description="Audio container: mp3 (default), wav, flac, or ogg (Opus).")
+
+    def synthesis_params(self) -> SynthesisParams:
+        return SynthesisParams(exaggeration=self.exaggeration, cfg_weight=self.cfg_weight,
+                               temperature=self.temperature, min_p=self.min_p, top_p=self.top_p,
+                               repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+
+class ParameterError(ValueError):
+    """A 400 whose message names the parameter."""
+
+
+def describe_validation_error(e: ValidationError) -> str:
+    """One sentence naming the first offending parameter, e.g. "parameter 'seed': Input should be ... (got 1.5)"."""
+    err = e.errors(include_url=False)[0]
+    loc = ".".join(str(x) for x in err.get("loc", ()))
+    if err.get("type") == "missing":
+        return f"missing required parameter '{loc}'"
+    if not loc:
+        return f"invalid request body: {err.get('msg')}"
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, str) or len(got) <= 40 else repr(got[:40] + "...")
+    return f"parameter '{loc}': {err.get('msg')} (got {shown})"
+
+
+class SubmitResponse(BaseModel):
+    request_id: str
+    status: Literal["QUEUED"] = "QUEUED"
+    status_url: str
+    response_url: str
+
+
+class StatusResponse(BaseModel):
+    request_id: str
+    status: Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+    metrics: dict = Field(default_factory=dict)
+    error: str | None = Field(None, description="Present when FAILED (served with HTTP 422).")
+
+
+class ResultResponse(BaseModel):
+    request_id: str
+    status: Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+    output: str | None = Field(None, description="Absolute, signed URL of the audio; expires with the result.")
+    metrics: dict = Field(default_factory=dict, description="inference_time, queue_time, total_time (seconds), "
+                                                             "audio_seconds, ...")
+    error: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
