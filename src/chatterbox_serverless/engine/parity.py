@@ -1,0 +1,87 @@
+"""`chatterbox-serverless parity REFERENCE_DIR`: run this engine on the inputs recorded by the official
+implementation (shared/reference/dump_reference.py) and compare every recorded tensor.
+
+Where the official run drew random numbers, the recorded ones are fed in (T3 is teacher-forced with the
+recorded tokens; the flow gets the recorded noise, the vocoder the recorded excitation). Each stage's part lives
+beside its code as `parity_outputs(ckpt_dir, ref, meta) -> {name: tensor}`; this module only compares.
+Exit status 1 when any tensor is above tolerance (relative error = max |ours - theirs| / max |theirs|), or
+when a recorded tensor has no counterpart yet.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+STAGES = (  # (module with parity_outputs, names of the recorded tensors it covers)
+    ("chatterbox_serverless.engine.conditioning", ("cond.",)),
+    ("chatterbox_serverless.engine.t3_decoder", ("t3.",)),
+    ("chatterbox_serverless.engine.speech_to_wav", ("flow.mel", "hift.", "out.")),
+)
+INPUT_ONLY = {"t3.tokens", "flow.tokens", "flow.noise", "hift.source"}   # recorded randomness / inputs we feed
+REL_TOL = 1e-4
+
+
+def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float, bool]:
+    """(max abs error, relative error, ok). Integer tensors (token ids) must be identical."""
+    if ours.shape != theirs.shape:
+        return float("inf"), float("inf"), False
+    if not theirs.is_floating_point():
+        n_diff = int((ours.long() != theirs.long()).sum())
+        return float(n_diff), float(n_diff), n_diff == 0
+    diff = (ours.double() - theirs.double()).abs().max().item() if theirs.numel() else 0.0
+    scale = theirs.double().abs().max().item() if theirs.numel() else 0.0
+    rel = diff / scale if scale > 0 else diff
+    return diff, rel, rel <= REL_TOL
+
+
+def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
+    from safetensors.torch import load_file
+    ref = load_file(str(ref_dir / "reference.safetensors"))
+    meta = json.loads((ref_dir / "reference.json").read_text())
+    ok = True
+    covered: set[str] = set()
+    print(f"{'tensor':<24} {'shape':<18} {'max abs err':>12} {'rel err':>10}  result", file=out)
+    for modname, prefixes in STAGES:
+        names = [k for k in ref if k.startswith(prefixes) and k not in INPUT_ONLY]
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError:
+            for name in names:
+                print(f"{name:<24} {'':<18} {'':>12} {'':>10}  NOT IMPLEMENTED", file=out)
+            ok = False
+            continue
+        with torch.inference_mode():
+            ours = module.parity_outputs(ref_dir, ref, meta)
+        for name in names:
+            covered.add(name)
+            if name not in ours:
+                print(f"{name:<24} {'':<18} {'':>12} {'':>10}  MISSING", file=out)
+                ok = False
+                continue
+            diff, rel, good = compare(ours[name].detach().cpu(), ref[name])
+            ok &= good
+            kind = "ids differ" if not ref[name].is_floating_point() else f"{rel:10.2e}"
+            print(f"{name:<24} {str(tuple(ref[name].shape)):<18} {diff:12.3e} {kind:>10}  {'ok' if good else 'FAIL'}",
+                  file=out)
+    for name in sorted(set(ref) - covered - INPUT_ONLY):
+        print(f"{name:<24} not covered by any stage", file=out)
+        ok = False
+    print("PARITY OK" if ok else "PARITY FAILED", file=out)
+    return ok
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("reference_dir", type=Path, help="a directory written by shared/reference/dump_reference.py")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return 0 if run_parity(args.reference_dir) else 1
