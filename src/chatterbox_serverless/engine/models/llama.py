@@ -1,0 +1,209 @@
+"""A Llama decoder (the backbone of T3) with a KV cache whose rows each have their own length.
+
+Numerically it follows transformers' `LlamaModel` (RMSNorm in float32, llama3-scaled RoPE on rotated halves,
+SwiGLU MLP, no biases). Attribute names mirror the checkpoint keys under `tfmr.`: `embed_tokens`, `layers.{i}.
+self_attn.{q,k,v,o}_proj`, `layers.{i}.mlp.{gate,up,down}_proj`, `layers.{i}.{input,post_attention}_layernorm`,
+`norm`. `embed_tokens` is in the official file but unused (T3 feeds embeddings directly).
+
+Every forward call writes the keys/values of its T new positions into the cache rows it is given, at each row's
+own positions, and attends causally over what that row holds. Prefill (T = prompt length) and decoding (T = 1)
+are the same call, so requests of different lengths share one decoding step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LlamaConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 30
+    num_heads: int = 16
+    head_dim: int = 64
+    vocab_size: int = 8                       # the unused `embed_tokens`
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_factor: float = 8.0                  # llama3 rope scaling
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+
+
+def llama3_inv_freq(cfg: LlamaConfig) -> Tensor:
+    """Inverse RoPE frequencies with llama3 scaling (long wavelengths divided by `factor`, a smooth blend between)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape (*positions.shape, head_dim), computed in float32 as transformers does."""
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class KVCache:
+    """Pre-allocated keys/values, one tensor pair per layer of shape (rows, heads, capacity, head_dim).
+
+    Rows are cache slots (the decoder maps requests to rows); capacity grows by whole chunks when a longer
+    sequence arrives, so appending a token never reallocates in the common case."""
+
+    def __init__(self, cfg: LlamaConfig, rows: int, capacity: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, chunk: int = 256):
+        self.cfg, self.device, self.dtype, self.chunk = cfg, torch.device(device), dtype, chunk
+        self.rows, self.capacity = 0, 0
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.ensure(rows, capacity)
+
+    def ensure(self, rows: int, capacity: int) -> None:
+        """Grow (never shrink) to at least `rows` x `capacity`, keeping the contents."""
+        if rows <= self.rows and capacity <= self.capacity:
+            return
+        new_rows = max(rows, self.rows)
+        new_cap = max(self.capacity, -(-capacity // self.chunk) * self.chunk)
+        shape = (new_rows, self.cfg.num_heads, new_cap, self.cfg.head_dim)
+        for store in (self.k, self.v):
+            for i in range(self.cfg.num_layers):
+                t = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                if store and self.rows and self.capacity:
+                    t[: self.rows, :, : self.capacity] = store[i]
+                if len(store) < self.cfg.num_layers:
+                    store.append(t)
+                else:
+                    store[i] = t
+        self.rows, self.capacity = new_rows, new_cap
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` into row `dst` (used to keep active rows contiguous)."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        inner = cfg.num_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                rows: slice, positions: Tensor, mask: Tensor) -> Tensor:
+        """x (R, T, C); cos/sin (R, T, D); positions (R, T) where each new key/value goes in its cache row;
+        mask (R, 1, T, K) True where a query may attend to a cache position (K = positions read)."""
+        R, T, _ = x.shape
+        q = self.q_proj(x).view(R, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(R, T, self.num_heads, self.head_dim)
+        v = self.v_proj(x).view(R, T, self.num_heads, self.head_dim)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        row_ids = torch.arange(rows.start, rows.stop, device=x.device)[:, None].expand(R, T)
+        k_cache[row_ids, :, positions] = k
+        v_cache[row_ids, :, positions] = v
+        K = mask.shape[-1]
+        keys = k_cache[rows, :, :K]
+        values = v_cache[rows, :, :K]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(R, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                rows: slice, positions: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, positions, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Kept out of the buffers so that casting the model to bf16 never rounds the frequencies.
+        self._inv_freq = {"cpu": llama3_inv_freq(cfg)}
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        key = str(device)
+        if key not in self._inv_freq:
+            self._inv_freq[key] = self._inv_freq["cpu"].to(device)
+        return self._inv_freq[key]
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        p = self.norm.weight
+        return KVCache(self.cfg, rows, capacity, device=p.device, dtype=p.dtype)
+
+    def forward(self, x: Tensor, cache: KVCache, rows: slice, start: Tensor) -> Tensor:
+        """Run T new positions of each row in `rows` (contiguous cache rows) through the decoder.
+
+        x (R, T, C) input embeddings; start (R,) the number of positions each row already holds (its new tokens
+        take positions start .. start+T-1, which are also their RoPE positions). Returns the final-norm output
+        (R, T, C). Rows whose real input is shorter than T may be right-padded: the padded positions are written
+        to the cache but the caller must not count them in that row's length."""
+        R, T, _ = x.shape
+        positions = start[:, None] + torch.arange(T, device=x.device)[None, :]          # (R, T)
+        K = int(start.max()) + T
+        cache.ensure(rows.stop, K)
+        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)
+        key_pos = torch.arange(K, device=x.device)
+        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]             # (R, 1, T, K)
+        for layer, kc, vc in zip(self.layers, cache.k, cache.v):
+            x = layer(x, cos, sin, kc, vc, rows, positions, mask)
+        return self.norm(x)

@@ -1,0 +1,215 @@
+"""T3: text tokens + conditioning -> speech tokens (a Llama backbone with its own embeddings and heads).
+
+The module only embeds and projects; the decoding loop (batching, KV cache, sampling) is `engine/t3_decoder.py`.
+Keys mirror `t3_cfg.safetensors`: `tfmr.*` (see models/llama.py), `cond_enc.spkr_enc`, `cond_enc.emotion_adv_fc`,
+`cond_enc.perceiver.*`, `text_emb`, `speech_emb`, `text_pos_emb.emb`, `speech_pos_emb.emb`, `text_head` (training
+only, kept so the load is strict), `speech_head`.
+
+Input sequence of one row (as chatterbox-tts 0.1.7 builds it):
+    [speaker (1) | perceiver(prompt) (32) | emotion (1)] [START text STOP] [BOS] [BOS] then generated tokens
+text positions are 0..N+1 (learned), both BOS take speech position 0, generated token i takes speech position
+i+1; the unconditional CFG row has zeroed text-token embeddings (its text position embeddings stay).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError, load_strict, read_safetensors
+from .llama import LlamaConfig, LlamaModel
+from .perceiver import Perceiver
+
+
+@dataclass
+class T3Config:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 30
+    num_heads: int = 16
+    head_dim: int = 64
+    backbone_vocab_size: int = 8              # tfmr.embed_tokens (unused)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    text_vocab_size: int = 704
+    speech_vocab_size: int = 8194
+    max_text_positions: int = 2050           # text_pos_emb rows (max_text_tokens + 2)
+    max_speech_positions: int = 4100         # speech_pos_emb rows (max_speech_tokens + 4)
+    speaker_embed_size: int = 256
+    perceiver_queries: int = 32
+    perceiver_heads: int = 4
+    start_text_token: int = 255
+    stop_text_token: int = 0
+    start_speech_token: int = 6561
+    stop_speech_token: int = 6562
+    prompt_len: int = 150                     # conditioning prompt tokens (speech_cond_prompt_len)
+
+    @property
+    def cond_len(self) -> int:
+        return 1 + self.perceiver_queries + 1
+
+    def llama(self) -> LlamaConfig:
+        return LlamaConfig(
+            hidden_size=self.hidden_size, intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+            num_heads=self.num_heads, head_dim=self.head_dim, vocab_size=self.backbone_vocab_size,
+            rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_factor=self.rope_factor,
+            rope_low_freq_factor=self.rope_low_freq_factor, rope_high_freq_factor=self.rope_high_freq_factor,
+            rope_original_max_positions=self.rope_original_max_positions)
+
+    @classmethod
+    def tiny(cls) -> "T3Config":
+        """A small random-weight configuration for tests (token ids and vocabularies as the real model)."""
+        return cls(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, head_dim=8,
+                   max_text_positions=130, max_speech_positions=260, speaker_embed_size=16,
+                   perceiver_queries=4, perceiver_heads=2, prompt_len=12)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Tensor], overrides: dict[str, Any] | None = None) -> "T3Config":
+        """Sizes from the tensors; head counts (which shapes cannot give) from `overrides` (T3Config field names)
+        or the official defaults."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CheckpointError(f"T3: unknown configuration key(s) {', '.join(unknown)}")
+        needed = ("text_emb.weight", "speech_emb.weight", "tfmr.layers.0.mlp.gate_proj.weight",
+                  "tfmr.layers.0.self_attn.q_proj.weight", "tfmr.embed_tokens.weight", "text_pos_emb.emb.weight",
+                  "speech_pos_emb.emb.weight", "cond_enc.spkr_enc.weight", "cond_enc.perceiver.pre_attention_query")
+        absent = [k for k in needed if k not in sd]
+        if absent:
+            raise CheckpointError(f"T3: not a T3 checkpoint, missing key(s) {', '.join(absent)}")
+        layer_ids = {int(k.split(".")[2]) for k in sd if k.startswith("tfmr.layers.")}
+        hidden = sd["text_emb.weight"].shape[1]
+        num_heads = int(overrides.pop("num_heads", cls.num_heads))
+        inner = sd["tfmr.layers.0.self_attn.q_proj.weight"].shape[0]
+        if inner % num_heads:
+            raise CheckpointError(f"T3: attention width {inner} is not divisible by {num_heads} heads; "
+                                  f"set num_heads in serverless_config.json")
+        found = dict(
+            hidden_size=hidden,
+            intermediate_size=sd["tfmr.layers.0.mlp.gate_proj.weight"].shape[0],
+            num_layers=max(layer_ids) + 1 if layer_ids else 0,
+            num_heads=num_heads,
+            head_dim=inner // num_heads,
+            backbone_vocab_size=sd["tfmr.embed_tokens.weight"].shape[0],
+            text_vocab_size=sd["text_emb.weight"].shape[0],
+            speech_vocab_size=sd["speech_emb.weight"].shape[0],
+            max_text_positions=sd["text_pos_emb.emb.weight"].shape[0],
+            max_speech_positions=sd["speech_pos_emb.emb.weight"].shape[0],
+            speaker_embed_size=sd["cond_enc.spkr_enc.weight"].shape[1],
+            perceiver_queries=sd["cond_enc.perceiver.pre_attention_query"].shape[1],
+        )
+        found.update(overrides)
+        return cls(**found)
+
+
+class LearnedPositionEmbeddings(nn.Module):
+    def __init__(self, num_positions: int, dim: int):
+        super().__init__()
+        self.emb = nn.Embedding(num_positions, dim)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        return self.emb(positions)
+
+
+class CondEnc(nn.Module):
+    """Speaker embedding, prompt-token perceiver and exaggeration ("emotion_adv") -> (B, cond_len, C)."""
+
+    def __init__(self, cfg: T3Config):
+        super().__init__()
+        self.speaker_embed_size = cfg.speaker_embed_size
+        self.spkr_enc = nn.Linear(cfg.speaker_embed_size, cfg.hidden_size)
+        self.emotion_adv_fc = nn.Linear(1, cfg.hidden_size, bias=False)
+        self.perceiver = Perceiver(cfg.perceiver_queries, cfg.hidden_size, cfg.perceiver_heads)
+
+    def forward(self, speaker_emb: Tensor, prompt_emb: Tensor, exaggeration: Tensor) -> Tensor:
+        spk = self.spkr_enc(speaker_emb.reshape(-1, self.speaker_embed_size))[:, None]
+        prompt = self.perceiver(prompt_emb)
+        emotion = self.emotion_adv_fc(exaggeration.reshape(-1, 1, 1))
+        return torch.cat((spk, prompt, emotion), dim=1)
+
+
+class T3(nn.Module):
+    def __init__(self, cfg: T3Config):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.hidden_size
+        self.tfmr = LlamaModel(cfg.llama())
+        self.cond_enc = CondEnc(cfg)
+        self.text_emb = nn.Embedding(cfg.text_vocab_size, C)
+        self.speech_emb = nn.Embedding(cfg.speech_vocab_size, C)
+        self.text_pos_emb = LearnedPositionEmbeddings(cfg.max_text_positions, C)
+        self.speech_pos_emb = LearnedPositionEmbeddings(cfg.max_speech_positions, C)
+        self.text_head = nn.Linear(C, cfg.text_vocab_size, bias=False)
+        self.speech_head = nn.Linear(C, cfg.speech_vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.speech_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.speech_head.weight.dtype
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @staticmethod
+    def unwrap_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        if sd and all(k.startswith("model.") for k in sd):
+            return {k[len("model."):]: v for k, v in sd.items()}
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, Tensor], overrides: dict[str, Any] | None = None) -> "T3":
+        sd = cls.unwrap_state_dict(sd)
+        model = cls(T3Config.from_state_dict(sd, overrides))
+        load_strict(model, sd, what="T3 (t3_cfg.safetensors)")
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "T3":
+        """Load `t3_cfg.safetensors` from a checkpoint directory (with its optional serverless_config.json)."""
+        ckpt_dir = Path(ckpt_dir)
+        overrides = {}
+        conf = ckpt_dir / "serverless_config.json"
+        if conf.is_file():
+            overrides = json.loads(conf.read_text()).get("t3", {})
+        model = cls.from_state_dict(read_safetensors(ckpt_dir / "t3_cfg.safetensors"), overrides)
+        return model.to(device=device, dtype=dtype)
+
+    # ---- embeddings ----------------------------------------------------------------------------------------
+    def conditioning(self, speaker_emb: Tensor, prompt_tokens: Tensor, exaggeration: Tensor) -> Tensor:
+        """speaker_emb (B, S), prompt_tokens (B, P) int, exaggeration (B,) -> (B, cond_len, C)."""
+        prompt_tokens = prompt_tokens.to(self.device, torch.long)
+        P = prompt_tokens.shape[1]
+        prompt_emb = self.speech_emb(prompt_tokens) + self.speech_pos_emb(torch.arange(P, device=self.device))
+        return self.cond_enc(speaker_emb.to(self.device, self.dtype), prompt_emb,
+                             exaggeration.to(self.device, self.dtype))
+
+    def prefix_embeds(self, cond: Tensor, text_ids: Tensor, cfg: bool) -> Tensor:
+        """The prefill input of one request: cond (cond_len, C), text_ids (L,) including [START]/[STOP].
+        Returns (2 if cfg else 1, cond_len + L + 2, C); row 1 is the unconditional CFG row."""
+        text_ids = text_ids.to(self.device, torch.long)
+        L = text_ids.shape[0]
+        text_pos = self.text_pos_emb(torch.arange(L, device=self.device))
+        text = self.text_emb(text_ids) + text_pos
+        bos = self.speech_embeds(torch.tensor([self.cfg.start_speech_token], device=self.device),
+                                 torch.zeros(1, dtype=torch.long, device=self.device))[0]
+        rows = [torch.cat((cond, text, bos, bos))]
+        if cfg:
+            rows.append(torch.cat((cond, torch.zeros_like(text) + text_pos, bos, bos)))
+        return torch.stack(rows)
+
+    def speech_embeds(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """tokens (R,), speech positions (R,) -> (R, 1, C)."""
+        return (self.speech_emb(tokens) + self.speech_pos_emb(positions))[:, None]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.speech_head(hidden)

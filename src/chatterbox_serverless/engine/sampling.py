@@ -1,0 +1,97 @@
+"""Speech-token sampling, in the official order, batched with per-row parameters.
+
+chatterbox-tts 0.1.7 turns the speech-head logits into a distribution like this, one request at a time:
+    CFG  l = c + w * (c - u)
+    repetition penalty (transformers semantics: every token id present in the history, BOS included, once:
+                        l < 0 -> l * p, else l / p)
+    temperature        l / t
+    min_p              drop tokens whose probability < min_p * max probability (the top token always stays)
+    top_p              drop the tokens whose ascending cumulative probability <= 1 - top_p (the top one stays)
+    softmax, then one multinomial draw.
+Here every step of that is one tensor operation over all rows, each row with its own parameters (tensors of
+shape (R,)), in float32. Draws use one `torch.Generator` per row, so a request samples the same tokens alone or
+in a batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingParams:
+    """Per-row parameters, tensors of shape (R,) on the logits' device: float32, except top_p in float64 (the
+    official threshold `1 - top_p` is computed in double precision, then rounded to float32 once)."""
+    cfg_weight: Tensor
+    repetition_penalty: Tensor
+    temperature: Tensor
+    min_p: Tensor
+    top_p: Tensor
+
+    @classmethod
+    def from_lists(cls, device: torch.device | str, *, cfg_weight, repetition_penalty, temperature, min_p,
+                   top_p) -> "SamplingParams":
+        def t(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+        return cls(t(cfg_weight), t(repetition_penalty), t(temperature), t(min_p), t(top_p, torch.float64))
+
+
+def apply_cfg(cond: Tensor, uncond: Tensor, weight: Tensor) -> Tensor:
+    """l = c + w * (c - u); a row with w == 0 gets exactly c."""
+    return cond + weight[:, None] * (cond - uncond)
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """seen (R, V) bool: the ids present in each row's history. Each seen id is penalised once."""
+    p = penalty[:, None]
+    penalised = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
+    return logits / temperature[:, None]
+
+
+def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    top = probs.amax(dim=-1, keepdim=True)
+    remove = probs < min_p[:, None] * top
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
+    if bool((top_p >= 1.0).all()):
+        # 1 - top_p == 0 removes only tokens whose probability is exactly 0: nothing changes.
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    threshold = (1.0 - top_p.double()).float()[:, None]   # as `cumulative <= (1 - top_p)` in Python
+    remove_sorted = cumulative <= threshold
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def process_logits(cond: Tensor, uncond: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
+    """Raw conditional / unconditional logits (R, V) -> the distribution to sample from (R, V), float32.
+    Rows without CFG pass their conditional logits as `uncond` (with weight 0 or not, the result is `cond`)."""
+    logits = apply_cfg(cond.float(), uncond.float(), params.cfg_weight)
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    logits = apply_temperature(logits, params.temperature)
+    logits = apply_min_p(logits, params.min_p)
+    logits = apply_top_p(logits, params.top_p)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
+    """One multinomial draw per row, row i with generators[i] -> (R,) int64.
+
+    Each draw is `torch.multinomial` on that row alone, so a seeded generator reproduces the official sampling
+    (which draws from the global generator after `torch.manual_seed`)."""
+    if len(generators) != probs.shape[0]:
+        raise ValueError(f"{probs.shape[0]} rows but {len(generators)} generators")
+    out = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)]
+    return torch.cat(out).view(-1)

@@ -1,0 +1,308 @@
+"""Batched, continuously batched T3 decoding: many requests advance one speech token per step.
+
+Each request owns one cache row (two with CFG: the conditional row and the unconditional row, whose text-token
+embeddings are zero) and its own text length, positions, sampling parameters, repetition history, random
+generator and stopping rule. A step
+  1. admits waiting requests (while rows are free): conditioning + prefill of their whole prefix, which gives
+     their first logits;
+  2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
+     top_p; `engine/sampling.py`) and draws one token per request, all in one batched call;
+  3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
+     move into the holes so that the active rows stay contiguous;
+  4. feeds every remaining request's new token (to both of its rows) through the backbone in one forward.
+So requests can join between any two steps and leave as soon as they are done; a request with seed s draws
+the same tokens alone or in a batch (its own generator; its rows never see other rows).
+
+The prefix reproduces chatterbox-tts 0.1.7: [cond (34) | START text STOP | BOS | BOS], RoPE positions from 0,
+generated token i embedded with speech position i+1, repetition history starting with one BOS. With
+cfg_weight == 0 the unconditional row is not computed at all (0.1.7 itself fails there).
+"""
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .models.t3 import T3
+from .sampling import SamplingParams, process_logits, sample
+from .types import SynthesisParams
+
+
+@dataclass
+class T3Request:
+    text_ids: Sequence[int]                  # text token ids, without [START] / [STOP]
+    speaker_emb: Tensor                      # (1, 256) or (256,): voice-encoder embedding
+    prompt_tokens: Tensor                    # (1, P) or (P,): conditioning speech tokens
+    params: SynthesisParams = field(default_factory=SynthesisParams)
+    max_new_tokens: int = 1000
+    cond: Tensor | None = None               # (cond_len, C): precomputed conditioning (e.g. cached per voice)
+    forced_tokens: Sequence[int] | None = None   # teacher forcing: feed these instead of sampling
+    record: bool = False                     # keep every step's raw logits and sampled distribution
+    request_id: str = ""
+
+
+@dataclass
+class T3Result:
+    request: T3Request
+    generated: Tensor                        # (S,) every token drawn, EOS included if drawn
+    speech_tokens: Tensor                    # (M,) what S3Gen takes: cut at the first EOS, ids < 6561 only
+    stop_reason: str                         # "eos" or "max_new_tokens"
+    logits: Tensor | None = None             # (S, 2, V) raw logits, row 1 unconditional ((S, 1, V) without CFG)
+    probs: Tensor | None = None              # (S, V) the distributions sampled
+
+
+@dataclass
+class _Active:
+    request: T3Request
+    rows: list[int]                          # cache rows: [cond] or [cond, uncond]
+    seen: Tensor                             # (V,) bool: ids in the repetition history
+    generator: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)
+    probs: list[Tensor] = field(default_factory=list)
+
+
+def postprocess(generated: Tensor, stop_token: int, start_token: int) -> Tensor:
+    """The official clean-up: keep what precedes the first EOS, then only real speech ids (< start_token)."""
+    eos = (generated == stop_token).nonzero()
+    if len(eos):
+        generated = generated[: int(eos[0, 0])]
+    return generated[generated < start_token]
+
+
+class T3Decoder:
+    """Continuous-batching decoder over one T3 model. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512):
+        self.model = model
+        self.cfg = model.cfg
+        self.max_rows = max_rows
+        self.cache = model.tfmr.new_cache(rows=0, capacity=initial_capacity)
+        self.waiting: deque[T3Request] = deque()
+        self.active: list[_Active] = []
+        self.row_owner: list[_Active] = []        # row -> request
+        self.row_len: list[int] = []              # row -> positions held in the cache
+        self.next_logits: Tensor | None = None    # (rows, V) logits for each row's next token
+
+    # ---- public ---------------------------------------------------------------------------------------------
+    def validate(self, req: T3Request) -> None:
+        """Raise ValueError (with a message fit for the caller) for a request this model cannot run."""
+        cfg = self.cfg
+        n_text = len(req.text_ids) + 2
+        if n_text > cfg.max_text_positions:
+            raise ValueError(f"text too long: {n_text - 2} tokens, at most {cfg.max_text_positions - 2}")
+        if req.text_ids and (min(req.text_ids) < 0 or max(req.text_ids) >= cfg.text_vocab_size):
+            raise ValueError(f"text token ids must be in [0, {cfg.text_vocab_size})")
+        if not 1 <= req.max_new_tokens <= cfg.max_speech_positions - 1:
+            raise ValueError(f"max_new_tokens must be in [1, {cfg.max_speech_positions - 1}]")
+        if req.cond is None:
+            if req.speaker_emb.numel() != cfg.speaker_embed_size:
+                raise ValueError(f"speaker embedding has {req.speaker_emb.numel()} values, "
+                                 f"expected {cfg.speaker_embed_size}")
+            p = req.prompt_tokens.reshape(-1)
+            if p.numel() > cfg.max_speech_positions or (p.numel() and (p.min() < 0 or p.max() >= cfg.speech_vocab_size)):
+                raise ValueError("conditioning prompt tokens out of range")
+        elif tuple(req.cond.shape) != (cfg.cond_len, cfg.hidden_size):
+            raise ValueError(f"cond must have shape {(cfg.cond_len, cfg.hidden_size)}")
+        if req.forced_tokens is not None and not 1 <= len(req.forced_tokens) <= req.max_new_tokens:
+            raise ValueError("forced_tokens must hold 1..max_new_tokens tokens")
+        if self._rows_needed(req) > self.max_rows:
+            raise ValueError("max_rows is too small for one request")
+
+    def submit(self, req: T3Request) -> None:
+        self.validate(req)
+        self.waiting.append(req)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    @property
+    def rows_in_use(self) -> int:
+        return len(self.row_owner)
+
+    @torch.inference_mode()
+    def conditioning(self, req: T3Request) -> Tensor:
+        """(cond_len, C) conditioning embeddings of a request (the same for both CFG rows)."""
+        if req.cond is not None:
+            return req.cond.to(self.model.device, self.model.dtype)
+        exaggeration = torch.tensor([req.params.exaggeration], dtype=torch.float32)
+        return self.model.conditioning(req.speaker_emb.reshape(1, -1), req.prompt_tokens.reshape(1, -1),
+                                       exaggeration)[0]
+
+    @torch.inference_mode()
+    def step(self) -> list[T3Result]:
+        """Admit, sample one token for every active request, retire finished ones, advance the rest."""
+        self._admit()
+        if not self.active:
+            return []
+        self._sample()
+        finished = [a for a in self.active if self._is_done(a)]
+        if finished:
+            self._retire(finished)
+        if self.active:
+            self._advance()
+        return [self._result(a) for a in finished]
+
+    def run(self, requests: Sequence[T3Request]) -> list[T3Result]:
+        """Decode `requests` to the end (sharing steps with whatever else is queued); results in input order."""
+        for r in requests:
+            self.submit(r)
+        done: dict[int, T3Result] = {}
+        wanted = {id(r) for r in requests}
+        while self.busy and not wanted <= done.keys():
+            for res in self.step():
+                done[id(res.request)] = res
+        return [done[id(r)] for r in requests]
+
+    # ---- internals -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _rows_needed(req: T3Request) -> int:
+        return 2 if req.params.cfg_weight > 0 else 1
+
+    def _admit(self) -> None:
+        while self.waiting and self.rows_in_use + self._rows_needed(self.waiting[0]) <= self.max_rows:
+            self._prefill(self.waiting.popleft())
+
+    def _prefill(self, req: T3Request) -> None:
+        m, cfg = self.model, self.cfg
+        device = m.device
+        text = torch.tensor([cfg.start_text_token, *req.text_ids, cfg.stop_text_token], dtype=torch.long)
+        use_cfg = self._rows_needed(req) == 2
+        x = m.prefix_embeds(self.conditioning(req), text, cfg=use_cfg)         # (R, L, C)
+        R, L, _ = x.shape
+        first = self.rows_in_use
+        rows = slice(first, first + R)
+        start = torch.zeros(R, dtype=torch.long, device=device)
+        hidden = m.tfmr(x, self.cache, rows, start)
+        logits = m.logits(hidden[:, -1])                                       # (R, V)
+        seen = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool, device=device)
+        seen[cfg.start_speech_token] = True
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(req.params.seed))
+        a = _Active(request=req, rows=list(range(first, first + R)), seen=seen, generator=gen)
+        self.active.append(a)
+        self.row_owner.extend([a] * R)
+        self.row_len.extend([L] * R)
+        self.next_logits = logits if self.next_logits is None or first == 0 else torch.cat((self.next_logits[:first], logits))
+
+    def _sample(self) -> None:
+        act = self.active
+        device = self.model.device
+        cond_rows = torch.tensor([a.rows[0] for a in act], device=device)
+        uncond_rows = torch.tensor([a.rows[-1] for a in act], device=device)
+        cond = self.next_logits.index_select(0, cond_rows)
+        uncond = self.next_logits.index_select(0, uncond_rows)
+        p = [a.request.params for a in act]
+        params = SamplingParams.from_lists(
+            device, cfg_weight=[x.cfg_weight if len(a.rows) == 2 else 0.0 for x, a in zip(p, act)],
+            repetition_penalty=[x.repetition_penalty for x in p], temperature=[x.temperature for x in p],
+            min_p=[x.min_p for x in p], top_p=[x.top_p for x in p])
+        seen = torch.stack([a.seen for a in act])
+        probs = process_logits(cond, uncond, seen, params)
+        forced = [a.request.forced_tokens is not None for a in act]
+        if all(forced):
+            tokens = [int(a.request.forced_tokens[len(a.tokens)]) for a in act]
+        else:
+            sampled = sample(probs, [a.generator for a in act]).tolist()
+            tokens = [int(a.request.forced_tokens[len(a.tokens)]) if f else t
+                      for a, f, t in zip(act, forced, sampled)]
+        for i, (a, tok) in enumerate(zip(act, tokens)):
+            if a.request.record:
+                rows = cond[i : i + 1] if len(a.rows) == 1 else torch.stack((cond[i], uncond[i]))
+                a.logits.append(rows.float().cpu())
+                a.probs.append(probs[i].cpu())
+            a.tokens.append(tok)
+            a.seen[tok] = True
+
+    def _is_done(self, a: _Active) -> bool:
+        limit = len(a.request.forced_tokens) if a.request.forced_tokens is not None else a.request.max_new_tokens
+        return a.tokens[-1] == self.cfg.stop_speech_token or len(a.tokens) >= limit
+
+    def _retire(self, finished: list[_Active]) -> None:
+        gone = {id(a) for a in finished}
+        self.active = [a for a in self.active if id(a) not in gone]
+        freed = sorted((r for a in finished for r in a.rows), reverse=True)
+        keep = torch.arange(len(self.row_owner))
+        for r in freed:
+            last = len(self.row_owner) - 1
+            if r != last:
+                owner = self.row_owner[last]
+                self.cache.move_row(last, r, self.row_len[last])
+                keep[r] = keep[last]
+                owner.rows[owner.rows.index(last)] = r     # in place: rows stay [cond, uncond]
+                self.row_owner[r], self.row_len[r] = owner, self.row_len[last]
+            self.row_owner.pop()
+            self.row_len.pop()
+        n = len(self.row_owner)
+        self.next_logits = self.next_logits.index_select(0, keep[:n].to(self.next_logits.device)) if n else None
+
+    def _advance(self) -> None:
+        m = self.model
+        device = m.device
+        n = self.rows_in_use
+        tokens = torch.tensor([self.row_owner[r].tokens[-1] for r in range(n)], device=device)
+        positions = torch.tensor([len(self.row_owner[r].tokens) for r in range(n)], device=device)
+        x = m.speech_embeds(tokens, positions)                                 # (n, 1, C)
+        start = torch.tensor(self.row_len, device=device)
+        hidden = m.tfmr(x, self.cache, slice(0, n), start)
+        self.next_logits = m.logits(hidden[:, -1])
+        self.row_len = [length + 1 for length in self.row_len]
+
+    def _result(self, a: _Active) -> T3Result:
+        generated = torch.tensor(a.tokens, dtype=torch.long)
+        stop = "eos" if a.tokens[-1] == self.cfg.stop_speech_token else "max_new_tokens"
+        return T3Result(
+            request=a.request, generated=generated,
+            speech_tokens=postprocess(generated, self.cfg.stop_speech_token, self.cfg.start_speech_token),
+            stop_reason=stop,
+            logits=torch.stack(a.logits) if a.request.record else None,
+            probs=torch.stack(a.probs) if a.request.record else None)
+
+
+def generate(model: T3, requests: Sequence[T3Request], max_rows: int = 32) -> list[T3Result]:
+    """Decode a batch of requests together (continuous batching inside); results in input order."""
+    return T3Decoder(model, max_rows=max_rows).run(requests)
+
+
+def teacher_force(model: T3, request: T3Request, tokens: Sequence[int]) -> T3Result:
+    """Feed the recorded `tokens` instead of sampling; the result holds each step's raw logits (S, 2, V) and
+    the distribution the sampler would have drawn from (S, V)."""
+    req = T3Request(text_ids=request.text_ids, speaker_emb=request.speaker_emb,
+                    prompt_tokens=request.prompt_tokens, params=request.params,
+                    max_new_tokens=max(request.max_new_tokens, len(tokens)), cond=request.cond,
+                    forced_tokens=list(tokens), record=True, request_id=request.request_id)
+    return T3Decoder(model, max_rows=2).run([req])[0]
+
+
+def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
+    """This engine's versions of the recorded T3 tensors: `t3.text_tokens` (tokenizer on the normalised text),
+    `t3.logits` (S, 2, V) and `t3.probs` (S, V) teacher-forcing the recorded `t3.tokens`, conditioned on the
+    recorded `cond.ve_embedding` / `cond.t3_prompt_tokens`, in float32 on CPU."""
+    from .text import TextTokenizer, normalize_text
+    ckpt_dir = Path(ckpt_dir)
+    tokenizer = TextTokenizer(ckpt_dir / "tokenizer.json")
+    text = meta.get("normalised_text") or normalize_text(meta["text"])
+    text_ids = tokenizer.encode(text)
+    model = T3.from_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32)
+    params = SynthesisParams(
+        exaggeration=float(meta.get("exaggeration", 0.5)), cfg_weight=float(meta.get("cfg_weight", 0.5)),
+        temperature=float(meta.get("temperature", 0.8)), min_p=float(meta.get("min_p", 0.05)),
+        top_p=float(meta.get("top_p", 1.0)), repetition_penalty=float(meta.get("repetition_penalty", 1.2)),
+        seed=int(meta.get("sample_seed", 0)))
+    tokens = ref["t3.tokens"].reshape(-1).tolist()
+    req = T3Request(text_ids=text_ids, speaker_emb=ref["cond.ve_embedding"],
+                    prompt_tokens=ref["cond.t3_prompt_tokens"], params=params, max_new_tokens=len(tokens))
+    res = teacher_force(model, req, tokens)
+    return {"t3.text_tokens": torch.tensor(text_ids, dtype=ref["t3.text_tokens"].dtype
+                                           if "t3.text_tokens" in ref else torch.int32),
+            "t3.logits": res.logits, "t3.probs": res.probs}
+
+
+def load_meta(ref_dir: Path) -> dict:
+    return json.loads((Path(ref_dir) / "reference.json").read_text())
