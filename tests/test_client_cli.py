@@ -104,6 +104,15 @@ def test_failure_and_usage_errors_exit_non_zero(server, tmp_path, capsys, monkey
     assert not (tmp_path / "f.mp3").exists()
 
 
+def test_timeout_names_the_pending_request(client, server, tmp_path):
+    server.queued_polls = 10**6
+    stderr = io.StringIO()
+    assert say(parse("Hi.", "-o", str(tmp_path / "x.mp3"), "--timeout", "0.1"), client, stderr) == 1
+    (rid,) = server.jobs
+    assert f"timed out after 0s; request {rid} may still finish" in stderr.getvalue()
+    assert not (tmp_path / "x.mp3").exists()
+
+
 def test_stdout_output(client, capsysbinary):
     assert say(parse("Hi.", "-o", "-", "-q"), client, io.StringIO()) == 0
     data = capsysbinary.readouterr().out

@@ -200,6 +200,37 @@ def _write(data: bytes, output: str) -> None:
     os.replace(tmp, path)
 
 
+def _wait_all(jobs: list[Any], timeout: float, progress: ProgressLine) -> list[dict[str, Any]]:
+    """Poll every unfinished job each round (so the progress line is true for all of them) until all are
+    COMPLETED; raise `InferenceFailed` at the first failure, `InferenceTimeout` past `timeout`."""
+    from ._base import PollSchedule, is_transient
+    from .errors import InferenceFailed, InferenceTimeout
+
+    schedule = PollSchedule(timeout, interval=0.25, backoff=1.5, max_interval=2.0)
+    results: dict[int, dict[str, Any]] = {}
+    while True:
+        for i, job in enumerate(jobs):
+            if i in results:
+                continue
+            try:
+                body = job.status()
+            except Exception as e:  # noqa: BLE001 - a restarting server: try again next round
+                if not is_transient(e):
+                    raise
+                continue
+            progress.update(i, str(body.get("status")))
+            if body.get("status") == "COMPLETED":
+                results[i] = job.result()
+            elif body.get("status") == "FAILED":
+                raise InferenceFailed(detail=body.get("error"), status_body=body)
+        if len(results) == len(jobs):
+            return [results[i] for i in range(len(jobs))]
+        if schedule.expired():
+            pending = next(j for i, j in enumerate(jobs) if i not in results)
+            raise InferenceTimeout(pending.request_id, schedule.elapsed())
+        time.sleep(schedule.next_sleep())
+
+
 def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
     """The command's work, with the client given (tests pass one bound to a test server)."""
     from .errors import InferenceTimeout
@@ -216,15 +247,8 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
     jobs = [client.submit_async(args.model, **{**params, "text": piece}) for piece in pieces]
     for i in range(len(jobs)):
         progress.update(i, "QUEUED")
-    start = time.monotonic()
-    results, inference = [], 0.0
     try:
-        for i, job in enumerate(jobs):
-            remaining = max(0.0, args.timeout - (time.monotonic() - start))
-            result = job.wait(timeout=remaining, interval=0.25, backoff=1.5, max_interval=2.0,
-                              on_progress=lambda p, i=i: progress.update(i, p.status))
-            inference += float((result.get("metrics") or {}).get("inference_time") or 0.0)
-            results.append(result)
+        results = _wait_all(jobs, args.timeout, progress)
     except InferenceTimeout as e:
         progress.finish()
         stderr.write(f"error: timed out after {e.elapsed_s:.0f}s; request {e.request_id} may still finish "
@@ -236,6 +260,7 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
         return 130
     finally:
         progress.finish()
+    inference = sum(float((r.get("metrics") or {}).get("inference_time") or 0.0) for r in results)
     if len(results) == 1 and output != "-":
         client.download(results[0], output)
         size = Path(output).stat().st_size
