@@ -1,6 +1,7 @@
 """`chatterbox-serverless serve`: the API and (by default) an in-process worker on one machine.
 
-Jobs live in SQLite under --data-dir (jobs.sqlite3, audio/), so a restart loses nothing that was accepted.
+Jobs live in SQLite under --data-dir (jobs.sqlite3, audio/), so a restart loses nothing that was accepted; or,
+with `--store redis://HOST:PORT/DB`, in Redis shared by several API replicas and `worker` processes (scale-out).
 SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests and the batch in hand finish within the
 grace time, and hands unfinished jobs back to the queue.
 """
@@ -44,13 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--shutdown-grace", type=float, default=30.0, help="seconds to finish in-flight jobs on SIGTERM")
     a("--log-format", choices=("json", "plain"), default=_env("LOG_FORMAT", "json"))
     a("--log-level", default=_env("LOG_LEVEL", "info"))
+    from ..jobs.worker_main import add_store_arguments   # --store redis://... (scale-out), --redis-prefix, ...
+    add_store_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..engine.checkpoint import CheckpointError
-    from ..jobs.sqlite_store import SQLiteJobStore
+    from ..jobs.worker_main import open_store
     from ..settings import Settings
     from .logs import configure_logging
 
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"chatterbox-serverless serve: {e}", file=sys.stderr)
             return 2
 
-    store = SQLiteJobStore(settings.data_dir / "jobs.sqlite3", retention_seconds=settings.retention_seconds)
+    store = open_store(args.store, settings.data_dir, settings.retention_seconds, args.redis_prefix,
+                       args.audio_dir, args.audio_inline_max)
     try:
         serve_app(settings, store, engine, workers=args.workers, host=args.host, port=args.port,
                   model_name=args.model)
