@@ -289,3 +289,6 @@ def run(args: argparse.Namespace) -> int:
     except (ChatterboxError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
