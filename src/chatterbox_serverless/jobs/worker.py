@@ -192,7 +192,8 @@ class Worker:
                 try:
                     voice = voices[job.id].result()
                 except Exception as e:
-                    self._fail(job, f"reference_audio: {e}")
+                    reason = str(e) or type(e).__name__
+                    self._fail(job, reason if reason.startswith("reference_audio") else f"reference_audio: {reason}")
                     continue
             try:
                 request = SynthesisRequest(text=text, params=synthesis_params(job.params), voice=voice,

@@ -1,0 +1,89 @@
+"""What is specific to the SQLite store (the shared contract is tests/test_store_contract.py)."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from chatterbox_serverless.jobs import sqlite_store
+from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
+from chatterbox_serverless.jobs.store import Job, JobState, StoreUnavailable
+
+
+def test_wal_and_full_sync(tmp_path):
+    s = SQLiteJobStore(tmp_path / "j.db")
+    assert s._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert s._writer.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
+    s.close()
+
+
+def test_expired_results_are_hidden_before_the_purge(tmp_path):
+    s = SQLiteJobStore(tmp_path / "j.db", retention_seconds=0.2)
+    s.submit(Job(id="a", owner="", params={}), 10)
+    s.claim("w", 1, 30)
+    assert s.complete("a", "w", b"RIFF", "audio/wav", {})
+    assert s.get("a").state == JobState.COMPLETED and s.get_audio("a") == (b"RIFF", "audio/wav")
+    time.sleep(0.3)
+    assert s.get("a") is None and s.get_audio("a") is None
+    assert s.stats().by_state["COMPLETED"] == 0
+    s.close()
+
+
+def test_audio_is_written_under_an_attempt_unique_name(tmp_path):
+    s = SQLiteJobStore(tmp_path / "j.db")
+    s.submit(Job(id="a", owner="", params={}), 10)
+    s.claim("w1", 1, 0.01)
+    time.sleep(0.02)
+    s.recover_expired(3)
+    s.claim("w2", 1, 30)
+    assert not s.complete("a", "w1", b"old", "audio/wav", {})      # lost its lease: nothing written
+    assert s.complete("a", "w2", b"new", "audio/wav", {})
+    assert [p.read_bytes() for p in s.audio_dir.iterdir()] == [b"new"]
+    s.close()
+
+
+def test_orphan_audio_files_are_swept(tmp_path):
+    s = SQLiteJobStore(tmp_path / "j.db")
+    orphan = s.audio_dir / "gone.1234.wav"
+    orphan.write_bytes(b"x")
+    fresh = s.audio_dir / "fresh.1234.wav"
+    fresh.write_bytes(b"x")
+    old = time.time() - sqlite_store.ORPHAN_AUDIO_SECONDS - 10
+    os.utime(orphan, (old, old))
+    s.purge_expired(3600)
+    assert not orphan.exists() and fresh.exists()
+    s.close()
+
+
+def test_a_database_that_cannot_be_written_is_store_unavailable(tmp_path):
+    s = SQLiteJobStore(tmp_path / "j.db")
+    # another process holds the write lock longer than the busy timeout allows
+    other = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    s._writer.execute("PRAGMA busy_timeout=50")
+    with pytest.raises(StoreUnavailable):
+        s.submit(Job(id="a", owner="", params={}), 10)
+    other.execute("ROLLBACK")
+    s.submit(Job(id="a", owner="", params={}), 10)       # and it recovers by itself
+    assert s.get("a") is not None
+    other.close()
+    s.close()
+
+
+def test_reads_do_not_wait_for_a_writer(tmp_path):
+    s = SQLiteJobStore(tmp_path / "j.db")
+    s.submit(Job(id="a", owner="", params={}), 10)
+    other = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("UPDATE jobs SET attempts = 5")
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.get("a")))
+    t.start()
+    t.join(2)
+    assert got and got[0].attempts == 0          # the committed state, at once
+    other.execute("ROLLBACK")
+    other.close()
+    s.close()
