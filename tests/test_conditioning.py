@@ -61,7 +61,7 @@ def tiny_ckpt(tmp_path_factory, tiny_modules):
     s3.update({f"speaker_encoder.{k}": v for k, v in spk.state_dict().items()})
     s3["flow.some.weight"] = torch.zeros(3)          # other S3Gen parts are not the front end's business
     save_file({k: v.contiguous() for k, v in s3.items()}, str(d / "s3gen.safetensors"))
-    (d / "serverless_config.json").write_text(json.dumps({"s3gen": {"tokenizer": {"n_head": 2}}}))
+    (d / "serverless_config.json").write_text(json.dumps({"s3tokenizer": {"n_head": 2}}))
     return d
 
 

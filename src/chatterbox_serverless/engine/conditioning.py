@@ -127,11 +127,9 @@ def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     """The three front-end networks, loaded strictly: VE from ve.safetensors, the tokenizer and speaker encoder
     from the `tokenizer.` / `speaker_encoder.` parts of s3gen.safetensors (pass `s3gen_state` to reuse an
     already-read file; otherwise only those parts are read). Sizes come from tensor shapes; what shapes cannot
-    say from serverless_config.json: section "voice_encoder", and "s3gen" -> "tokenizer" / "speaker_encoder"
-    (top-level "s3tokenizer" / "campplus" sections are accepted too)."""
+    say from serverless_config.json, sections "voice_encoder", "s3tokenizer" and "campplus" (as S3Gen reads)."""
     ckpt_dir = Path(ckpt_dir)
     overrides = _read_overrides(ckpt_dir)
-    s3gen_over = overrides.get("s3gen") or {}
     ve_sd = read_safetensors(ckpt_dir / "ve.safetensors")
     ve = VoiceEncoder(_config(VoiceEncoderConfig, ve_sd, overrides.get("voice_encoder"), "ve.safetensors"))
     load_strict(ve, ve_sd, what="ve.safetensors")
@@ -140,10 +138,10 @@ def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     tok_sd, spk_sd = _prefixed(s3, "tokenizer."), _prefixed(s3, "speaker_encoder.")
     if not tok_sd or not spk_sd:
         raise CheckpointError("s3gen.safetensors has no tokenizer.* or speaker_encoder.* weights")
-    tok = S3TokenizerV2(_config(S3TokenizerConfig, tok_sd, s3gen_over.get("tokenizer") or overrides.get("s3tokenizer"),
+    tok = S3TokenizerV2(_config(S3TokenizerConfig, tok_sd, overrides.get("s3tokenizer"),
                                 "s3gen.safetensors (tokenizer.*)"))
     load_strict(tok, tok_sd, what="s3gen.safetensors (tokenizer.*)")
-    spk = CAMPPlus(_config(CAMPPlusConfig, spk_sd, s3gen_over.get("speaker_encoder") or overrides.get("campplus"),
+    spk = CAMPPlus(_config(CAMPPlusConfig, spk_sd, overrides.get("campplus"),
                            "s3gen.safetensors (speaker_encoder.*)"))
     load_strict(spk, spk_sd, what="s3gen.safetensors (speaker_encoder.*)")
     return ve.to(device).eval(), tok.to(device).eval(), spk.to(device).eval()

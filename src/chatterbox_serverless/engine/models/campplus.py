@@ -235,5 +235,5 @@ class CAMPPlus(nn.Module):
     def embed(self, wav: torch.Tensor) -> torch.Tensor:
         """(1, embedding_size) x-vector of one 16 kHz clip (L,). Clips are embedded one at a time: zero-padding
         a batch would change the pooled statistics."""
-        dev = self.head.conv1.weight.device
-        return self(self.features(wav.to(dev))[None])
+        w = self.head.conv1.weight
+        return self(self.features(wav.to(w.device))[None].to(w.dtype))

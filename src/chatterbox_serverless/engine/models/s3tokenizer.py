@@ -156,8 +156,8 @@ class S3TokenizerV2(nn.Module):
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
         """(n_mels, frames) log-mel of one 16 kHz clip (L,), 100 frames/s."""
         c = self.config
-        return audio.s3_log_mel(wav.to(self._mel_filters.device, torch.float32), self._mel_filters, self.window,
-                                n_fft=c.n_fft, hop=c.hop, n_mels=c.n_mels)
+        return audio.s3_log_mel(wav.to(self._mel_filters.device, torch.float32), self._mel_filters.float(),
+                                self.window.float(), n_fft=c.n_fft, hop=c.hop, n_mels=c.n_mels)
 
     def encode(self, mels: torch.Tensor, mel_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder states of a padded batch of log-mels (B, n_mels, T) with lengths (B,) -> ((B, T', n_state),
@@ -166,6 +166,7 @@ class S3TokenizerV2(nn.Module):
             raise ValueError(f"the S3 tokenizer takes at most {MAX_MEL_FRAMES // 100} s of audio at once")
         enc = self.encoder
         x_len = mel_lens.to(mels.device)
+        mels = mels.to(enc.conv1.weight.dtype)
         x = mels * _lengths_mask(x_len, mels.shape[-1]).unsqueeze(1).to(mels.dtype)
         x = F.gelu(enc.conv1(x))
         x_len = (x_len - 1) // 2 + 1
