@@ -213,7 +213,7 @@ class Accounts:
             log.info("accounts: reconciled holds: %s", done)
         return done
 
-    def maybe_reconcile(self, lookup_job: Callable[[str], Any], interval: float = 60.0,
+    def maybe_reconcile(self, lookup_job: Callable[[str], Any], interval: float = 15.0,
                         grace_seconds: float = 120.0) -> dict[str, int] | None:
         """`reconcile` at most once per `interval` seconds (the first call runs at once: start-up repair).
         For a maintenance loop; never raises."""

@@ -165,6 +165,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         raise AccountsHTTPError(400, "the request body must be a JSON object") from None
     if not isinstance(data, dict):
         raise AccountsHTTPError(400, "the request body must be a JSON object")
+    # JSON has one number type: 25.0 is the integer 25 (as JSON Schema says); 25.5 stays invalid.
+    data = {k: int(v) if isinstance(v, float) and v.is_integer() and abs(v) <= 2**53 else v for k, v in data.items()}
     try:
         return model.model_validate(data)
     except ValidationError as e:

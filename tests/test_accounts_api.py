@@ -1,0 +1,317 @@
+"""Accounts over HTTP, against the real app on a real socket (uvicorn in a thread) with an engine double:
+401/403/406/429, x-remaining-credits, isolation, the admin API, settle/release by the worker, the race for the
+last credits, and the repair of a crash between hold and settle."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+from chatterbox_serverless.accounts import open_account_store
+from chatterbox_serverless.accounts.service import Accounts, Pricing
+from chatterbox_serverless.accounts.web import AccountGate, is_loopback, prepare
+from chatterbox_serverless.api.app import create_app
+from chatterbox_serverless.engine.types import SynthesisResult
+from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
+from chatterbox_serverless.jobs.store import Job
+from chatterbox_serverless.settings import Settings
+
+RATE = 16000
+TEXT = "x" * 40            # hold: 40/10 + 2 = 6 s -> 6 credits; audio: 40/20 = 2 s -> 2 credits
+
+
+class SilentEngineForTests:
+    """Speaks silence lasting len(text)/20 seconds; fails any text containing "fail"."""
+    sample_rate = RATE
+
+    def __init__(self, delay: float = 0.0, max_seconds: float = 1e9):
+        self.delay = delay
+        self.max_seconds = max_seconds
+
+    def synthesize(self, requests):
+        time.sleep(self.delay)
+        return [SynthesisResult(error="engine said no") if "fail" in r.text else
+                SynthesisResult(audio=np.zeros(int(RATE * min(self.max_seconds, len(r.text) / 20)), np.float32))
+                for r in requests]
+
+
+class Server:
+    def __init__(self, data_dir, *, auth: bool = True, engine=None, workers: int = 1, app_kwargs: dict | None = None):
+        self.settings = Settings(data_dir=data_dir, batch_wait=0.0, sync_timeout=10.0)
+        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+        self.accounts = Accounts(open_account_store(data_dir), Pricing(credits_per_second=1.0, minimum=1)) \
+            if auth else None
+        gate = AccountGate(self.accounts)
+        self.app = create_app(self.settings, self.store, engine if engine is not None else SilentEngineForTests(),
+                              workers=workers, accounts=gate, **(app_kwargs or {}))
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "Server":
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.http = httpx.Client(base_url=self.url, timeout=20)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self.thread.join(20)
+        self.store.close()
+        if self.accounts is not None:
+            self.accounts.store.close()
+
+    def key(self, credits: int = 100, rate: int = 0, admin: bool = False, name: str = "") -> str:
+        key, _ = self.accounts.create_key(name, credits, rate, admin)
+        return key
+
+    def submit(self, key: str | None, text: str = TEXT, **headers) -> httpx.Response:
+        h = {"x-api-key": key} if key else {}
+        return self.http.post("/v2/chatterbox-tts", json={"text": text, "output_format": "wav"}, headers={**h, **headers})
+
+    def wait(self, key: str, request_id: str, timeout: float = 15.0) -> httpx.Response:
+        deadline = time.time() + timeout
+        while True:
+            r = self.http.get(f"/v2/requests/{request_id}/status", headers={"x-api-key": key})
+            if r.json().get("status") in ("COMPLETED", "FAILED") or time.time() > deadline:
+                return r
+            time.sleep(0.02)
+
+    def account(self, key: str) -> dict:
+        r = self.http.get("/v1/account", headers={"x-api-key": key})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def settled(self, key: str, timeout: float = 10.0) -> dict:
+        """The account once no hold is open (the worker bills a job just after storing its end)."""
+        deadline = time.time() + timeout
+        while (acc := self.account(key))["held"] and time.time() < deadline:
+            time.sleep(0.02)
+        return acc
+
+
+@pytest.fixture
+def server(tmp_path):
+    with Server(tmp_path / "data") as s:
+        yield s
+
+
+def assert_error(r: httpx.Response, status: int, contains: str = "") -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert isinstance(body.get("error"), str) and body["error"], body
+    assert contains.lower() in body["error"].lower(), body
+
+
+def test_401_missing_or_unknown_key(server):
+    for headers in ({}, {"x-api-key": "cbx_not-a-key"}, {"authorization": "Bearer nope"}, {"authorization": "Basic x"}):
+        assert_error(server.http.post("/v2/chatterbox-tts", json={"text": "hi"}, headers=headers), 401)
+        assert_error(server.http.get("/v2/requests/0b0e9d6c-0000-4000-8000-000000000000/status", headers=headers), 401)
+        assert_error(server.http.get("/v1/account", headers=headers), 401)
+    r = server.http.post("/v1/chatterbox-tts", json={"text": "hi"})
+    assert_error(r, 401, "x-api-key")
+    assert r.headers.get("www-authenticate") == "Bearer"
+    key = server.key()
+    assert server.http.get("/v1/account", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    assert server.submit(None, authorization=f"Bearer {key}").status_code == 200
+    # public endpoints stay public
+    assert server.http.get("/health").status_code == 200
+
+
+def test_403_revoked_and_non_admin(server):
+    key, admin = server.key(), server.key(admin=True)
+    assert_error(server.http.get("/v1/admin/keys", headers={"x-api-key": key}), 403, "admin")
+    assert_error(server.http.post("/v1/admin/keys", json={}, headers={"x-api-key": key}), 403, "admin")
+    acc_id = server.account(key)["id"]
+    r = server.http.post(f"/v1/admin/keys/{acc_id}/revoke", headers={"x-api-key": admin})
+    assert r.status_code == 200 and r.json()["revoked"] is True
+    assert_error(server.submit(key), 403, "revoked")
+    assert_error(server.http.get("/v1/account", headers={"x-api-key": key}), 403, "revoked")
+
+
+def test_406_insufficient_credits_queues_nothing(server):
+    key = server.key(credits=5)                            # TEXT holds 6
+    r = server.submit(key)
+    assert_error(r, 406, "insufficient credits")
+    assert r.headers["x-remaining-credits"] == "5"
+    assert sum(server.store.stats().by_state.values()) == 0, "nothing may be queued that cannot be paid"
+    r = server.http.post("/v1/chatterbox-tts", json={"text": TEXT}, headers={"x-api-key": key})
+    assert_error(r, 406)
+    assert sum(server.store.stats().by_state.values()) == 0
+    ok = server.submit(key, "short")                       # holds 3
+    assert ok.status_code == 200 and ok.headers["x-remaining-credits"] == "2"
+
+
+def test_429_rate_limit_but_polls_are_not_limited(server):
+    key = server.key(rate=2)
+    first = server.submit(key)
+    assert first.status_code == 200 and server.submit(key).status_code == 200
+    r = server.submit(key)
+    assert_error(r, 429, "rate limit")
+    assert 1 <= int(r.headers["retry-after"]) <= 30
+    rid = first.json()["request_id"]
+    for _ in range(30):                                    # far above 1 poll/s: never limited
+        assert server.http.get(f"/v2/requests/{rid}/status", headers={"x-api-key": key}).status_code in (200, 422)
+        assert server.http.get(f"/v2/requests/{rid}", headers={"x-api-key": key}).status_code in (200, 422)
+    assert server.account(key)["rate_per_min"] == 2
+
+
+def test_settle_on_completion_release_on_failure(server):
+    key = server.key(credits=100)
+    r = server.submit(key)
+    assert r.status_code == 200 and r.headers["x-remaining-credits"] == "94"       # 6 held
+    done = server.wait(key, r.json()["request_id"])
+    assert done.json()["status"] == "COMPLETED" and done.json()["metrics"]["audio_seconds"] == pytest.approx(2.0)
+    assert server.settled(key)["balance"] == 98                                 # charged 2 s
+    done = server.http.get(f"/v2/requests/{r.json()['request_id']}", headers={"x-api-key": key})
+    assert done.headers["x-remaining-credits"] == "98"
+    failed = server.wait(key, server.submit(key, "please fail " + TEXT).json()["request_id"])
+    assert failed.status_code == 422 and failed.json()["error"] == "engine said no"
+    acc = server.settled(key)
+    assert (acc["balance"], acc["held"], acc["available"]) == (98, 0, 98), "failed jobs are not billed"
+    assert acc["usage"]["completed"] == 1 and acc["usage"]["failed"] == 1
+    assert acc["usage"]["audio_seconds"] == pytest.approx(2.0) and acc["usage"]["credits_spent"] == 2
+    kinds = [(e["kind"], e["delta"]) for e in acc["ledger"]]
+    assert kinds == [("grant", 100), ("hold", 0), ("settle", -2), ("hold", 0), ("release", 0)]
+    # v1 (sync) pays the same way
+    r = server.http.post("/v1/chatterbox-tts", json={"text": TEXT, "output_format": "wav"}, headers={"x-api-key": key})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("audio/")
+    assert server.settled(key)["balance"] == 96
+
+
+def test_isolation_between_keys(server):
+    a, b = server.key(), server.key()
+    rid = server.submit(a).json()["request_id"]
+    assert server.wait(a, rid).json()["status"] == "COMPLETED"
+    for path in (f"/v2/requests/{rid}/status", f"/v2/requests/{rid}"):
+        assert_error(server.http.get(path, headers={"x-api-key": b}), 404)       # 404, not 403
+        assert server.http.get(path, headers={"x-api-key": a}).status_code == 200
+    output = server.http.get(f"/v2/requests/{rid}", headers={"x-api-key": a}).json()["output"]
+    assert "signature=" in output and len(rid) == 36
+    assert_error(server.http.get(output.split("?")[0]), 403)                       # no signature, no audio
+
+
+def test_admin_api(server):
+    admin = server.key(admin=True)
+    h = {"x-api-key": admin}
+    r = server.http.post("/v1/admin/keys", json={"name": "app", "credits": 10, "rate_per_min": 5}, headers=h)
+    assert r.status_code == 201, r.text
+    new_key, acc = r.json()["key"], r.json()["account"]
+    assert (acc["name"], acc["balance"], acc["rate_per_min"], acc["admin"]) == ("app", 10, 5, False)
+    assert "key_hash" not in acc and server.account(new_key)["id"] == acc["id"]
+    r = server.http.post(f"/v1/admin/keys/{acc['id']}/credits", json={"amount": 15, "note": "top-up"}, headers=h)
+    assert r.status_code == 200 and r.json()["balance"] == 25
+    assert_error(server.http.post(f"/v1/admin/keys/{acc['id']}/credits", json={"amount": -26}, headers=h), 406)
+    assert_error(server.http.post(f"/v1/admin/keys/{acc['id']}/credits", json={"amount": "5"}, headers=h), 400,
+                 "amount")
+    assert_error(server.http.post("/v1/admin/keys", content=b"{oops", headers=h), 400)
+    assert_error(server.http.post("/v1/admin/keys/acc_missing/revoke", headers=h), 404)
+    server.wait(new_key, server.submit(new_key).json()["request_id"])
+    server.settled(new_key)
+    rows = server.http.get("/v1/admin/keys", headers=h).json()
+    row = next(x for x in rows if x["id"] == acc["id"])
+    assert row["usage"]["completed"] == 1 and row["balance"] == 23
+    one = server.http.get(f"/v1/admin/keys/{acc['id']}", headers=h).json()
+    assert [e["note"] for e in one["ledger"] if e["kind"] == "grant"] == ["initial credits", "top-up"]
+    assert new_key not in r.text and new_key not in str(rows)
+
+
+def test_concurrent_submissions_race_for_the_last_credits(tmp_path):
+    """20 submissions at once for credits that pay 3 holds: exactly 3 are queued, the rest get 406; the balance
+    never goes negative and each job is charged once."""
+    with Server(tmp_path / "data", engine=SilentEngineForTests(delay=0.05)) as s:
+        key = s.key(credits=18)                            # 3 x 6
+        barrier = threading.Barrier(20)
+
+        def go(_):
+            with httpx.Client(base_url=s.url, timeout=20) as c:
+                barrier.wait()
+                return c.post("/v2/chatterbox-tts", json={"text": TEXT, "output_format": "wav"},
+                              headers={"x-api-key": key})
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(go, range(20)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200] * 3 + [406] * 17, codes
+        assert all(int(r.headers["x-remaining-credits"]) >= 0 for r in answers)
+        for r in answers:
+            if r.status_code == 200:
+                assert s.wait(key, r.json()["request_id"]).json()["status"] == "COMPLETED"
+        acc = s.settled(key)
+        assert (acc["balance"], acc["held"]) == (18 - 3 * 2, 0)
+        assert acc["usage"]["completed"] == 3 and acc["usage"]["credits_spent"] == 6
+        assert sum(s.store.stats().by_state.values()) == 3
+
+
+def test_crash_between_hold_and_settle_is_repaired_on_restart(tmp_path):
+    data = tmp_path / "data"
+    # 1) an API without a worker accepts two jobs (held); a third hold never got its job stored
+    with Server(data, workers=0) as s:
+        key = s.key(credits=100)
+        ok, bad = (s.submit(key).json()["request_id"], s.submit(key, "fail " + TEXT).json()["request_id"])
+        acc_id = s.account(key)["id"]
+        s.accounts.store.hold(acc_id, "lost-before-submit", 6, now=time.time() - 3600)
+        assert s.account(key)["held"] == 6 + 7 + 6
+    # 2) a worker that dies between finishing a job and billing it: the jobs end, the holds stay open
+    store = SQLiteJobStore(data / "jobs.sqlite3")
+    jobs = {j.id: j for j in store.claim("crashing-worker", 10, 30.0)}
+    assert set(jobs) == {ok, bad}
+    store.complete(ok, "crashing-worker", b"RIFF", "audio/wav", {"audio_seconds": 2.0})
+    store.fail(bad, "crashing-worker", "engine said no")
+    store.close()
+    # 3) restart: the start-up reconcile settles the completed job and releases the failed and the lost one
+    with Server(data) as s:
+        acc = s.settled(key)
+        assert (acc["balance"], acc["held"]) == (98, 0)
+        notes = [e["note"] for e in acc["ledger"] if e["kind"] == "release"]
+        assert len(notes) == 2 and any("missing" in n for n in notes)
+        assert sum(e["delta"] for e in acc["ledger"]) == acc["balance"]
+
+
+def test_no_auth_mode(tmp_path, caplog):
+    with Server(tmp_path / "data", auth=False) as s:
+        r = s.submit(None)
+        assert r.status_code == 200 and "x-remaining-credits" not in r.headers
+        assert s.wait("", r.json()["request_id"]).json()["status"] == "COMPLETED"
+        assert_error(s.http.get("/v1/admin/keys"), 404, "--no-auth")
+        assert_error(s.http.get("/v1/account"), 404, "--no-auth")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.com")
+    with caplog.at_level("WARNING"):
+        prepare(None, "0.0.0.0", "data")
+    assert "OFF" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare(None, "127.0.0.1", "data")
+    assert "OFF" not in caplog.text
+
+
+def test_first_start_makes_one_admin_key(tmp_path, capsys):
+    store = open_account_store(tmp_path)
+    accounts = Accounts(store)
+    try:
+        notice = prepare(accounts, "127.0.0.1", str(tmp_path))
+        err = capsys.readouterr().err
+        assert notice.admin_key and notice.admin_key in err and "keys create" in err
+        assert accounts.authenticate(notice.admin_key, admin=True).admin
+        assert prepare(accounts, "127.0.0.1", str(tmp_path)).admin_key is None
+        assert notice.admin_key not in capsys.readouterr().err
+    finally:
+        store.close()
+
+
+def test_job_owner_is_the_account(server):
+    key = server.key()
+    rid = server.submit(key).json()["request_id"]
+    job: Job = server.store.get(rid)
+    assert job.owner == server.account(key)["id"]
