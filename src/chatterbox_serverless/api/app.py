@@ -32,6 +32,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..accounts.web import AccountGate
+from ..accounts.web import install as install_accounts
 from ..engine.types import Engine
 from ..jobs.policy import ContentPolicy
 from ..jobs.store import Job, JobState, JobStore, QueueFull, StoreUnavailable
@@ -134,11 +136,14 @@ class _RequestContext:
 
 def create_app(settings: Settings, store: JobStore, engine: Engine | None = None, *, workers: int = 1,
                worker: Worker | None = None, policy: ContentPolicy | None = None, fetcher: Any = None,
-               authenticate: Callable[..., str] | None = None, model_name: str = "") -> FastAPI:
+               authenticate: Callable[..., str] | None = None, model_name: str = "",
+               accounts: AccountGate | None = None) -> FastAPI:
     """The API over `store`. With an `engine` and `workers=1`, an in-process Worker runs the queue (started and
     stopped with the app); pass `worker` to supply one built elsewhere. `fetcher` downloads reference URLs
-    (default: media.SafeFetcher honouring `settings.allow_fetch_hosts`)."""
-    auth = authenticate or no_auth
+    (default: media.SafeFetcher honouring `settings.allow_fetch_hosts`). `accounts`: keys, credits and rate
+    limits (accounts/web.py); None or a disabled gate: no auth."""
+    gate = accounts or AccountGate(None)
+    auth = authenticate or (gate.dependency if gate.enabled else no_auth)
     signer = UrlSigner(settings.load_url_secret())
     registry = CollectorRegistry()
     http_requests = Counter("chatterbox_http_requests", "HTTP requests", ["endpoint", "method", "status"],
@@ -155,14 +160,15 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
     if worker is None and engine is not None and workers > 0:
         from ..media import SafeFetcher, encode_audio, load_reference
         fetch = fetcher or SafeFetcher(allow_hosts=settings.allow_fetch_hosts)
-        worker = Worker(store, engine, encode=encode_audio,
+        worker = Worker(store, engine, encode=encode_audio, accounts=gate.accounts,
                         resolve_reference=lambda value: load_reference(value, fetch),
                         policy=policy, batch_size=settings.batch_size, batch_wait=settings.batch_wait,
                         lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts,
                         retention_seconds=settings.retention_seconds, shutdown_grace=settings.shutdown_grace,
                         info={"model": model_name})
     janitor = None if worker is not None else Janitor(store, max_attempts=settings.max_attempts,
-                                                      retention_seconds=settings.retention_seconds)
+                                                      retention_seconds=settings.retention_seconds,
+                                                      accounts=gate.accounts)
     wait_limiter = anyio.CapacityLimiter(1000)    # threads parked in store.wait for v1 calls
 
     @asynccontextmanager
@@ -262,13 +268,18 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
                 raise ApiError(400, str(e))
         return params.model_copy(update={"text": text})
 
-    def submit(params: TTSRequest, owner: str, mode: str) -> Job:
+    def submit(request: Request, params: TTSRequest, owner: str, mode: str) -> Job:
         job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json"))
+        gate.charge_submission(request, job.id, params.text)     # 429 over the key's rate, 406 unpaid
         try:
             store.submit(job, settings.max_queue)
         except QueueFull as e:
+            gate.refund_submission(request, job.id, "queue full: not queued")
             rejected.inc()
             raise ApiError(429, f"the queue is full ({e}); retry later", {"Retry-After": "5"})
+        except BaseException:
+            gate.refund_submission(request, job.id, "not queued: store error")
+            raise
         submitted.labels(mode).inc()
         if worker is not None:
             worker.notify()
@@ -305,7 +316,7 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
                   "schema": TTSRequest.model_json_schema()}}}})
     async def submit_v2(request: Request, owner: str = Depends(auth)):
         params = await parse_body(request)
-        job = await run_in_threadpool(submit, params, owner, "v2")
+        job = await run_in_threadpool(submit, request, params, owner, "v2")
         return JSONResponse({"request_id": job.id, "status": "QUEUED", **job_urls(request, job.id)},
                             headers={"x-request-id": job.id})
 
@@ -323,7 +334,7 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
         reason = await run_in_threadpool(no_worker_reason)
         if reason:
             raise ApiError(502, f"service temporarily unavailable: {reason}")
-        job = await run_in_threadpool(submit, params, owner, "v1")
+        job = await run_in_threadpool(submit, request, params, owner, "v1")
         final = await anyio.to_thread.run_sync(store.wait, job.id, settings.sync_timeout, limiter=wait_limiter)
         ids = {"x-request-id": job.id}
         if final is None:
@@ -422,6 +433,7 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
             data += generate_latest(worker.metrics.registry)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
+    install_accounts(app, gate)     # /v1/account, /v1/admin/*, x-remaining-credits, {"error"} for its errors
     # the request-id/logging middleware wraps everything, error handlers included
     app.add_middleware(_RequestContext, requests=http_requests, latency=http_latency)
     return app

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -25,6 +25,9 @@ from ..engine.types import Engine, SynthesisParams, SynthesisRequest, SynthesisR
 from .policy import ContentPolicy
 from .scheduler import Scheduler
 from .store import Job, JobStore
+
+if TYPE_CHECKING:
+    from ..accounts.service import Accounts
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,9 @@ class Worker:
                  worker_id: str | None = None, batch_size: int = 8, batch_wait: float = 0.02,
                  lease_seconds: float = 30.0, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, poll_interval: float = 0.1, maintenance_interval: float = 5.0,
-                 metrics: WorkerMetrics | None = None, info: dict | None = None):
+                 metrics: WorkerMetrics | None = None, info: dict | None = None, accounts: Accounts | None = None):
         self.store = store
+        self.accounts = accounts        # bills jobs: settle on COMPLETED, release on FAILED
         self.engine = engine
         self.encode = encode
         self.resolve_reference = resolve_reference or _no_reference_support
@@ -158,6 +162,8 @@ class Worker:
             self.store.purge_expired(self.retention_seconds)
         except Exception:
             log.exception("maintenance failed")
+        if self.accounts is not None:   # holds of jobs that ended without billing (crash, recover_expired)
+            self.accounts.maybe_reconcile(self.store.get)
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.05, min(5.0, self.lease_seconds / 3))
@@ -258,6 +264,8 @@ class Worker:
         finally:
             self._drop(job)
         if done:
+            if self.accounts is not None:
+                self.accounts.finish(job.id, True, metrics)
             self.metrics.audio_seconds.inc(metrics["audio_seconds"])
             self.metrics.jobs_finished.labels("COMPLETED").inc()
             log.info("job completed", extra={"request_id": job.id, "inference_time": metrics["inference_time"],
@@ -277,6 +285,8 @@ class Worker:
             return
         self._drop(job)
         if done:
+            if self.accounts is not None:
+                self.accounts.finish(job.id, False, error=reason)
             self.metrics.jobs_finished.labels("FAILED").inc()
             log.info("job failed: %s", reason, extra={"request_id": job.id})
 
@@ -289,9 +299,10 @@ class Janitor:
     """Maintenance without a worker (an API with `--workers 0` on its own store): recover leases, purge results."""
 
     def __init__(self, store: JobStore, *, max_attempts: int = 3, retention_seconds: float = 3600.0,
-                 interval: float = 10.0):
+                 interval: float = 10.0, accounts: Accounts | None = None):
         self.store, self.max_attempts, self.retention_seconds, self.interval = (
             store, max_attempts, retention_seconds, interval)
+        self.accounts = accounts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -306,6 +317,8 @@ class Janitor:
                 self.store.purge_expired(self.retention_seconds)
             except Exception:
                 log.exception("maintenance failed")
+            if self.accounts is not None:
+                self.accounts.maybe_reconcile(self.store.get)
 
     def stop(self) -> None:
         self._stop.set()
