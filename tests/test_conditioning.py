@@ -150,6 +150,13 @@ def test_compute_shapes(front_end, sr, seconds):
         assert tokens.min() >= 0 and tokens.max() < 3 ** 8
 
 
+def test_odd_number_of_prompt_frames_is_kept_as_official(front_end, tmp_path):
+    c = front_end.compute(voice(24000, 301 * 480 / 24000), 24000)   # 301 mel frames, 151 tokens cut to 150
+    assert c.gen_prompt_feat.shape == (1, 301, 80) and c.gen_prompt_token.shape == (1, 150)
+    save_builtin_voice(c, tmp_path / "odd.pt")
+    assert load_builtin_voice(tmp_path / "odd.pt").gen_prompt_feat.shape == (1, 301, 80)
+
+
 def test_compute_is_deterministic_and_handles_stereo(front_end):
     x = voice(24000, 2.5)
     a, b = front_end.compute(x, 24000), front_end.compute(x.copy(), 24000)

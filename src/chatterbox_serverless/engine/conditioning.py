@@ -36,11 +36,13 @@ MIN_SECONDS = 0.5           # shorter clips cannot be embedded meaningfully (the
 @dataclass
 class VoiceConditionals:
     """What a voice contributes to synthesis. Shapes for a clip of >= 10 s: t3_prompt_tokens (1, 150),
-    gen_prompt_token (1, 250), gen_prompt_feat (1, 500, 80); shorter clips give proportionally fewer."""
+    gen_prompt_token (1, 250), gen_prompt_feat (1, 500, 80); shorter clips give proportionally fewer.
+    gen_prompt_feat has 2T frames, or 2T+1 when the clip's 24 kHz length is an odd number of 480-sample hops
+    (the official code keeps that extra frame, and S3Gen then takes all of it as prompt)."""
     speaker_emb: torch.Tensor        # (1, 256) float32, VE embedding (T3)
     t3_prompt_tokens: torch.Tensor   # (1, <=150) int64, S3 tokens of the first 6 s (T3 speech prompt)
     gen_prompt_token: torch.Tensor   # (1, T) int64, S3 tokens of the first 10 s (S3Gen prompt)
-    gen_prompt_feat: torch.Tensor    # (1, 2T, 80) float32, log-mel of the first 10 s at 24 kHz (S3Gen prompt)
+    gen_prompt_feat: torch.Tensor    # (1, 2T[+1], 80) float32, log-mel of the first 10 s at 24 kHz (S3Gen prompt)
     gen_embedding: torch.Tensor      # (1, 192) float32, CAMPPlus x-vector (S3Gen speaker)
     emotion_adv: float = 0.5         # exaggeration stored with a conds.pt (requests override it)
 
@@ -74,7 +76,8 @@ def load_builtin_voice(path: str | Path, device: torch.device | str = "cpu") -> 
         raise
     except Exception as e:   # unreadable, unpickling refused, or keys missing
         raise CheckpointError(f"{path} is not a Chatterbox conds.pt ({type(e).__name__}: {e})") from None
-    if conds.gen_prompt_feat.dim() != 3 or conds.gen_prompt_feat.shape[1] != 2 * conds.gen_prompt_token.shape[1]:
+    n_tok = conds.gen_prompt_token.shape[1]
+    if conds.gen_prompt_feat.dim() != 3 or conds.gen_prompt_feat.shape[1] not in (2 * n_tok, 2 * n_tok + 1):
         raise CheckpointError(f"{path}: prompt_feat {tuple(conds.gen_prompt_feat.shape)} does not match "
                               f"prompt_token {tuple(conds.gen_prompt_token.shape)} (needs 2 mel frames per token)")
     return conds.to(device)
