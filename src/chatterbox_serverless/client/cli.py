@@ -31,21 +31,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="audio file to write (default: speech.FORMAT; '-': standard output)")
     parser.add_argument("--format", choices=FORMATS,
                         help="audio format (default: from the output file's suffix, else mp3)")
-    parser.add_argument("--voice", help="reference audio to clone: a local file or an http(s) URL "
+    parser.add_argument("--voice", metavar="FILE|URL", help="reference audio to clone: a local file or an http(s) URL "
                                         "(default: the model's built-in voice)")
-    parser.add_argument("--seed", type=int, help="same text + same seed -> same audio (server default 42)")
-    parser.add_argument("--exaggeration", type=float, help="emotion intensity, 0-2 (0.5)")
-    parser.add_argument("--cfg-weight", type=float, help="classifier-free guidance weight, 0-2 (0.5)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature, 0-2 (0.8)")
-    parser.add_argument("--min-p", type=float, help="min-p sampling, 0-1 (0.05)")
-    parser.add_argument("--top-p", type=float, help="top-p sampling, 0-1 (1.0)")
-    parser.add_argument("--repetition-penalty", type=float, help="1-2 (1.2)")
-    parser.add_argument("--server", help="server URL (default: $CHATTERBOX_API_URL, else http://127.0.0.1:8000)")
-    parser.add_argument("--key", help="API key (default: $CHATTERBOX_API_KEY or $SEGMIND_API_KEY; prefer those: "
-                                      "a key on the command line is visible to other users)")
-    parser.add_argument("--model", default="chatterbox-tts", help="model name on the server (chatterbox-tts)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the audio (600)")
-    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS,
+    parser.add_argument("--seed", type=int, metavar="N", help="same text + same seed -> same audio (server default 42)")
+    parser.add_argument("--exaggeration", type=float, metavar="X", help="emotion intensity, 0-2 (0.5)")
+    parser.add_argument("--cfg-weight", type=float, metavar="X", help="classifier-free guidance weight, 0-2 (0.5)")
+    parser.add_argument("--temperature", type=float, metavar="X", help="sampling temperature, 0-2 (0.8)")
+    parser.add_argument("--min-p", type=float, metavar="X", help="min-p sampling, 0-1 (0.05)")
+    parser.add_argument("--top-p", type=float, metavar="X", help="top-p sampling, 0-1 (1.0)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="X", help="1-2 (1.2)")
+    parser.add_argument("--server", metavar="URL",
+                        help="server URL (default: $CHATTERBOX_API_URL, else http://127.0.0.1:8000)")
+    parser.add_argument("--key", metavar="KEY",
+                        help="API key (default: $CHATTERBOX_API_KEY or $SEGMIND_API_KEY; prefer those: "
+                             "a key on the command line is visible to other users)")
+    parser.add_argument("--model", default="chatterbox-tts", metavar="NAME",
+                        help="model name on the server (chatterbox-tts)")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="seconds to wait for the audio (600)")
+    parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, metavar="N",
                         help=f"longest text sent in one request; longer texts are split ({DEFAULT_MAX_CHARS})")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")
 
