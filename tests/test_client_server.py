@@ -95,6 +95,31 @@ def test_server_side_refusals_are_clear_errors(server):
             c.run("chatterbox-tts", text="Hi.", top_p=1.5)
 
 
+def test_api_key_from_the_environment_and_clear_account_errors(tmp_path, monkeypatch):
+    from chatterbox_serverless.accounts import open_account_store
+    from chatterbox_serverless.accounts.service import Accounts, Pricing
+    from chatterbox_serverless.accounts.web import AccountGate
+
+    accounts = Accounts(open_account_store(tmp_path / "accounts"), Pricing(credits_per_second=1.0, minimum=1))
+    key, _ = accounts.create_key("sdk", 1000, 0, False)
+    poor, _ = accounts.create_key("poor", 0, 0, False)
+    try:
+        with start_server(tmp_path, engine=FakeEngineForTests(), batch_wait=0.01,
+                          app_kwargs={"accounts": AccountGate(accounts)}) as s:
+            monkeypatch.delenv("CHATTERBOX_API_KEY", raising=False)
+            monkeypatch.setenv("SEGMIND_API_KEY", key)             # the hosted SDK's variable works too
+            with Client(base_url=s.url) as c:
+                assert c.submit_async("chatterbox-tts", text="Hi.").wait(interval=0.02)["status"] == "COMPLETED"
+            for wrong, status in ((None, 401), ("not-a-key", 401), (poor, 406)):
+                monkeypatch.delenv("SEGMIND_API_KEY")
+                with Client(base_url=s.url, api_key=wrong) as c, pytest.raises(ChatterboxError) as e:
+                    c.submit_async("chatterbox-tts", text="Hi.")
+                assert e.value.status == status and e.value.detail
+                monkeypatch.setenv("SEGMIND_API_KEY", key)
+    finally:
+        accounts.store.close()
+
+
 def test_async_client_against_the_server(server, tmp_path):
     async def go():
         async with AsyncClient(base_url=server.url) as c:
