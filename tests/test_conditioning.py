@@ -171,6 +171,8 @@ def test_compute_rejects_bad_audio(front_end):
         front_end.compute(voice(24000, 0.2), 24000)
     with pytest.raises(ValueError, match="NaN"):
         front_end.compute(np.full(24000, np.nan, np.float32), 24000)
+    with pytest.raises(ValueError, match="silent"):
+        front_end.compute(np.zeros(48000, np.float32), 24000)
     with pytest.raises(ValueError, match="sample rate"):
         front_end.compute(voice(24000, 1.0), 0)
 

@@ -31,6 +31,7 @@ S3GEN_PROMPT_SECONDS = 10   # S3Gen reference: first 10 s at 24 kHz
 T3_PROMPT_SECONDS = 6       # T3 speech prompt: first 6 s at 16 kHz
 T3_PROMPT_TOKENS = 150
 MIN_SECONDS = 0.5           # shorter clips cannot be embedded meaningfully (the official code crashes or worse)
+SILENCE_LEVEL = 1e-5        # a clip with no sample above this (-100 dBFS) is silence: its embeddings would be NaN
 
 
 @dataclass
@@ -185,6 +186,8 @@ class VoiceFrontEnd:
         if x.shape[0] < MIN_SECONDS * sample_rate:
             raise ValueError(f"reference audio is too short ({x.shape[0] / sample_rate:.2f} s); "
                              f"give at least {MIN_SECONDS} s (ideally 6-10 s) of speech")
+        if not (np.abs(x) > SILENCE_LEVEL).any():
+            raise ValueError("reference audio is silent")
         dev = self.device
         wav24 = audio.soxr_resample(x, int(sample_rate), audio.S3GEN_SR)          # librosa.load(sr=24000)
         ref16 = audio.soxr_resample(wav24, audio.S3GEN_SR, audio.S3_SR)          # librosa.resample, full clip
@@ -202,6 +205,8 @@ class VoiceFrontEnd:
         t3_tokens, _ = self.tokenizer.tokenize([t3_wav], max_len=T3_PROMPT_TOKENS)
         speaker_emb = self.ve.embed_wav(ref16).to(dev)
 
+        if not (torch.isfinite(speaker_emb).all() and torch.isfinite(embedding).all()):
+            raise ValueError("reference audio gives no usable speaker embedding (is it speech?)")
         return VoiceConditionals(speaker_emb=speaker_emb.float(), t3_prompt_tokens=t3_tokens.long(),
                                  gen_prompt_token=prompt_token.long(), gen_prompt_feat=prompt_feat.float(),
                                  gen_embedding=embedding.float())
