@@ -334,7 +334,8 @@ def test_keys_cli(tmp_path, capsys):
         assert e.value.status == 403
     finally:
         store.close()
-    assert main(["keys", "list", "--store", f"sqlite:///{d}/jobs.sqlite3", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
+    for store in (f"sqlite://{d}/jobs.sqlite3", f"{d}/jobs.sqlite3"):
+        assert main(["keys", "list", "--store", store, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
     with pytest.raises(SystemExit):
         main(["keys", "create", "--data-dir", d, "--rate", "fast"])

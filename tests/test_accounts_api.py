@@ -288,11 +288,11 @@ def test_no_auth_mode(tmp_path, caplog):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.com")
     with caplog.at_level("WARNING"):
-        prepare(None, "0.0.0.0", "data")
+        prepare(None, "0.0.0.0")
     assert "OFF" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        prepare(None, "127.0.0.1", "data")
+        prepare(None, "127.0.0.1")
     assert "OFF" not in caplog.text
 
 
@@ -300,11 +300,11 @@ def test_first_start_makes_one_admin_key(tmp_path, capsys):
     store = open_account_store(tmp_path)
     accounts = Accounts(store)
     try:
-        notice = prepare(accounts, "127.0.0.1", str(tmp_path))
+        notice = prepare(accounts, "127.0.0.1", f"--data-dir {tmp_path}")
         err = capsys.readouterr().err
-        assert notice.admin_key and notice.admin_key in err and "keys create" in err
+        assert notice.admin_key and notice.admin_key in err and f"keys create --data-dir {tmp_path}" in err
         assert accounts.authenticate(notice.admin_key, admin=True).admin
-        assert prepare(accounts, "127.0.0.1", str(tmp_path)).admin_key is None
+        assert prepare(accounts, "127.0.0.1").admin_key is None
         assert notice.admin_key not in capsys.readouterr().err
     finally:
         store.close()
@@ -315,3 +315,27 @@ def test_job_owner_is_the_account(server):
     rid = server.submit(key).json()["request_id"]
     job: Job = server.store.get(rid)
     assert job.owner == server.account(key)["id"]
+
+
+def test_serve_opens_accounts_beside_the_job_store(tmp_path, capsys):
+    from argparse import Namespace
+
+    from chatterbox_serverless.api.serve import open_accounts
+
+    args = Namespace(no_auth=False, host="127.0.0.1", data_dir=str(tmp_path), store="", price_per_second=2.0,
+                     min_price=3)
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
+    try:
+        gate = open_accounts(args, store)
+        assert gate.enabled and gate.accounts.pricing.cost(1.0) == 3
+        assert gate.accounts.store.count() == 1 and "cbx_" in capsys.readouterr().err   # the first admin key
+        gate.accounts.store.close()
+        assert open_accounts(Namespace(**{**vars(args), "no_auth": True}), store).enabled is False
+        assert open_accounts(Namespace(**{**vars(args), "price_per_second": -1.0}), store) is None
+    finally:
+        store.close()
+    # a job store with no account store beside it: refuse to start without --no-auth
+    class JobStoreWithoutAccountsForTests:
+        pass
+    assert open_accounts(args, JobStoreWithoutAccountsForTests()) is None
+    assert "--no-auth" in capsys.readouterr().err

@@ -13,22 +13,39 @@ DB_FILENAME = "jobs.sqlite3"    # the SQLite job store's file (api/serve.py): on
 
 
 def open_account_store(data_dir: str | Path | None = None, url: str | None = None) -> AccountStore:
-    """The account store for a data dir (SQLite, `<data-dir>/jobs.sqlite3`) or a store URL
-    (`sqlite:///path/to/file.db`, `redis://...`)."""
+    """The account store for a data dir (SQLite, `<data-dir>/jobs.sqlite3`) or for `--store` as `serve` and
+    `worker` take it: a SQLite file path (`sqlite://PATH` too) or a `redis://` URL."""
     if url:
-        if url.startswith("sqlite:///"):
-            from .sqlite_store import SQLiteAccountStore
-            return SQLiteAccountStore(url[len("sqlite:///"):])   # sqlite:///rel.db, sqlite:////abs/path.db
         if url.startswith(("redis://", "rediss://", "unix://")):
             try:
                 from .redis_store import RedisAccountStore  # type: ignore[import-not-found]
             except ModuleNotFoundError as e:
                 if e.name != f"{__name__}.redis_store":
                     raise
-                raise ValueError("the Redis account store is not available in this version; use --data-dir") from None
+                raise ValueError("accounts on Redis are not available in this version; use --data-dir") from None
             return RedisAccountStore(url)
-        raise ValueError(f"unsupported store URL {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
+        from .sqlite_store import SQLiteAccountStore
+        return SQLiteAccountStore(Path(url.removeprefix("sqlite://")))
     if data_dir is None:
         raise ValueError("give a data dir or a store URL")
     from .sqlite_store import SQLiteAccountStore
     return SQLiteAccountStore(Path(data_dir) / DB_FILENAME)
+
+
+def account_store_for(job_store: object) -> AccountStore | None:
+    """The account store living beside a job store, in the same backend: the SQLite job store's database file,
+    or (once accounts/redis_store.py exists) the Redis store's server. None when there is none for this store."""
+    from ..jobs.sqlite_store import SQLiteJobStore
+    if isinstance(job_store, SQLiteJobStore):
+        from .sqlite_store import SQLiteAccountStore
+        return SQLiteAccountStore(job_store.path)
+    from ..jobs.redis_store import RedisJobStore
+    if not isinstance(job_store, RedisJobStore):
+        return None
+    try:
+        from .redis_store import RedisAccountStore  # type: ignore[import-not-found]
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.redis_store":
+            raise
+        return None
+    return RedisAccountStore.beside(job_store)

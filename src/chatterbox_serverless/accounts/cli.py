@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = common.add_argument_group("store")
     where.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                        help=f"the server's data dir (default: $CHATTERBOX_DATA_DIR or {DEFAULT_DATA_DIR!r})")
-    where.add_argument("--store", default=None, metavar="URL",
-                       help="a store URL instead of the data dir (sqlite:///PATH, redis://HOST:PORT/DB)")
+    where.add_argument("--store", default=os.environ.get("CHATTERBOX_STORE") or None, metavar="URL",
+                       help="the store `serve --store` uses instead of the data dir: a SQLite file path, or "
+                            "redis://HOST:PORT/DB")
     sub = parser.add_subparsers(dest="keys_command", required=True)
 
     p = sub.add_parser("create", parents=[common], help="make a key (printed once, stored hashed)")

@@ -279,9 +279,10 @@ class StartupNotice:
     admin_key: str | None = None              # created now: to be shown once
 
 
-def prepare(accounts: Accounts | None, host: str, data_dir: str, out: Any = None) -> StartupNotice:
+def prepare(accounts: Accounts | None, host: str, keys_where: str = "", out: Any = None) -> StartupNotice:
     """At `serve` start: warn when auth is off beyond loopback; with auth on and no key at all, make one admin
-    key and print it once (to `out`, stderr by default; never into the logs), with how to make more."""
+    key and print it once (to `out`, stderr by default; never into the logs), with how to make more.
+    `keys_where`: the `keys` command's store option matching this server, e.g. "--data-dir ./data"."""
     out = out or sys.stderr
     if accounts is None:
         if not is_loopback(host):
@@ -295,7 +296,8 @@ def prepare(accounts: Accounts | None, host: str, data_dir: str, out: Any = None
               f"    {key}\n\n"
               "Send it as the x-api-key header, e.g.\n"
               f"    curl -H 'x-api-key: {key}' http://HOST:PORT/v1/account\n"
-              f"More keys: chatterbox-serverless keys create --data-dir {data_dir} --credits 1000 --name app\n"
+              f"More keys: chatterbox-serverless keys create {keys_where + ' ' if keys_where else ''}"
+              "--credits 1000 --name app\n"
               "      (or POST /v1/admin/keys with this admin key).\n" + "=" * 78 + "\n", file=out, flush=True)
         log.warning("no API key existed: created one admin key (printed once on stderr); make more with "
                     "`chatterbox-serverless keys create`")
