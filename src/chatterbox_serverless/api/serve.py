@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-level", default=_env("LOG_LEVEL", "info"))
     from ..jobs.worker_main import add_store_arguments   # --store redis://... (scale-out), --redis-prefix, ...
     add_store_arguments(parser)
+    a("--no-auth", action="store_true", default=_env("NO_AUTH", "") in ("1", "true", "yes"),
+      help="no API keys: anyone who reaches the server may use it (local setups only; warns beyond loopback)")
+    a("--price-per-second", type=float, default=float(_env("PRICE_PER_SECOND", "1")),
+      help="credits one second of produced audio costs (default 1)")
+    a("--min-price", type=int, default=int(_env("MIN_PRICE", "1")),
+      help="credits a completed request costs at least (default 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,11 +101,39 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store, settings.data_dir, settings.retention_seconds, args.redis_prefix,
                        args.audio_dir, args.audio_inline_max)
     try:
+        gate = open_accounts(args, store)
+        if gate is None:
+            return 2
         serve_app(settings, store, engine, workers=args.workers, host=args.host, port=args.port,
-                  model_name=args.model)
+                  model_name=args.model, accounts=gate)
     finally:
         store.close()
     return 0
+
+
+def open_accounts(args: argparse.Namespace, store):
+    """API keys, credits and rate limits in the job store's backend (an AccountGate), or a disabled gate with
+    --no-auth; None (after saying why) when they cannot be had. A first start with no key makes an admin key."""
+    from ..accounts import account_store_for
+    from ..accounts.service import Accounts, Pricing
+    from ..accounts.web import AccountGate, prepare
+
+    if args.no_auth:
+        prepare(None, args.host)
+        return AccountGate(None)
+    try:
+        pricing = Pricing(credits_per_second=args.price_per_second, minimum=args.min_price)
+    except ValueError as e:
+        print(f"chatterbox-serverless serve: {e}", file=sys.stderr)
+        return None
+    account_store = account_store_for(store)
+    if account_store is None:
+        print("chatterbox-serverless serve: API keys are not available with this store yet; run with --no-auth "
+              "(behind your own authentication) or use the SQLite store", file=sys.stderr)
+        return None
+    accounts = Accounts(account_store, pricing)
+    prepare(accounts, args.host, f"--store {args.store}" if args.store else f"--data-dir {args.data_dir}")
+    return AccountGate(accounts)
 
 
 def serve_app(settings, store, engine, *, workers: int, host: str, port: int, model_name: str = "",
