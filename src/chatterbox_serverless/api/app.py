@@ -112,14 +112,17 @@ class _RequestContext:
         token = request_id_var.set(rid)
         start = time.perf_counter()
         status = 500
+        job_id = None
 
         async def send_with_id(message):
-            nonlocal status
+            nonlocal status, job_id
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = MutableHeaders(scope=message)
                 if "x-request-id" not in headers:
                     headers.append("x-request-id", rid)
+                elif headers["x-request-id"] != rid:
+                    job_id = headers["x-request-id"]
             await send(message)
 
         try:
@@ -130,7 +133,7 @@ class _RequestContext:
             self.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.latency.labels(endpoint).observe(seconds)
             log.info("%s %s %d", scope["method"], scope["path"], status,
-                     extra={"status": status, "ms": round(seconds * 1000, 2), "endpoint": endpoint})
+                     extra={"status": status, "ms": round(seconds * 1000, 2), "endpoint": endpoint, "job_id": job_id})
             request_id_var.reset(token)
 
 
