@@ -68,7 +68,7 @@ class Fleet:
     def start_api(self, name: str) -> str:
         port = free_port()
         self._spawn(name, [sys.executable, "-m", "chatterbox_serverless.cli", "serve", "--store", self.redis_url, "--no-auth",
-                           "--redis-prefix", PREFIX, "--workers", "0", "--host", "127.0.0.1", "--port", str(port),
+                           "--redis-prefix", PREFIX, "--workers", "0", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
                            "--data-dir", str(self.tmp / name), "--lease-seconds", str(LEASE),
                            "--log-format", "plain", "--log-level", "warning"])
         return f"http://127.0.0.1:{port}"

@@ -20,6 +20,8 @@ Keys (all under `prefix`, default "cbx:"; use a hash tag such as "{cbx}:" on Red
     workers       set     worker ids that have advertised (entries whose key expired are pruned)
     events        stream  one entry per terminal transition (job, state, worker), capped: `wait` blocks on
                           it with XREAD, and it is an audit trail showing each job completed once
+    new-work      channel a message whenever a job is queued (or re-queued): idle workers claim at once
+                          instead of at their next poll (`watch_new_work`)
 
 Why sorted sets and leases rather than a Streams consumer group for the queue: a consumer group re-delivers a
 dead consumer's entry by its idle time (XAUTOCLAIM), one threshold for all, and cannot put an entry back in
@@ -73,6 +75,7 @@ local function enqueue(id, owner, created)
   redis.call('ZADD', P .. 'queued', created, id)
   redis.call('ZADD', P .. 'q:' .. owner, created, id)
   redis.call('ZADD', P .. 'owners', 'NX', tonumber(redis.call('GET', P .. 'rr') or '0'), owner)
+  redis.call('PUBLISH', P .. 'new-work', '1')
 end
 local function dequeue(id, owner)
   redis.call('ZREM', P .. 'queued', id)
@@ -427,6 +430,30 @@ class RedisJobStore(JobStore):
                     with self._waiters_lock:
                         for ev in self._waiters.get(job_id, []):
                             ev.set()
+
+    def watch_new_work(self, callback) -> None:
+        """Call `callback()` (from a background thread) whenever a job is queued, so that a remote worker
+        claims at once rather than at its next poll. Best effort: a missed message only costs a poll interval."""
+        threading.Thread(target=self._watch_new_work, args=(callback,), name="redis-new-work", daemon=True).start()
+
+    def _watch_new_work(self, callback) -> None:
+        channel = self._k("new-work")
+        while not self._closed.is_set():
+            pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(channel)
+                callback()      # anything queued while (re)connecting
+                while not self._closed.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        callback()
+            except Exception as e:  # Redis away: resubscribe when it returns; the worker polls meanwhile
+                log.debug("new-work watcher: %s", e)
+                self._closed.wait(0.5)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
 
     def stats(self) -> StoreStats:
         cutoff = time.time() - self.retention

@@ -155,6 +155,9 @@ def run_worker(store: Any, engine: Any, args: argparse.Namespace, *, model_name:
     log.info("worker %s serving %s", worker.worker_id, describe_store(args.store),
              extra={"batch_size": args.batch_size, "lease_seconds": args.lease_seconds})
     worker.start()
+    watch = getattr(store, "watch_new_work", None)     # Redis: wake on submissions instead of polling
+    if watch is not None:
+        watch(worker.notify)
     try:
         while not stop.wait(0.5):
             pass
