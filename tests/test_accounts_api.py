@@ -225,6 +225,18 @@ def test_admin_api(server):
     one = server.http.get(f"/v1/admin/keys/{acc['id']}", headers=h).json()
     assert [e["note"] for e in one["ledger"] if e["kind"] == "grant"] == ["initial credits", "top-up"]
     assert new_key not in r.text and new_key not in str(rows)
+    later = server.http.get("/v1/admin/keys", params={"since": time.time() + 60}, headers=h).json()
+    assert next(x for x in later if x["id"] == acc["id"])["usage"]["completed"] == 0
+    assert_error(server.http.get("/v1/account", params={"ledger": "many"}, headers=h), 400, "ledger")
+
+
+def test_openapi_documents_the_key(server):
+    spec = server.http.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {**schemes["ApiKey"], "type": "apiKey", "in": "header", "name": "x-api-key"}
+    for path, method in (("/v2/chatterbox-tts", "post"), ("/v2/requests/{request_id}/status", "get"),
+                         ("/v1/account", "get"), ("/v1/admin/keys", "post")):
+        assert {"ApiKey": []} in spec["paths"][path][method]["security"], path
 
 
 def test_concurrent_submissions_race_for_the_last_credits(tmp_path):

@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 STATE_ACCOUNT = "account"                 # request.state.account: the authenticated Account
 STATE_REMAINING = "remaining_credits"     # request.state.remaining_credits: what x-remaining-credits says
+API_KEY_HEADER = APIKeyHeader(name="x-api-key", auto_error=False, scheme_name="ApiKey",
+                              description="The API key (`chatterbox-serverless keys create`, or printed at first start).")
+BEARER = HTTPBearer(auto_error=False, scheme_name="Bearer", description="The API key as a Bearer token.")
 
 
 class AccountsHTTPError(Exception):
@@ -55,10 +59,21 @@ class AccountGate:
 
     @property
     def dependency(self):
-        """`authenticate` as a FastAPI dependency: `owner: str = Depends(gate.dependency)`."""
-        def authenticate(request: Request) -> str:
+        """`authenticate` as a FastAPI dependency: `owner: str = Depends(gate.dependency)`. The two security
+        declarations only document the key in the OpenAPI spec (the docs page gets an Authorize button);
+        the headers are read by `authenticate`."""
+        def authenticate(request: Request, _key: Any = Security(API_KEY_HEADER),
+                         _bearer: Any = Security(BEARER)) -> str:
             return self.authenticate(request)
         return authenticate
+
+    @property
+    def admin_dependency(self):
+        """Like `dependency`, for admin endpoints (403 for a non-admin key)."""
+        def authenticate_admin(request: Request, _key: Any = Security(API_KEY_HEADER),
+                               _bearer: Any = Security(BEARER)) -> str:
+            return self.authenticate(request, admin=True)
+        return authenticate_admin
 
     def authenticate(self, request: Request, admin: bool = False) -> str:
         """The owner id of the request's key. Raises AccountsHTTPError 401/403 (and 404 for the admin API
@@ -181,12 +196,16 @@ _ERRORS = {status: {"description": text, "content": {"application/json": {"schem
                          (403, "Revoked key, or not an admin"), (404, "Unknown account")]}
 
 
+LEDGER_QUERY = Query(20, ge=0, le=1000, description="How many of the latest ledger entries to include.")
+SINCE_QUERY = Query(None, description="Count usage from this Unix time on (default: since the key was made).")
+
+
 def make_router(gate: AccountGate) -> APIRouter:
     router = APIRouter(tags=["accounts"], responses=_ERRORS)
 
-    def _summary(acc: Account, ledger: int = 0) -> dict:
+    def _summary(acc: Account, ledger: int = 0, since: float | None = None) -> dict:
         assert gate.accounts is not None
-        body = gate.accounts.summary(acc)
+        body = gate.accounts.summary(acc, since)
         if ledger > 0:
             body["ledger"] = [vars(e) for e in gate.accounts.store.ledger(acc.id, ledger)]
         return body
@@ -199,22 +218,21 @@ def make_router(gate: AccountGate) -> APIRouter:
         return acc
 
     @router.get("/v1/account", summary="This key's balance, usage and latest ledger entries")
-    def get_account(request: Request, ledger: int = 20) -> dict:
-        gate.authenticate(request)
+    def get_account(request: Request, ledger: int = LEDGER_QUERY, since: float | None = SINCE_QUERY,
+                    _: str = Depends(gate.dependency)) -> dict:
         if gate.accounts is None:
             raise AccountsHTTPError(404, "accounts are disabled on this server (--no-auth)")
-        return _summary(getattr(request.state, STATE_ACCOUNT), max(0, min(ledger, 1000)))
+        return _summary(getattr(request.state, STATE_ACCOUNT), ledger, since)
 
     @router.get("/v1/admin/keys", summary="Admin: every key with its balance and usage")
-    def list_keys(request: Request) -> list[dict]:
-        gate.authenticate(request, admin=True)
+    def list_keys(request: Request, since: float | None = SINCE_QUERY,
+                  _: str = Depends(gate.admin_dependency)) -> list[dict]:
         assert gate.accounts is not None
-        return [_summary(a) for a in gate.accounts.store.list()]
+        return [_summary(a, since=since) for a in gate.accounts.store.list()]
 
     @router.post("/v1/admin/keys", status_code=201, openapi_extra=_body_doc(CreateKeyBody),
                  summary="Admin: create a key (the key is in this answer only)")
-    async def create_key(request: Request) -> dict:
-        gate.authenticate(request, admin=True)
+    async def create_key(request: Request, _: str = Depends(gate.admin_dependency)) -> dict:
         body = await _parse(request, CreateKeyBody)
         assert gate.accounts is not None
         key, acc = gate.accounts.create_key(body.name, body.credits, body.rate_per_min, body.admin)
@@ -222,13 +240,12 @@ def make_router(gate: AccountGate) -> APIRouter:
         return {"key": key, "account": _summary(acc)}
 
     @router.get("/v1/admin/keys/{account_id}", summary="Admin: one key's balance, usage and ledger")
-    def get_key(request: Request, account_id: str, ledger: int = 100) -> dict:
-        gate.authenticate(request, admin=True)
-        return _summary(_account_or_404(account_id), max(0, min(ledger, 1000)))
+    def get_key(request: Request, account_id: str, ledger: int = LEDGER_QUERY, since: float | None = SINCE_QUERY,
+                _: str = Depends(gate.admin_dependency)) -> dict:
+        return _summary(_account_or_404(account_id), ledger, since)
 
     @router.post("/v1/admin/keys/{account_id}/revoke", summary="Admin: revoke a key")
-    def revoke_key(request: Request, account_id: str) -> dict:
-        gate.authenticate(request, admin=True)
+    def revoke_key(request: Request, account_id: str, _: str = Depends(gate.admin_dependency)) -> dict:
         assert gate.accounts is not None
         acc = gate.accounts.store.set_revoked(_account_or_404(account_id).id, True)
         log.info("admin %s revoked key %s", getattr(request.state, STATE_ACCOUNT).id, acc.id)
@@ -236,8 +253,7 @@ def make_router(gate: AccountGate) -> APIRouter:
 
     @router.post("/v1/admin/keys/{account_id}/credits", openapi_extra=_body_doc(CreditsBody),
                  summary="Admin: add or remove credits", responses={406: {"description": "Not enough credits"}})
-    async def add_credits(request: Request, account_id: str) -> dict:
-        gate.authenticate(request, admin=True)
+    async def add_credits(request: Request, account_id: str, _: str = Depends(gate.admin_dependency)) -> dict:
         body = await _parse(request, CreditsBody)
         acc = _account_or_404(account_id)
         assert gate.accounts is not None
