@@ -1,0 +1,124 @@
+"""S3Gen's token-to-mel flow: CausalMaskedDiffWithXvec (CosyVoice 2) with its conditional flow-matching solver.
+
+speech tokens [prompt | new] -> input_embedding (masked) -> UpsampleConformerEncoder (x2 frames) -> encoder_proj
+= mu (80 per frame); x-vector -> L2-normalise -> spk_embed_affine_layer = spks (80); cond = the prompt mel in
+the prompt frames, zeros after. Then 10 Euler steps from noise on the cosine schedule t = 1 - cos(pi/2 s), each
+calling the estimator once on the conditional rows and the unconditional rows (mu = spks = cond = 0) together:
+v = 1.7 v_cond - 0.7 v_uncond. The caller keeps the frames after the prompt.
+
+Everything is batched over requests of different lengths and voices (right padding + masks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .flow_decoder import ConditionalDecoder, FlowDecoderConfig
+from .flow_encoder import FlowEncoderConfig, UpsampleConformerEncoder
+
+
+@dataclass
+class FlowConfig:
+    vocab_size: int = 6561
+    input_size: int = 512          # token embedding width (= encoder input)
+    output_size: int = 80          # mel bins
+    spk_embed_dim: int = 192
+    token_mel_ratio: int = 2
+    n_timesteps: int = 10
+    inference_cfg_rate: float = 0.7
+    encoder: FlowEncoderConfig = field(default_factory=FlowEncoderConfig)
+    decoder: FlowDecoderConfig = field(default_factory=FlowDecoderConfig)
+
+    @classmethod
+    def tiny(cls) -> "FlowConfig":
+        enc, dec = FlowEncoderConfig.tiny(), FlowDecoderConfig.tiny()
+        return cls(vocab_size=6561, input_size=enc.input_size, output_size=dec.out_channels, spk_embed_dim=16,
+                   encoder=enc, decoder=dec)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None) -> "FlowConfig":
+        """`sd` holds the flow's keys without the `flow.` prefix. `overrides` may hold top-level fields and
+        `encoder` / `decoder` dicts."""
+        overrides = dict(overrides or {})
+        def part(config_cls, prefix: str, section: str):
+            try:
+                return config_cls.from_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
+                                                  overrides.pop(section, None))
+            except KeyError as e:     # name the absent tensor with its full key
+                raise KeyError(prefix + e.args[0]) from None
+
+        vocab, width = sd["input_embedding.weight"].shape
+        out, spk = sd["spk_embed_affine_layer.weight"].shape
+        values = dict(vocab_size=vocab, input_size=width, output_size=out, spk_embed_dim=spk,
+                      encoder=part(FlowEncoderConfig, "encoder.", "encoder"),
+                      decoder=part(FlowDecoderConfig, "decoder.estimator.", "decoder"))
+        values.update({k: v for k, v in overrides.items() if k in cls.__dataclass_fields__})
+        return cls(**values)
+
+
+class CausalConditionalCFM(nn.Module):
+    """Holds the estimator (key prefix `decoder.estimator.`) and runs the Euler solver with CFG."""
+
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        self.estimator = ConditionalDecoder(config.decoder)
+
+    def forward(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+                cond: torch.Tensor, n_timesteps: int | None = None) -> torch.Tensor:
+        """noise, mu, cond (B, 80, T); mask (B, 1, T) 0/1; spks (B, 80). Returns the sample (B, 80, T)."""
+        n = n_timesteps or self.config.n_timesteps
+        cfg = self.config.inference_cfg_rate
+        B, T = mu.size(0), mu.size(2)
+        t_span = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
+        t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)
+        t_embs = self.estimator.time_embedding(t_span[:-1]).unsqueeze(1)       # (n, 1, time_embed_dim)
+        # conditional rows then unconditional rows (mu = spks = cond = 0), one estimator call per step
+        static = torch.cat([mu, spks[:, :, None].expand(B, spks.size(1), T), cond], dim=1)
+        static = torch.cat([static, torch.zeros_like(static)], dim=0)
+        mask2 = torch.cat([mask, mask], dim=0)
+        x = noise
+        for i in range(n):
+            inp = torch.cat([torch.cat([x, x], dim=0), static], dim=1)
+            v = self.estimator(inp, mask2, t_embs[i])
+            v = (1.0 + cfg) * v[:B] - cfg * v[B:]
+            x = x + (t_span[i + 1:i + 2] - t_span[i:i + 1]) * v
+        return x
+
+
+class CausalMaskedDiffWithXvec(nn.Module):
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        c = self.config = config
+        self.input_embedding = nn.Embedding(c.vocab_size, c.input_size)
+        self.spk_embed_affine_layer = nn.Linear(c.spk_embed_dim, c.output_size)
+        self.encoder = UpsampleConformerEncoder(c.encoder)
+        self.encoder_proj = nn.Linear(c.encoder.output_size, c.output_size)
+        self.decoder = CausalConditionalCFM(c)
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, prompt_feat: torch.Tensor,
+                prompt_frames: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor,
+                n_timesteps: int | None = None) -> torch.Tensor:
+        """tokens (B, L): each row [prompt tokens | new tokens], right-padded, `lengths` (B,) real lengths;
+        prompt_feat (B, Fp, 80) right-padded prompt mels with `prompt_frames` (B,) real frames;
+        embedding (B, spk_embed_dim) x-vectors; noise (B, 80, ratio*L) (only each row's first ratio*length
+        frames matter). Returns the mel (B, 80, ratio*L), prompt frames included, zeros past each row's end."""
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"speech tokens must lie in [0, {self.config.vocab_size}); drop special tokens first")
+        dtype = self.input_embedding.weight.dtype
+        spks = self.spk_embed_affine_layer(F.normalize(embedding.to(dtype), dim=1))
+        mask = torch.arange(tokens.size(1), device=tokens.device)[None, :] < lengths[:, None]
+        x = self.input_embedding(tokens.long()) * mask[:, :, None].to(dtype)
+        h, h_lengths = self.encoder(x, lengths)
+        mu = self.encoder_proj(h).transpose(1, 2).contiguous()                    # (B, 80, T)
+        T = mu.size(2)
+        frames = torch.arange(T, device=mu.device)[None, :]
+        mel_mask = (frames < h_lengths[:, None]).to(dtype)[:, None, :]           # (B, 1, T)
+        cond = torch.zeros_like(mu)
+        fp = min(prompt_feat.size(1), T)
+        prompt_mask = (frames[:, :fp] < prompt_frames[:, None]).to(dtype)[:, None, :]
+        cond[:, :, :fp] = prompt_feat[:, :fp].transpose(1, 2).to(dtype) * prompt_mask
+        return self.decoder(noise[:, :, :T].to(dtype), mu, mel_mask, spks, cond, n_timesteps)

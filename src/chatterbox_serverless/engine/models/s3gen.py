@@ -1,0 +1,103 @@
+"""S3Gen: the container that holds all of `s3gen.safetensors` (key prefixes tokenizer., speaker_encoder., flow.,
+mel2wav.) and loads it strictly.
+
+The official code loads this file with strict=False; here every tensor must land in a module and every
+module tensor must come from the file (only computable buffers such as the tokenizer's mel filters may be
+absent). Speech tokens -> mel is `flow` (see models/flow.py), mel -> 24 kHz waveform is `mel2wav` (HiFT); the
+batched path the pipeline calls is engine/speech_to_wav.py.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_strict, read_safetensors
+from .campplus import CAMPPlus, CAMPPlusConfig
+from .flow import CausalMaskedDiffWithXvec, FlowConfig
+from .hift import HiFTConfig, HiFTGenerator
+from .s3tokenizer import S3TokenizerConfig, S3TokenizerV2
+
+S3GEN_SR = 24000
+
+
+def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+@dataclass
+class S3GenConfig:
+    tokenizer: S3TokenizerConfig = field(default_factory=S3TokenizerConfig)
+    speaker_encoder: CAMPPlusConfig = field(default_factory=CAMPPlusConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    mel2wav: HiFTConfig = field(default_factory=HiFTConfig)
+
+    @classmethod
+    def tiny(cls) -> "S3GenConfig":
+        spk = CAMPPlusConfig.tiny()
+        flow = FlowConfig.tiny()
+        flow.spk_embed_dim = spk.embedding_size
+        hift = HiFTConfig.tiny()
+        hift.in_channels = flow.output_size
+        return cls(S3TokenizerConfig.tiny(), spk, flow, hift)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None) -> "S3GenConfig":
+        """Sizes from the tensors of s3gen.safetensors; `overrides` is the whole serverless_config.json (its
+        sections "s3tokenizer", "campplus", "flow", "hift" are used)."""
+        o = overrides or {}
+
+        def part(config_cls, prefix: str, section: str):
+            try:
+                return config_cls.from_state_dict(_prefixed(sd, prefix), o.get(section))
+            except KeyError as e:   # a tensor the sizes are read from is absent
+                raise CheckpointError(f"S3Gen (s3gen.safetensors): 1 missing key(s): {prefix}{e.args[0]}") from None
+
+        return cls(part(S3TokenizerConfig, "tokenizer.", "s3tokenizer"),
+                   part(CAMPPlusConfig, "speaker_encoder.", "campplus"),
+                   part(FlowConfig, "flow.", "flow"), part(HiFTConfig, "mel2wav.", "hift"))
+
+
+class S3Gen(nn.Module):
+    def __init__(self, config: S3GenConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = S3TokenizerV2(config.tokenizer)
+        self.speaker_encoder = CAMPPlus(config.speaker_encoder)
+        self.flow = CausalMaskedDiffWithXvec(config.flow)
+        self.mel2wav = HiFTGenerator(config.mel2wav)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.mel2wav.sampling_rate
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.input_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flow.input_embedding.weight.dtype
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None) -> "S3Gen":
+        """Build with sizes read from `sd`, load it strictly, fold HiFT's weight norm; eval mode."""
+        model = cls(S3GenConfig.from_state_dict(sd, overrides))
+        load_strict(model, sd, what="S3Gen (s3gen.safetensors)")
+        model.mel2wav.fold_weight_norm()
+        return model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "S3Gen":
+        """Load `s3gen.safetensors` from a checkpoint directory (with its optional serverless_config.json).
+        `dtype` applies to the flow; the tokenizer, speaker encoder and vocoder stay in float32."""
+        ckpt_dir = Path(ckpt_dir)
+        conf = ckpt_dir / "serverless_config.json"
+        overrides = json.loads(conf.read_text()) if conf.is_file() else {}
+        model = cls.from_state_dict(read_safetensors(ckpt_dir / "s3gen.safetensors"), overrides).to(device)
+        model.flow.to(dtype)
+        return model
