@@ -67,10 +67,11 @@ def no_auth() -> str:
     return ""
 
 
+_NOT_ENOUGH_CREDITS = {406: {"model": ErrorResponse, "description": "Not enough credits (nothing was queued)"}}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in (
         (400, "Invalid parameters or request format"), (401, "Missing or invalid API key"),
-        (404, "Not found or expired"), (429, "Queue full or rate limited"), (502, "No worker able to serve"))}
+        (403, "Revoked API key"), (404, "Not found or expired"), (429, "Queue full or rate limited"), (502, "No worker able to serve"))}
 
 
 class _StoreCollector:
@@ -314,7 +315,7 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
 
     # --- the contract --------------------------------------------------------------------------------------
     @app.post(f"/v2/{SLUG}", response_model=SubmitResponse, tags=["chatterbox-tts"],
-              responses=_ERROR_RESPONSES, summary="Queue a synthesis job",
+              responses={**_ERROR_RESPONSES, **_NOT_ENOUGH_CREDITS}, summary="Queue a synthesis job",
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": TTSRequest.model_json_schema()}}}})
     async def submit_v2(request: Request, owner: str = Depends(auth)):
@@ -329,7 +330,7 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
                          422: {"model": ErrorResponse, "description": "The job FAILED"},
                          504: {"model": ErrorResponse, "description": "Waited longer than the sync limit; "
                                                                        "the job goes on (poll its status_url)"},
-                         **_ERROR_RESPONSES},
+                         **_ERROR_RESPONSES, **_NOT_ENOUGH_CREDITS},
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                   "schema": TTSRequest.model_json_schema()}}}})
     async def run_v1(request: Request, owner: str = Depends(auth)):
