@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        engine = load_engine(args.model, data_dir=Path(args.data_dir), device=args.device)
+        engine = load_engine(args.model, data_dir=Path(args.data_dir),
+                             device=None if args.device == "auto" else args.device)
     except CheckpointError as e:
         print(f"chatterbox-serverless worker: {e}", file=sys.stderr)
         return 2
