@@ -114,6 +114,35 @@ class KVCache:
                 t[dst, :, :length] = t[src, :, :length]
 
 
+def fused_weight(modules: list[nn.Linear]) -> Tensor:
+    """One weight (sum of out_features, in_features) whose row blocks ARE the given Linears' weights.
+
+    The Linears' parameters are re-pointed to views of the fused tensor, so the state dict keeps the checkpoint's
+    keys, loading into them updates the fused tensor, and no memory is duplicated. One big matrix-vector product
+    per step instead of several small ones is what makes batch-1 decoding faster. Re-fused automatically when
+    the parameters were replaced (e.g. by `.to(dtype)`)."""
+    with torch.inference_mode(False), torch.no_grad():      # ordinary tensors, even when first called for inference
+        fused = torch.cat([m.weight.detach() for m in modules])
+        offset = 0
+        for m in modules:
+            n = m.weight.shape[0]
+            m.weight.data = fused[offset:offset + n]
+            offset += n
+    return fused
+
+
+def is_fused(fused: Tensor | None, modules: list[nn.Linear]) -> bool:
+    if fused is None:
+        return False
+    ptr, step = fused.data_ptr(), fused.element_size() * fused.shape[1]
+    offset = 0
+    for m in modules:
+        if m.weight.data_ptr() != ptr + offset * step or m.weight.dtype != fused.dtype:
+            return False
+        offset += m.weight.shape[0]
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -123,15 +152,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
+        self._qkv: Tensor | None = None
+
+    def qkv_weight(self) -> Tensor:
+        mods = [self.q_proj, self.k_proj, self.v_proj]
+        if not is_fused(self._qkv, mods):
+            self._qkv = fused_weight(mods)
+        return self._qkv
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                 rows: slice, positions: Tensor, mask: Tensor) -> Tensor:
         """x (R, T, C); cos/sin (R, T, D); positions (R, T) where each new key/value goes in its cache row;
-        mask (R, 1, T, K) True where a query may attend to a cache position (K = positions read)."""
+        mask (R, 1, T, K) additive (0 or -inf) over the first K cache positions of each row."""
         R, T, _ = x.shape
-        q = self.q_proj(x).view(R, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(R, T, self.num_heads, self.head_dim)
-        v = self.v_proj(x).view(R, T, self.num_heads, self.head_dim)
+        H, D = self.num_heads, self.head_dim
+        q, k, v = F.linear(x, self.qkv_weight()).view(R, T, 3, H, D).unbind(2)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -139,10 +174,16 @@ class Attention(nn.Module):
         k_cache[row_ids, :, positions] = k
         v_cache[row_ids, :, positions] = v
         K = mask.shape[-1]
-        keys = k_cache[rows, :, :K]
+        keys = k_cache[rows, :, :K]                                          # (R, H, K, D), no copy
         values = v_cache[rows, :, :K]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(R, T, -1))
+        q = q.transpose(1, 2)                                                # (R, H, T, D)
+        if T == 1:
+            # decoding: two small batched products read the cache in place (SDPA is slower here on CPU)
+            scores = torch.matmul(q, keys.transpose(-1, -2)) * (D ** -0.5) + mask
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(R, T, H * D))
 
 
 class MLP(nn.Module):
@@ -151,9 +192,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._gate_up: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        mods = [self.gate_proj, self.up_proj]
+        if not is_fused(self._gate_up, mods):
+            self._gate_up = fused_weight(mods)
+        gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -179,6 +225,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Kept out of the buffers so that casting the model to bf16 never rounds the frequencies.
         self._inv_freq = {"cpu": llama3_inv_freq(cfg)}
+        self._rope: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def inv_freq(self, device: torch.device) -> Tensor:
         key = str(device)
@@ -201,9 +248,20 @@ class LlamaModel(nn.Module):
         positions = start[:, None] + torch.arange(T, device=x.device)[None, :]          # (R, T)
         K = int(start.max()) + T
         cache.ensure(rows.stop, K)
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), positions, x.dtype)
+        cos_table, sin_table = self.rope_table(cache.capacity, x.device, x.dtype)
+        cos, sin = cos_table[positions], sin_table[positions]
         key_pos = torch.arange(K, device=x.device)
-        mask = (key_pos[None, None, :] <= positions[:, :, None])[:, None]             # (R, 1, T, K)
+        allowed = (key_pos[None, None, :] <= positions[:, :, None])[:, None]          # (R, 1, T, K)
+        mask = torch.zeros(allowed.shape, device=x.device, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
             x = layer(x, cos, sin, kc, vc, rows, positions, mask)
         return self.norm(x)
+
+    def rope_table(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin for positions 0..n-1 (at least), cached; identical to computing them per position."""
+        key = (str(device), dtype)
+        table = self._rope.get(key)
+        if table is None or table[0].shape[0] < n:
+            table = rope_cos_sin(self.inv_freq(device), torch.arange(max(n, 1024), device=device), dtype)
+            self._rope[key] = table
+        return table

@@ -1,0 +1,138 @@
+"""Engine speed on full-size weights: this engine vs the official chatterbox-tts package, same weights, one run.
+
+    python bench/engine.py CKPT_DIR [--tokens 50] [--concurrent 8] [--dtypes float32,bfloat16] [--threads 2]
+                           [--official-python /tmp/chatterbox-refvenv/bin/python]
+
+CKPT_DIR is a checkpoint in the official layout (e.g. /tmp/refs/a: full-size random weights). Both sides use the
+checkpoint's built-in voice (conds.pt), the same text, CFG (cfg_weight 0.5), and decode up to --tokens speech
+tokens per request (random weights almost never draw EOS, so both produce the same number; the counts are
+printed). The official package runs in its own virtualenv in a subprocess (`T3.inference`, one request at a time:
+it has no batching, so its aggregate rate at N concurrent requests is its single-request rate). Times include
+the prefill; model loading and a short warm-up run are excluded on both sides.
+
+Stages (one function each, so the whole pipeline can be added stage by stage):
+    t3_engine    this engine's T3: 1 request, then --concurrent requests decoded together
+    t3_official  chatterbox-tts 0.1.7 `T3.inference`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEXT = "Welcome to Chatterbox TTS, where your text turns into captivating audio effortlessly."
+
+OFFICIAL_T3 = r"""
+import json, sys, time, torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from chatterbox.models.t3 import T3
+from chatterbox.models.t3.modules.cond_enc import T3Cond
+from chatterbox.models.tokenizers import EnTokenizer
+from chatterbox.tts import punc_norm
+ckpt, tokens, text, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)
+t3 = T3()
+t3.load_state_dict(load_file(ckpt + "/t3_cfg.safetensors"))
+t3.eval()
+conds = torch.load(ckpt + "/conds.pt", weights_only=True)["t3"]
+ids = EnTokenizer(ckpt + "/tokenizer.json").text_to_tokens(punc_norm(text))
+tt = torch.cat([ids, ids])
+tt = F.pad(F.pad(tt, (1, 0), value=t3.hp.start_text_token), (0, 1), value=t3.hp.stop_text_token)
+def run(n):
+    cond = T3Cond(**conds)           # a fresh one each call (inference caches the prompt embedding in it)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    out = t3.inference(t3_cond=cond, text_tokens=tt, max_new_tokens=n, temperature=0.8, cfg_weight=0.5,
+                       repetition_penalty=1.2, min_p=0.05, top_p=1.0)
+    return out.shape[-1], time.perf_counter() - t
+run(3)
+n, s = run(tokens)
+print("RESULT " + json.dumps({"tokens": n, "seconds": s}))
+"""
+
+
+def t3_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
+    env = dict(os.environ, TQDM_DISABLE="1")
+    proc = subprocess.run([python, "-c", OFFICIAL_T3, str(ckpt), str(tokens), TEXT, str(threads)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"official run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    return {"tokens": r["tokens"], "seconds": r["seconds"], "tok_s": r["tokens"] / r["seconds"]}
+
+
+def load_engine_t3(ckpt: Path, dtype_name: str):
+    import torch
+    from chatterbox_serverless.engine.models.t3 import T3
+    from chatterbox_serverless.engine.text import TextTokenizer, normalize_text
+    model = T3.from_checkpoint(ckpt, dtype=getattr(torch, dtype_name))
+    conds = torch.load(ckpt / "conds.pt", weights_only=True)["t3"]
+    text_ids = TextTokenizer(ckpt / "tokenizer.json").encode(normalize_text(TEXT))
+    return model, conds, text_ids
+
+
+def t3_engine(model, conds, text_ids, tokens: int, concurrent: int) -> dict:
+    from chatterbox_serverless.engine.t3_decoder import T3Request, generate
+    from chatterbox_serverless.engine.types import SynthesisParams
+
+    def requests(n, max_new):
+        return [T3Request(text_ids=text_ids, speaker_emb=conds["speaker_emb"],
+                          prompt_tokens=conds["cond_prompt_speech_tokens"],
+                          params=SynthesisParams(seed=i), max_new_tokens=max_new) for i in range(n)]
+
+    generate(model, requests(2, 3))                                      # warm-up
+    out = {}
+    for label, n in (("single", 1), ("concurrent", concurrent)):
+        t = time.perf_counter()
+        results = generate(model, requests(n, tokens), max_rows=2 * n)
+        s = time.perf_counter() - t
+        total = sum(len(r.generated) for r in results)
+        out[label] = {"requests": n, "tokens": total, "seconds": s, "tok_s": total / s}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("--tokens", type=int, default=50, help="speech tokens per request (25 per second of audio)")
+    ap.add_argument("--concurrent", type=int, default=8)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes to measure (comma-separated)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--official-python", default="/tmp/chatterbox-refvenv/bin/python",
+                    help="python of a virtualenv with chatterbox-tts installed ('' to skip the official run)")
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    rows = []
+    official = None
+    if args.official_python:
+        official = t3_official(args.ckpt, args.tokens, args.threads, args.official_python)
+        rows.append(("official 0.1.7 (fp32)", "1", official, None))
+        rows.append((f"official 0.1.7 (fp32)", f"{args.concurrent} (sequential)",
+                     {**official, "tokens": official["tokens"] * args.concurrent,
+                      "seconds": official["seconds"] * args.concurrent}, None))
+    for dtype in [d for d in args.dtypes.split(",") if d]:
+        model, conds, text_ids = load_engine_t3(args.ckpt, dtype)
+        with torch.inference_mode():
+            r = t3_engine(model, conds, text_ids, args.tokens, args.concurrent)
+        del model
+        rows.append((f"engine ({dtype})", "1", r["single"], "single"))
+        rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"], "concurrent"))
+
+    print(f"\nT3 speech tokens/s, {args.ckpt}, {args.tokens} tokens/request, CFG on, "
+          f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"{'implementation':24s} {'requests':>16s} {'tokens':>7s} {'seconds':>8s} {'tokens/s':>9s} {'vs official':>12s}")
+    for name, n, r, _ in rows:
+        ratio = f"{r['tok_s'] / official['tok_s']:.2f}x" if official else "-"
+        print(f"{name:24s} {n:>16s} {r['tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:9.2f} {ratio:>12s}")
+
+
+if __name__ == "__main__":
+    main()
