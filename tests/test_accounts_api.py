@@ -4,6 +4,7 @@ last credits, and the repair of a crash between hold and settle."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -351,3 +352,91 @@ def test_serve_opens_accounts_beside_the_job_store(tmp_path, capsys):
         pass
     assert open_accounts(args, JobStoreWithoutAccountsForTests()) is None
     assert "--no-auth" in capsys.readouterr().err
+
+
+# --- a real crash: SIGKILL the server process while jobs are held, restart it ------------------------------------
+def serve_main() -> None:
+    """Entry point of a server SUBPROCESS: the real serve path (serve_app) with accounts and SilentEngineForTests.
+    python -c 'import test_accounts_api as t; t.serve_main()' DATA_DIR PORT DELAY"""
+    import sys
+
+    from chatterbox_serverless.api.serve import serve_app
+
+    data_dir, port, delay = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    cfg = Settings(data_dir=data_dir, lease_seconds=1.0, batch_size=4, batch_wait=0.0, shutdown_grace=2)
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
+    accounts = Accounts(open_account_store(data_dir), Pricing(credits_per_second=1.0, minimum=1))
+    serve_app(cfg, store, SilentEngineForTests(delay=delay), workers=1, host="127.0.0.1", port=port,
+              accounts=AccountGate(accounts))
+
+
+def spawn_server(data_dir: Path, delay: float):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(tests) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-c", "import test_accounts_api as t; t.serve_main()", str(data_dir),
+                             str(port), str(delay)], cwd=tests, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def test_sigkill_while_jobs_are_held_then_restart(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    store = open_account_store(data)
+    key, acc = Accounts(store).create_key(credits=10_000, rate_per_min=0)
+    h = {"x-api-key": key}
+    proc, url = spawn_server(data, delay=0.15)
+    ids = []
+    try:
+        for i in range(24):
+            text = ("fail " if i % 5 == 0 else "") + "y" * (20 + 10 * i)
+            r = httpx.post(url + "/v2/chatterbox-tts", json={"text": text, "output_format": "wav"}, headers=h)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["request_id"])
+        deadline = time.time() + 10
+        while not store.usage(acc.id).completed and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert store.holds(), "the kill should leave jobs held"
+    proc, url = spawn_server(data, delay=0.0)
+    try:
+        deadline = time.time() + 30
+        while (store.holds() or any(httpx.get(f"{url}/v2/requests/{j}/status", headers=h).json()["status"]
+                                    not in ("COMPLETED", "FAILED") for j in ids)) and time.time() < deadline:
+            time.sleep(0.1)
+        jobs = [httpx.get(f"{url}/v2/requests/{j}", headers=h).json() for j in ids]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert not store.holds() and all(j["status"] in ("COMPLETED", "FAILED") for j in jobs)
+    expected = sum(max(1, -(-round(j["metrics"]["audio_seconds"] * 1000) // 1000)) for j in jobs
+                   if j["status"] == "COMPLETED")
+    a = store.get(acc.id)
+    assert (a.balance, a.held) == (10_000 - expected, 0)
+    entries = store.ledger(acc.id, limit=0)
+    for j in ids:       # one hold, then exactly one settle or release, per job
+        kinds = [e.kind for e in entries if e.job_id == j]
+        assert kinds in (["hold", "settle"], ["hold", "release"]), (j, kinds)
+    assert sum(e.delta for e in entries) == a.balance
+    store.close()
