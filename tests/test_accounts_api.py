@@ -440,3 +440,19 @@ def test_sigkill_while_jobs_are_held_then_restart(tmp_path):
         assert kinds in (["hold", "settle"], ["hold", "release"]), (j, kinds)
     assert sum(e.delta for e in entries) == a.balance
     store.close()
+
+
+def test_segmind_sdk_with_keys(server):
+    """The hosted API's own SDK, unchanged: its api_key is our key; errors surface as the SDK's exceptions."""
+    segmind = pytest.importorskip("segmind")
+    from segmind.exceptions import SegmindError
+
+    key = server.key(credits=100)
+    client = segmind.SegmindClient(api_key=key, base_url=server.url + "/v1")
+    body = client.run("chatterbox-tts", text=TEXT, output_format="wav")
+    assert body["status"] == "COMPLETED"
+    assert server.settled(key)["balance"] == 98
+    for bad_key, status in (("cbx_wrong", 401), (server.key(credits=0), 406)):
+        with pytest.raises(SegmindError) as e:
+            segmind.SegmindClient(api_key=bad_key, base_url=server.url + "/v1").run("chatterbox-tts", text=TEXT)
+        assert e.value.status == status and e.value.detail
