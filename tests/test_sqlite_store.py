@@ -87,3 +87,29 @@ def test_reads_do_not_wait_for_a_writer(tmp_path):
     other.execute("ROLLBACK")
     other.close()
     s.close()
+
+
+def test_concurrent_submissions_are_group_committed_and_bounded_exactly(tmp_path):
+    from chatterbox_serverless.jobs.store import QueueFull
+    s = SQLiteJobStore(tmp_path / "j.db")
+    results: list[str] = []
+
+    def submit(i: int) -> None:
+        try:
+            s.submit(Job(id=f"j{i}", owner="", params={"i": i}), 50)
+            results.append("ok")
+        except QueueFull:
+            results.append("full")
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 50 and results.count("full") == 50
+    s.close()
+    reopened = SQLiteJobStore(tmp_path / "j.db")
+    assert reopened.stats().by_state["QUEUED"] == 50
+    with pytest.raises(sqlite3.IntegrityError):
+        reopened.submit(Job(id="j-dup", owner="", params={}), 1000) or reopened.submit(
+            Job(id="j-dup", owner="", params={}), 1000)
+    reopened.close()

@@ -86,6 +86,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _PendingSubmit:
+    __slots__ = ("job", "max_queued", "done", "error")
+
+    def __init__(self, job: Job, max_queued: int):
+        self.job, self.max_queued, self.done, self.error = job, max_queued, False, None
+
+
 class SQLiteJobStore(JobStore):
     """`SQLiteJobStore(path)`: the database file at `path` (created with its directory), audio in `audio/` beside
     it. `retention_seconds` hides terminal jobs that finished longer ago than that, even before a purge."""
@@ -100,6 +107,8 @@ class SQLiteJobStore(JobStore):
         self.retention_seconds = float(retention_seconds)
         self._synchronous = synchronous.upper()
         self._write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_PendingSubmit] = []
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -159,15 +168,59 @@ class SQLiteJobStore(JobStore):
 
     # --- API side ---------------------------------------------------------------------------------------------
     def submit(self, job: Job, max_queued: int) -> None:
-        def tx(conn: sqlite3.Connection) -> None:
-            (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'").fetchone()
-            if queued >= max_queued:
-                raise QueueFull(f"{queued} jobs are waiting (the limit is {max_queued})")
-            conn.execute(
-                "INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics) VALUES (?,?,?,?,?,?,?)",
-                (job.id, job.owner, json.dumps(job.params), JobState.QUEUED.value, job.created_at, 0,
-                 json.dumps(job.metrics or {})))
-        self._write(tx)
+        """Group commit: concurrent submissions that queue up behind the writer lock are inserted by whichever
+        thread gets it first, in one transaction (one fsync for all); each returns once its row is committed."""
+        entry = _PendingSubmit(job, max_queued)
+        with self._pending_lock:
+            self._pending.append(entry)
+        with self._write_lock:
+            if not entry.done:
+                with self._pending_lock:
+                    group, self._pending = self._pending, []
+                self._insert_group(group)
+        if entry.error is not None:
+            raise entry.error
+
+    def _insert_group(self, group: list["_PendingSubmit"]) -> None:
+        """Called with the writer lock held."""
+        conn = self._writer
+        try:
+            if self._closed:
+                raise StoreUnavailable("the job store is closed")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'").fetchone()
+                for e in group:
+                    if queued >= e.max_queued:
+                        e.error = QueueFull(f"{queued} jobs are waiting (the limit is {e.max_queued})")
+                        continue
+                    j = e.job
+                    try:
+                        conn.execute("INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics) "
+                                     "VALUES (?,?,?,?,?,?,?)",
+                                     (j.id, j.owner, json.dumps(j.params), JobState.QUEUED.value, j.created_at, 0,
+                                      json.dumps(j.metrics or {})))
+                    except sqlite3.IntegrityError as ie:     # a duplicate id fails alone
+                        e.error = ie
+                        continue
+                    queued += 1
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+        except BaseException as err:
+            if isinstance(err, sqlite3.OperationalError):
+                err = StoreUnavailable(f"the job database cannot be written ({err})")
+            for e in group:
+                if e.error is None:
+                    e.error = err if isinstance(err, Exception) else StoreUnavailable(str(err))
+        finally:
+            for e in group:
+                e.done = True
 
     def get(self, job_id: str) -> Job | None:
         row = self._reader().execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
