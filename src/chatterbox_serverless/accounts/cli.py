@@ -98,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"# {acc.id}{' (admin)' if acc.admin else ''}: {acc.balance} credits, "
                   f"{acc.rate_per_min or 'unlimited'} submissions/min. This key is shown only now: store it.",
                   file=sys.stderr)
+            if acc.balance == 0:
+                print(f"# It has no credits yet, so its submissions get 406: "
+                      f"chatterbox-serverless keys credits {acc.id} +1000", file=sys.stderr)
             return 0
         if cmd == "list":
             rows = [accounts.summary(a) for a in store.list()]
