@@ -6,6 +6,8 @@ The API uses it in three places:
   - submit (v1 and v2): `gate.charge_submission(request, job_id, text)` before the job is stored (429 over the
     key's rate, 406 when the hold cannot be paid), and `gate.refund_submission(job_id)` if storing then fails
   - the worker: `accounts.finish(...)` settles/releases; its maintenance calls `accounts.maybe_reconcile(...)`
+    (so does the API's Janitor when workers run in other processes: they do not bill, the API does, at its own
+    prices, within ~20 s of the job's end)
 
 Errors are `AccountsHTTPError(status, message, headers)`, rendered as `{"error": message}` by the handler
 `install()` registers.
