@@ -64,7 +64,9 @@ def write_tiny_checkpoint(target: str | os.PathLike, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         torch.manual_seed(seed)
-        ve_cfg, t3_cfg, s3_cfg = VoiceEncoderConfig.tiny(), T3Config.tiny(), S3GenConfig.tiny()
+        ve_cfg, s3_cfg = VoiceEncoderConfig.tiny(), S3GenConfig.tiny()
+        # T3 takes the voice encoder's embedding, and text chunks as long as the pipeline makes them
+        t3_cfg = dataclasses.replace(T3Config.tiny(), speaker_embed_size=ve_cfg.embed_size, max_text_positions=402)
         ve, t3, s3gen = VoiceEncoder(ve_cfg).eval(), T3(t3_cfg).eval(), S3Gen(s3_cfg).eval()
         for name, module in (("ve", ve), ("t3_cfg", t3), ("s3gen", s3gen)):
             save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},

@@ -1,0 +1,203 @@
+"""The engine the worker calls: a batch of requests in, one 24 kHz waveform each out.
+
+    requests ─► voice conditionals (cached per clip; conds.pt when none) ─► text normalised, split into chunks
+             ─► T3: every chunk of every request in one continuously batched decoding loop ─► speech tokens
+             ─► S3Gen flow: all chunks batched ─► mel ─► HiFT ─► waveform (+ official fade-in)
+             ─► chunks joined with a short crossfade ─► Perth watermark ─► result
+
+A failure of one request (bad voice, text the model cannot take, an error in a batched stage) is reported in
+its own result; the others go on. Randomness is per request: chunk k of a request with seed s draws from
+generators seeded `chunk_seed(s, k)`, so the same request gives the same audio alone or in any batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+
+from .checkpoint import load_strict, read_safetensors, resolve_checkpoint
+from .chunking import crossfade_join, max_speech_tokens, split_text
+from .conditioning import VoiceCache, VoiceConditionals, VoiceFrontEnd, load_builtin_voice, _read_overrides
+from .models.s3gen import S3Gen
+from .models.t3 import T3
+from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
+from .t3_decoder import T3Decoder, T3Request
+from .text import TextTokenizer, normalize_text
+from .types import SynthesisRequest, SynthesisResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """Chunk 0 uses the request's seed as is; later chunks a seed derived from (seed, index)."""
+    if index == 0:
+        return int(seed)
+    digest = hashlib.sha256(f"{int(seed)}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclasses.dataclass
+class _Chunk:
+    request: int                 # index in the batch
+    index: int                   # chunk number within its request
+    t3: T3Request
+    conds: VoiceConditionals
+    seed: int
+    tokens: torch.Tensor | None = None
+    wav: np.ndarray | None = None
+
+
+def _pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ChatterboxEngine:
+    """Chatterbox TTS loaded once, serving batches. `synthesize` is serialised by a lock (one batch at a time:
+    batching across requests, not threads, is how it shares the model)."""
+
+    def __init__(self, ckpt_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+                 watermark: bool = True, voice_cache_size: int = 64, max_chunk_chars: int = 280,
+                 max_rows: int = 32, crossfade_seconds: float = 0.05):
+        ckpt_dir = Path(ckpt_dir)
+        self.device = _pick_device(device)
+        if isinstance(dtype, str):
+            dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        if dtype is None:
+            dtype = torch.float32   # exact by default; bf16/fp16 are an operator's choice on GPUs
+        if dtype != torch.float32 and self.device.type == "cpu":
+            raise ValueError("half precision is only supported on CUDA; use float32 on the CPU")
+        self.dtype = dtype
+        self.t3 = T3.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype)
+        self.s3gen = S3Gen.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype)
+        ve_sd = read_safetensors(ckpt_dir / "ve.safetensors")
+        ve = VoiceEncoder(VoiceEncoderConfig.from_state_dict(ve_sd, _read_overrides(ckpt_dir).get("voice_encoder")))
+        load_strict(ve, ve_sd, what="ve.safetensors")
+        front_end = VoiceFrontEnd(ve.to(self.device).eval(), self.s3gen.tokenizer, self.s3gen.speaker_encoder)
+        self.voices = VoiceCache(front_end, max_entries=voice_cache_size)
+        self.builtin_voice = load_builtin_voice(ckpt_dir / "conds.pt", device=self.device)
+        self.tokenizer = TextTokenizer(ckpt_dir / "tokenizer.json")
+        self.sample_rate = self.s3gen.sample_rate
+        self.watermarker = None
+        if watermark:
+            from .watermark import Watermarker
+            self.watermarker = Watermarker(device=self.device)
+        self.max_chunk_chars = max_chunk_chars
+        self.max_rows = max_rows
+        # the official bound (1000 tokens, 40 s), or what the checkpoint's position table allows
+        self.max_new_tokens = min(1000, self.t3.cfg.max_speech_positions - 1)
+        self.crossfade_seconds = crossfade_seconds
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
+        with self._lock, torch.inference_mode():
+            return self._synthesize(list(requests))
+
+    def _synthesize(self, requests: list[SynthesisRequest]) -> list[SynthesisResult]:
+        errors: dict[int, str] = {}
+        timings = {"conditioning_s": 0.0, "t3_s": 0.0, "s3gen_s": 0.0, "watermark_s": 0.0}
+        t0 = time.perf_counter()
+        chunks: list[_Chunk] = []
+        decoder = T3Decoder(self.t3, max_rows=self.max_rows)
+        for i, req in enumerate(requests):
+            try:
+                chunks.extend(self._plan(i, req, decoder))
+            except Exception as e:   # a bad voice or text fails its own request only
+                errors[i] = _reason(e)
+        timings["conditioning_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        live = [c for c in chunks if c.request not in errors]
+        for c, res in self._isolated(live, lambda cs: decoder.run([c.t3 for c in cs]), errors):
+            c.tokens = res.speech_tokens
+        timings["t3_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        live = [c for c in chunks if c.request not in errors and c.tokens is not None and c.tokens.numel() > 0]
+        for c, wav in self._isolated(live, self._vocode, errors):
+            c.wav = wav
+        timings["s3gen_s"] = time.perf_counter() - t0
+
+        results = []
+        for i, req in enumerate(requests):
+            if i in errors:
+                results.append(SynthesisResult(error=errors[i]))
+                continue
+            mine = sorted((c for c in chunks if c.request == i), key=lambda c: c.index)
+            clips = [c.wav for c in mine if c.wav is not None]
+            if not clips:
+                results.append(SynthesisResult(error="the model produced no speech for this text"))
+                continue
+            audio = crossfade_join(clips, self.sample_rate, self.crossfade_seconds)
+            if self.watermarker is not None:
+                t1 = time.perf_counter()
+                audio = self.watermarker.apply(audio, self.sample_rate)
+                timings["watermark_s"] += time.perf_counter() - t1
+            n_tokens = sum(int(c.tokens.numel()) for c in mine if c.tokens is not None)
+            results.append(SynthesisResult(audio=audio, metrics={
+                "audio_seconds": round(len(audio) / self.sample_rate, 3), "speech_tokens": n_tokens,
+                "chunks": len(mine), "batch_size": len(requests), **{k: round(v, 4) for k, v in timings.items()}}))
+        return results
+
+    def _plan(self, i: int, req: SynthesisRequest, decoder: T3Decoder) -> list[_Chunk]:
+        conds = self.builtin_voice if req.voice is None else self.voices.get(req.voice)
+        pieces = split_text(req.text, self.max_chunk_chars) or [""]
+        out = []
+        for k, piece in enumerate(pieces):
+            ids = self.tokenizer.encode(normalize_text(piece))
+            seed = chunk_seed(req.params.seed, k)
+            t3_req = T3Request(text_ids=ids, speaker_emb=conds.speaker_emb, prompt_tokens=conds.t3_prompt_tokens,
+                               params=dataclasses.replace(req.params, seed=seed),
+                               max_new_tokens=max_speech_tokens(len(ids), cap=self.max_new_tokens), request_id=req.request_id)
+            decoder.validate(t3_req)
+            out.append(_Chunk(i, k, t3_req, conds, seed))
+        return out
+
+    def _vocode(self, chunks: list[_Chunk]) -> list[np.ndarray]:
+        gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in chunks]
+        mels = tokens_to_mel(self.s3gen, [SpeechItem.from_conditionals(c.tokens, c.conds) for c in chunks],
+                             generators=gens)
+        wavs = mel_to_wav(self.s3gen, mels, generators=gens)
+        return [w.float().cpu().numpy() for w in wavs]
+
+    @staticmethod
+    def _isolated(chunks: list[_Chunk], stage: Callable[[list[_Chunk]], Sequence[T]], errors: dict[int, str]):
+        """Run a batched stage; if it fails, run each request's chunks alone so only the culprit fails."""
+        if not chunks:
+            return []
+        try:
+            return list(zip(chunks, stage(chunks)))
+        except Exception:
+            log.exception("batched stage failed; retrying request by request")
+        done = []
+        for r in sorted({c.request for c in chunks}):
+            mine = [c for c in chunks if c.request == r]
+            try:
+                done.extend(zip(mine, stage(mine)))
+            except Exception as e:
+                errors[r] = _reason(e)
+        return done
+
+
+def _reason(e: Exception) -> str:
+    msg = str(e).strip() or type(e).__name__
+    return msg if isinstance(e, ValueError) else f"inference error: {type(e).__name__}: {msg}"
+
+
+def load_engine(model: str, data_dir: str | Path | None = None, device: str | None = None,
+                dtype: str | None = None, watermark: bool = True, **options) -> ChatterboxEngine:
+    """Resolve `model` (HF repo id, checkpoint dir, or tiny-random) and load the engine on `device`."""
+    return ChatterboxEngine(resolve_checkpoint(model, data_dir), device=device, dtype=dtype,
+                            watermark=watermark, **options)

@@ -1,0 +1,91 @@
+"""The whole engine on a tiny random checkpoint: batching, isolation, determinism, long text."""
+import numpy as np
+import pytest
+
+from chatterbox_serverless.engine.checkpoint import CheckpointError, resolve_checkpoint
+from chatterbox_serverless.engine.pipeline import ChatterboxEngine, chunk_seed
+from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest, VoiceAudio
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return resolve_checkpoint("tiny-random", tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    return ChatterboxEngine(ckpt, device="cpu", watermark=False, max_chunk_chars=60)
+
+
+def voice(freq=220.0, seconds=2.0, sr=16000):
+    t = np.arange(int(sr * seconds)) / sr
+    return VoiceAudio((0.3 * np.sin(2 * np.pi * freq * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32), sr)
+
+
+def test_batch_gives_what_each_request_gives_alone(engine):
+    reqs = [SynthesisRequest("Hello there."),
+            SynthesisRequest("Hi!", SynthesisParams(seed=3, cfg_weight=0.0, temperature=0.5)),
+            SynthesisRequest("Another voice speaks here.", SynthesisParams(exaggeration=1.5), voice=voice())]
+    together = engine.synthesize(reqs)
+    for req, res in zip(reqs, together):
+        alone = engine.synthesize([req])[0]
+        assert res.error is None and alone.error is None
+        assert res.metrics["speech_tokens"] == alone.metrics["speech_tokens"]
+        assert res.audio.shape == alone.audio.shape
+        np.testing.assert_allclose(res.audio, alone.audio, atol=1e-5)
+        assert res.audio.dtype == np.float32 and len(res.audio) > 0
+
+
+def test_same_seed_same_bytes_other_seed_other_audio(engine):
+    req = SynthesisRequest("Same seed, same audio.", SynthesisParams(seed=7))
+    a, b = engine.synthesize([req])[0], engine.synthesize([req])[0]
+    assert a.audio.tobytes() == b.audio.tobytes()
+    c = engine.synthesize([SynthesisRequest("Same seed, same audio.", SynthesisParams(seed=8))])[0]
+    assert c.audio.shape != a.audio.shape or not np.array_equal(c.audio, a.audio)
+
+
+def test_a_failing_request_fails_alone(engine):
+    bad_voice = VoiceAudio(np.full(16000, np.nan, dtype=np.float32), 16000)
+    res = engine.synthesize([SynthesisRequest("Fine."), SynthesisRequest("Broken voice.", voice=bad_voice),
+                             SynthesisRequest("Also fine.")])
+    assert res[0].error is None and res[2].error is None
+    assert res[1].audio is None and res[1].error
+
+
+def test_voice_cache_hits_for_the_same_clip(engine):
+    v = voice(330.0)
+    before = engine.voices.stats()
+    engine.synthesize([SynthesisRequest("One.", voice=v), SynthesisRequest("Two.", voice=v)])
+    after = engine.voices.stats()
+    assert after["misses"] == before["misses"] + 1
+    assert after["hits"] >= before["hits"] + 1
+
+
+def test_long_text_is_chunked_and_joined(engine):
+    text = " ".join(f"Sentence {i} is here." for i in range(12))        # ~250 chars, chunks of <= 60
+    res = engine.synthesize([SynthesisRequest(text)])[0]
+    assert res.error is None
+    assert res.metrics["chunks"] >= 4
+    # one continuous clip: 480 samples per mel frame, 2 frames per token, minus one crossfade per boundary
+    fade = int(0.05 * engine.sample_rate)
+    expected = res.metrics["speech_tokens"] * 960 - (res.metrics["chunks"] - 1) * fade
+    assert len(res.audio) == expected
+
+
+def test_chunk_seeds_are_distinct_and_first_is_the_request_seed():
+    assert chunk_seed(42, 0) == 42
+    assert len({chunk_seed(42, k) for k in range(50)}) == 50
+
+
+def test_missing_model_is_one_clear_sentence(tmp_path):
+    with pytest.raises(CheckpointError, match="not a Chatterbox checkpoint"):
+        resolve_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="--model"):
+        resolve_checkpoint("no-such-thing")
+
+
+def test_watermark_on_by_default(ckpt):
+    e = ChatterboxEngine(ckpt, device="cpu", max_chunk_chars=60)
+    assert e.watermarker is not None
+    res = e.synthesize([SynthesisRequest("Watermarked.")])[0]
+    assert res.error is None and len(res.audio) > 0
