@@ -64,7 +64,7 @@ def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
                 continue
             diff, rel, good = compare(ours[name].detach().cpu(), ref[name])
             ok &= good
-            kind = "ids differ" if not ref[name].is_floating_point() else f"{rel:10.2e}"
+            kind = f"{rel:10.2e}" if ref[name].is_floating_point() else ("identical" if good else f"{int(diff)} differ")
             print(f"{name:<24} {str(tuple(ref[name].shape)):<18} {diff:12.3e} {kind:>10}  {'ok' if good else 'FAIL'}",
                   file=out)
     for name in sorted(set(ref) - covered - INPUT_ONLY):
