@@ -15,6 +15,7 @@ from chatterbox_serverless.accounts.service import (KEY_PREFIX, Accounts, AuthEr
                                                     hash_key, key_from_headers)
 from chatterbox_serverless.accounts.sqlite_store import SQLiteAccountStore
 from chatterbox_serverless.accounts.store import Account, AccountStore, DuplicateHold, InsufficientCredits
+from redis_server import redis_url  # noqa: F401  (fixture: a real Redis, for the `keys --store redis://` test)
 
 BACKENDS = ["sqlite"]
 
@@ -339,3 +340,24 @@ def test_keys_cli(tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
     with pytest.raises(SystemExit):
         main(["keys", "create", "--data-dir", d, "--rate", "fast"])
+
+
+def test_keys_cli_on_redis_with_a_prefix(redis_url, capsys):
+    """`keys --store redis://... --redis-prefix P` reaches the accounts `serve --store ... --redis-prefix P` uses."""
+    import redis_server
+    from chatterbox_serverless.cli import main
+
+    url = redis_url
+    prefix = redis_server.new_prefix()
+    try:
+        assert main(["keys", "create", "--store", url, "--redis-prefix", prefix, "--credits", "7"]) == 0
+        key = capsys.readouterr().out.strip()
+        store = open_account_store(url=url, redis_prefix=prefix)
+        try:
+            assert Accounts(store).authenticate(key).balance == 7
+        finally:
+            store.close()
+        assert main(["keys", "list", "--store", url, "--redis-prefix", prefix + "other:", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == []
+    finally:
+        redis_server.delete_prefix(url, prefix)

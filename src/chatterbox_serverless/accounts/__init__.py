@@ -12,9 +12,11 @@ from .store import AccountStore
 DB_FILENAME = "jobs.sqlite3"    # the SQLite job store's file (api/serve.py): one database per data dir
 
 
-def open_account_store(data_dir: str | Path | None = None, url: str | None = None) -> AccountStore:
+def open_account_store(data_dir: str | Path | None = None, url: str | None = None,
+                       redis_prefix: str | None = None) -> AccountStore:
     """The account store for a data dir (SQLite, `<data-dir>/jobs.sqlite3`) or for `--store` as `serve` and
-    `worker` take it: a SQLite file path (`sqlite://PATH` too) or a `redis://` URL."""
+    `worker` take it: a SQLite file path (`sqlite://PATH` too) or a `redis://` URL (with `--redis-prefix`;
+    None: $CHATTERBOX_REDIS_PREFIX or the default, as `serve`)."""
     if url:
         if url.startswith(("redis://", "rediss://", "unix://")):
             try:
@@ -23,7 +25,7 @@ def open_account_store(data_dir: str | Path | None = None, url: str | None = Non
                 if e.name != f"{__name__}.redis_store":
                     raise
                 raise ValueError("accounts on Redis are not available in this version; use --data-dir") from None
-            return RedisAccountStore(url)
+            return RedisAccountStore(url, prefix=redis_prefix)
         from .sqlite_store import SQLiteAccountStore
         return SQLiteAccountStore(Path(url.removeprefix("sqlite://")))
     if data_dir is None:

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--store", default=os.environ.get("CHATTERBOX_STORE") or None, metavar="URL",
                        help="the store `serve --store` uses instead of the data dir: a SQLite file path, or "
                             "redis://HOST:PORT/DB")
+    where.add_argument("--redis-prefix", default=None,
+                       help="with a redis:// store: the prefix `serve --redis-prefix` uses "
+                            "(default: $CHATTERBOX_REDIS_PREFIX or cbx:)")
     sub = parser.add_subparsers(dest="keys_command", required=True)
 
     p = sub.add_parser("create", parents=[common], help="make a key (printed once, stored hashed)")
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from .store import InsufficientCredits
 
     try:
-        store = open_account_store(args.data_dir, args.store)
+        store = open_account_store(args.data_dir, args.store, args.redis_prefix)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
