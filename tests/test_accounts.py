@@ -338,6 +338,10 @@ def test_keys_cli(tmp_path, capsys):
     for store in (f"sqlite://{d}/jobs.sqlite3", f"{d}/jobs.sqlite3"):
         assert main(["keys", "list", "--store", store, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
+        assert main(["keys", "--store", store, "list", "--json"]) == 0           # before the action too
+        assert json.loads(capsys.readouterr().out)[0]["revoked"] is True
+    assert main(["keys", "--data-dir", d, "list", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1
     with pytest.raises(SystemExit):
         main(["keys", "create", "--data-dir", d, "--rate", "fast"])
 

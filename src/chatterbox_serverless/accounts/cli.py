@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-DEFAULT_DATA_DIR = os.environ.get("CHATTERBOX_DATA_DIR", "data")
+DEFAULT_DATA_DIR = os.environ.get("CHATTERBOX_DATA_DIR", "./data")   # as `serve`
 
 
 def _rate(value: str) -> int:
@@ -42,17 +42,26 @@ def _non_negative(value: str) -> int:
     return n
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    where = common.add_argument_group("store")
-    where.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+def _add_store_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--data-dir/--store/--redis-prefix, accepted before the action (`keys --store X list`) and after it
+    (`keys list --store X`): the action's copies default to SUPPRESS so they never overwrite the former."""
+    def default(value):
+        return value if defaults else argparse.SUPPRESS
+    where = parser.add_argument_group("store")
+    where.add_argument("--data-dir", default=default(DEFAULT_DATA_DIR),
                        help=f"the server's data dir (default: $CHATTERBOX_DATA_DIR or {DEFAULT_DATA_DIR!r})")
-    where.add_argument("--store", default=os.environ.get("CHATTERBOX_STORE") or None, metavar="URL",
+    where.add_argument("--store", default=default(os.environ.get("CHATTERBOX_STORE") or None), metavar="URL",
                        help="the store `serve --store` uses instead of the data dir: a SQLite file path, or "
                             "redis://HOST:PORT/DB")
-    where.add_argument("--redis-prefix", default=None,
+    where.add_argument("--redis-prefix", default=default(None),
                        help="with a redis:// store: the prefix `serve --redis-prefix` uses "
                             "(default: $CHATTERBOX_REDIS_PREFIX or cbx:)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_store_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_store_options(common, defaults=False)
     sub = parser.add_subparsers(dest="keys_command", required=True)
 
     p = sub.add_parser("create", parents=[common], help="make a key (printed once, stored hashed)")
