@@ -82,6 +82,17 @@ def test_missing_model_is_one_clear_sentence(tmp_path):
         resolve_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match="--model"):
         resolve_checkpoint("no-such-thing")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint(str(tmp_path / "absent"))
+
+
+def test_hub_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="could not download .*--model DIR"):
+        resolve_checkpoint("ResembleAI/chatterbox")
 
 
 def test_watermark_on_by_default(ckpt):

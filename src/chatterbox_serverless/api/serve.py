@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from ..engine.options import add_engine_arguments, engine_from_args
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -20,10 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--host", default=_env("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
     a("--port", type=int, default=int(_env("PORT", "8000")), help="port (default 8000)")
-    a("--model", default=_env("MODEL", "ResembleAI/chatterbox"),
-      help="Hugging Face repo id, checkpoint directory, or tiny-random (default ResembleAI/chatterbox)")
     a("--data-dir", default=_env("DATA_DIR", "./data"), help="jobs database, audio and secrets (default ./data)")
-    a("--device", default=_env("DEVICE", "auto"), help="cpu, cuda, cuda:N or auto (default auto)")
+    add_engine_arguments(parser)
     a("--workers", type=int, choices=(0, 1), default=1,
       help="in-process workers: 1 (default) or 0 (API only, workers run elsewhere)")
     a("--retention", type=float, default=3600.0, help="seconds results and audio are kept (default 3600)")
@@ -83,19 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     engine = None
     if args.workers > 0:
-        try:
-            from ..engine.pipeline import load_engine
-        except ModuleNotFoundError as e:
-            if e.name != "chatterbox_serverless.engine.pipeline":
-                raise
-            print("chatterbox-serverless serve: this build has no inference engine yet "
-                  "(engine/pipeline.py); run with --workers 0 to serve the API only.", file=sys.stderr)
-            return 2
-        try:
-            engine = load_engine(args.model, data_dir=settings.data_dir,
-                                 device=None if args.device == "auto" else args.device)
-        except CheckpointError as e:
-            print(f"chatterbox-serverless serve: {e}", file=sys.stderr)
+        engine = engine_from_args(args, settings.data_dir, "serve")
+        if engine is None:
             return 2
 
     store = open_store(args.store, settings.data_dir, settings.retention_seconds, args.redis_prefix,

@@ -71,7 +71,10 @@ def resolve_checkpoint(model: str, data_dir: str | os.PathLike | None = None) ->
         if absent:
             raise CheckpointError(f"{path} is not a Chatterbox checkpoint: {', '.join(absent)} missing.")
         return path
-    if model.count("/") != 1 or path.exists():
+    if model.startswith(("/", ".", "~")) or path.exists():
+        raise CheckpointError(f"checkpoint directory {model!r} does not exist; pass --model DIR with the files "
+                              f"{', '.join(CHECKPOINT_FILES)}, a Hugging Face repo id, or --model {TINY}.")
+    if model.count("/") != 1:
         raise CheckpointError(f"model {model!r} is neither a checkpoint directory nor a Hugging Face repo id "
                               f"(like {DEFAULT_REPO}); pass --model DIR, --model REPO_ID or --model {TINY}.")
     from huggingface_hub import snapshot_download
