@@ -210,3 +210,55 @@ def test_redis_killed_and_restarted_loses_nothing_accepted(fleet_env):
     wait_until(all_done, 90, 0.2)
     completed_once(fleet.store, everything)
     assert httpx.get(api + "/ready", timeout=5).status_code == 200
+
+
+def test_two_replicas_racing_for_the_last_credits_never_double_spend(fleet_env):
+    """Accounts on Redis: a key with 20 credits submits concurrently through two API replicas (no worker, so
+    every accepted job keeps its hold): exactly as many are accepted as the credits cover, the rest get 406."""
+    import threading
+
+    from chatterbox_serverless.accounts.redis_store import RedisAccountStore
+
+    fleet, _ = fleet_env
+    out = subprocess.run([sys.executable, "-m", "chatterbox_serverless.cli", "keys", "create", "--store",
+                          fleet.redis_url, "--credits", "20", "--rate", "0", "--name", "race"],
+                         env={**fleet.env, "CHATTERBOX_REDIS_PREFIX": PREFIX}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.split()[0]
+    apis = []
+    for name in ("api-1", "api-2"):
+        port = free_port()
+        fleet._spawn(name, [sys.executable, "-m", "chatterbox_serverless.cli", "serve", "--store", fleet.redis_url,
+                            "--redis-prefix", PREFIX, "--workers", "0", "--port", str(port), "--data-dir",
+                            str(fleet.tmp / name), "--log-format", "plain", "--log-level", "warning"])
+        apis.append(f"http://127.0.0.1:{port}")
+    for url in apis:
+        fleet.wait_up(url)
+    assert httpx.post(apis[0] + "/v2/chatterbox-tts", json={"text": "x"}, timeout=5).status_code == 401
+
+    codes: list[int] = []
+    barrier = threading.Barrier(16)
+
+    def submit_many(i: int) -> None:
+        with httpx.Client(timeout=30, headers={"x-api-key": key}) as client:
+            barrier.wait()
+            for _ in range(3):
+                r = client.post(apis[i % 2] + "/v2/chatterbox-tts", json={"text": "the same short text"})
+                codes.append(r.status_code)
+
+    threads = [threading.Thread(target=submit_many, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(codes) <= {200, 406} and codes.count(406) > 0, collections.Counter(codes)
+    accounts = RedisAccountStore(fleet.redis_url, prefix=PREFIX)
+    try:
+        (acc,) = accounts.list()
+        holds = [h for h in accounts.holds() if h.account_id == acc.id]
+        per_job = holds[0].amount
+        assert len(holds) == codes.count(200) and all(h.amount == per_job for h in holds)
+        assert acc.balance == 20 and acc.held == per_job * len(holds) <= 20 < per_job * (len(holds) + 1)
+    finally:
+        accounts.close()

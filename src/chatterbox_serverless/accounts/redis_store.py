@@ -17,6 +17,7 @@ spend), and a hold is settled or released at most once. Keys live beside the job
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -167,8 +168,11 @@ class RedisAccountStore(AccountStore):
     """`RedisAccountStore(url, prefix)`; `RedisAccountStore.beside(job_store)` shares a RedisJobStore's server,
     prefix and connection pool."""
 
-    def __init__(self, url: str | None = None, prefix: str = "cbx:", client: redis.Redis | None = None,
+    def __init__(self, url: str | None = None, prefix: str | None = None, client: redis.Redis | None = None,
                  timeout: float = 5.0):
+        # The `keys` command opens the store by URL alone: it takes the deployment's prefix from the environment
+        # as `serve --redis-prefix` does.
+        prefix = prefix if prefix is not None else os.environ.get("CHATTERBOX_REDIS_PREFIX", "cbx:")
         if client is None:
             if url is None:
                 raise ValueError("give a Redis URL or a client")
