@@ -342,3 +342,10 @@ def test_steps_equal_one_forward_of_the_official_sequence(model):
         h = model.tfmr(seq, model.tfmr.new_cache(2, seq.shape[1]), slice(0, 2), torch.zeros(2, dtype=torch.long))
         logits = model.logits(h[:, prefix.shape[1] - 1:])                 # (2, S, V)
     assert torch.allclose(forced.logits, logits.transpose(0, 1), atol=1e-5)
+
+
+def test_bfloat16_decoding_runs(model):
+    m = tiny_t3(0).to(torch.bfloat16)
+    res = generate(m, [request(m, seed=1, max_new_tokens=4), request(m, seed=2, max_new_tokens=3, cfg_weight=0.0)])
+    assert [len(r.generated) for r in res] == [4, 3]
+    assert res[0].probs.dtype == torch.float32 and torch.allclose(res[0].probs.sum(-1), torch.ones(4))

@@ -136,9 +136,15 @@ class T3Decoder:
                                        exaggeration)[0]
 
     @torch.inference_mode()
+    def admit(self) -> None:
+        """Prefill waiting requests while rows are free (`step` does this first; callable alone, e.g. to time it)."""
+        while self.waiting and self.rows_in_use + self._rows_needed(self.waiting[0]) <= self.max_rows:
+            self._prefill(self.waiting.popleft())
+
+    @torch.inference_mode()
     def step(self) -> list[T3Result]:
         """Admit, sample one token for every active request, retire finished ones, advance the rest."""
-        self._admit()
+        self.admit()
         if not self.active:
             return []
         self._sample()
@@ -165,10 +171,6 @@ class T3Decoder:
     def _rows_needed(req: T3Request) -> int:
         return 2 if req.params.cfg_weight > 0 else 1
 
-    def _admit(self) -> None:
-        while self.waiting and self.rows_in_use + self._rows_needed(self.waiting[0]) <= self.max_rows:
-            self._prefill(self.waiting.popleft())
-
     def _prefill(self, req: T3Request) -> None:
         m, cfg = self.model, self.cfg
         device = m.device
@@ -178,8 +180,7 @@ class T3Decoder:
         R, L, _ = x.shape
         first = self.rows_in_use
         rows = slice(first, first + R)
-        start = torch.zeros(R, dtype=torch.long, device=device)
-        hidden = m.tfmr(x, self.cache, rows, start)
+        hidden = m.tfmr(x, self.cache, rows, [0] * R)
         logits = m.logits(hidden[:, -1])                                       # (R, V)
         seen = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool, device=device)
         seen[cfg.start_speech_token] = True
@@ -249,8 +250,7 @@ class T3Decoder:
         tokens = torch.tensor([self.row_owner[r].tokens[-1] for r in range(n)], device=device)
         positions = torch.tensor([len(self.row_owner[r].tokens) for r in range(n)], device=device)
         x = m.speech_embeds(tokens, positions)                                 # (n, 1, C)
-        start = torch.tensor(self.row_len, device=device)
-        hidden = m.tfmr(x, self.cache, slice(0, n), start)
+        hidden = m.tfmr(x, self.cache, slice(0, n), self.row_len)
         self.next_logits = m.logits(hidden[:, -1])
         self.row_len = [length + 1 for length in self.row_len]
 

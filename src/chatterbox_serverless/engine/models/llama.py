@@ -237,7 +237,7 @@ class LlamaModel(nn.Module):
         p = self.norm.weight
         return KVCache(self.cfg, rows, capacity, device=p.device, dtype=p.dtype)
 
-    def forward(self, x: Tensor, cache: KVCache, rows: slice, start: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache, rows: slice, start: Tensor | list[int]) -> Tensor:
         """Run T new positions of each row in `rows` (contiguous cache rows) through the decoder.
 
         x (R, T, C) input embeddings; start (R,) the number of positions each row already holds (its new tokens
@@ -245,8 +245,12 @@ class LlamaModel(nn.Module):
         (R, T, C). Rows whose real input is shorter than T may be right-padded: the padded positions are written
         to the cache but the caller must not count them in that row's length."""
         R, T, _ = x.shape
+        if isinstance(start, Tensor):
+            K = int(start.max()) + T
+        else:                                  # a list: no device round trip to learn the longest row
+            K = max(start) + T
+            start = torch.tensor(start, dtype=torch.long, device=x.device)
         positions = start[:, None] + torch.arange(T, device=x.device)[None, :]          # (R, T)
-        K = int(start.max()) + T
         cache.ensure(rows.stop, K)
         cos_table, sin_table = self.rope_table(cache.capacity, x.device, x.dtype)
         cos, sin = cos_table[positions], sin_table[positions]
