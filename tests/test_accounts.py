@@ -203,6 +203,28 @@ def test_concurrent_holds_for_the_last_credits(account_store_factory):
     assert_explainable(first, a.id)
 
 
+def test_sqlite_locked_is_store_unavailable(tmp_path):
+    """A database write-locked past the busy timeout answers StoreUnavailable (the API's 502), not a crash;
+    reads go on (WAL)."""
+    import sqlite3
+
+    from chatterbox_serverless.jobs.store import StoreUnavailable
+
+    store = SQLiteAccountStore(tmp_path / "jobs.sqlite3", busy_timeout=0.1)
+    a = new_account(store, balance=5)
+    other = sqlite3.connect(str(tmp_path / "jobs.sqlite3"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreUnavailable):
+            store.hold(a.id, "j", 1)
+        assert store.get(a.id).held == 0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.hold(a.id, "j", 1).held == 1
+    store.close()
+
+
 # --- the service --------------------------------------------------------------------------------------------
 @pytest.fixture
 def accounts(account_store) -> Accounts:

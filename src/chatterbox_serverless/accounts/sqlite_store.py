@@ -10,10 +10,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
+from ..jobs.store import StoreUnavailable
 from .store import (Account, AccountStore, DuplicateHold, Hold, InsufficientCredits, LedgerEntry, UnknownAccount,
                     Usage)
 
@@ -99,21 +100,30 @@ class SQLiteAccountStore(AccountStore):
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:     # locked beyond busy_timeout, disk I/O error, ...
+                raise StoreUnavailable(f"the account database is unavailable: {e}") from e
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                with suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.OperationalError):   # e.g. a full disk: nothing was written
+                    raise StoreUnavailable(f"the account database could not be written: {e}") from e
                 raise
-            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = self._connect()
-            with self._lock:
-                self._readers.append(db)
-        return db.execute(sql, args).fetchall()
+        try:
+            if db is None:
+                db = self._local.db = self._connect()
+                with self._lock:
+                    self._readers.append(db)
+            return db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:
+            raise StoreUnavailable(f"the account database is unavailable: {e}") from e
 
     @staticmethod
     def _get(db: sqlite3.Connection, account_id: str) -> Account:
