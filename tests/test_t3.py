@@ -38,10 +38,11 @@ def model():
 def request(model, n_text=7, seed=0, voice=0, max_new_tokens=12, **params) -> T3Request:
     g = torch.Generator().manual_seed(1000 + voice)
     cfg = model.cfg
+    speaker_emb = torch.randn(1, cfg.speaker_embed_size, generator=g)           # the voice depends on `voice` only
+    prompt_tokens = torch.randint(0, 6561, (1, cfg.prompt_len), generator=g)
     return T3Request(
         text_ids=torch.randint(1, cfg.text_vocab_size, (n_text,), generator=g).tolist(),
-        speaker_emb=torch.randn(1, cfg.speaker_embed_size, generator=g),
-        prompt_tokens=torch.randint(0, 6561, (1, cfg.prompt_len), generator=g),
+        speaker_emb=speaker_emb, prompt_tokens=prompt_tokens,
         params=SynthesisParams(seed=seed, **params), max_new_tokens=max_new_tokens, record=True)
 
 
@@ -308,7 +309,12 @@ def test_stops_at_eos_and_postprocesses(model):
     # a model whose head always prefers EOS stops after one token
     eos_model = tiny_t3(1)
     with torch.no_grad():
-        eos_model.speech_head.weight[EOS] = eos_model.tfmr.norm.weight.sign() * 50
+        for layer in eos_model.tfmr.layers:       # residual branches off: the backbone passes its input through
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        bos = eos_model.speech_emb.weight[BOS] + eos_model.speech_pos_emb.emb.weight[0]
+        h = eos_model.tfmr.norm(bos)
+        eos_model.speech_head.weight[EOS] = 50 * h / h.norm()
     res = generate(eos_model, [request(eos_model, seed=0, max_new_tokens=20, cfg_weight=0.0)])[0]
     assert res.generated.tolist() == [EOS] and res.stop_reason == "eos" and res.speech_tokens.numel() == 0
 
@@ -349,3 +355,21 @@ def test_bfloat16_decoding_runs(model):
     res = generate(m, [request(m, seed=1, max_new_tokens=4), request(m, seed=2, max_new_tokens=3, cfg_weight=0.0)])
     assert [len(r.generated) for r in res] == [4, 3]
     assert res[0].probs.dtype == torch.float32 and torch.allclose(res[0].probs.sum(-1), torch.ones(4))
+
+
+def test_conditioning_prefix_cache_reuses_a_voice_and_matches_a_fresh_prefill(model):
+    r1 = request(model, seed=1, voice=5, max_new_tokens=4)
+    r2 = request(model, seed=2, voice=5, n_text=9, max_new_tokens=4)          # same voice and exaggeration
+    r3 = request(model, seed=2, voice=5, n_text=9, max_new_tokens=4, exaggeration=0.9)
+    fresh = [T3Decoder(model, prefix_cache_size=0).run([r])[0] for r in (r2, r3)]
+    dec = T3Decoder(model, prefix_cache_size=1)
+    dec.run([r1])
+    assert len(dec.prefix_cache) == 1
+    key = next(iter(dec.prefix_cache))
+    hit = dec.run([r2])[0]
+    assert list(dec.prefix_cache) == [key]                                  # a hit, nothing new
+    miss = dec.run([r3])[0]
+    assert len(dec.prefix_cache) == 1 and key not in dec.prefix_cache       # other exaggeration: new key, LRU evicts
+    for a, b in zip(fresh, (hit, miss)):
+        assert torch.equal(a.generated, b.generated)
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)

@@ -3,8 +3,9 @@
 Each request owns one cache row (two with CFG: the conditional row and the unconditional row, whose text-token
 embeddings are zero) and its own text length, positions, sampling parameters, repetition history, random
 generator and stopping rule. A step
-  1. admits waiting requests (while rows are free): conditioning + prefill of their whole prefix, which gives
-     their first logits;
+  1. admits waiting requests (while rows are free): prefill of their prefix, which gives their first logits
+     (the 34 conditioning positions are computed once per voice and exaggeration, kept in an LRU cache, and
+     copied to the unconditional row);
   2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
      top_p; `engine/sampling.py`) and draws one token per request, all in one batched call;
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
@@ -20,7 +21,8 @@ cfg_weight == 0 the unconditional row is not computed at all (0.1.7 itself fails
 from __future__ import annotations
 
 import json
-from collections import deque
+import hashlib
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -78,8 +80,10 @@ def postprocess(generated: Tensor, stop_token: int, start_token: int) -> Tensor:
 class T3Decoder:
     """Continuous-batching decoder over one T3 model. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512):
+    def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512, prefix_cache_size: int = 8):
         self.model = model
+        self.prefix_cache_size = prefix_cache_size    # voices whose conditioning keys/values are kept
+        self.prefix_cache: OrderedDict[bytes, list[tuple[Tensor, Tensor]]] = OrderedDict()
         self.cfg = model.cfg
         self.max_rows = max_rows
         self.cache = model.tfmr.new_cache(rows=0, capacity=initial_capacity)
@@ -167,21 +171,53 @@ class T3Decoder:
         return [done[id(r)] for r in requests]
 
     # ---- internals -----------------------------------------------------------------------------------------
+    def _cond_key(self, req: T3Request) -> bytes | None:
+        """What the conditioning positions depend on: the voice (speaker embedding + prompt tokens, or a given
+        cond) and the exaggeration."""
+        if self.prefix_cache_size <= 0:
+            return None
+        h = hashlib.sha256()
+        if req.cond is not None:
+            h.update(b"cond:" + req.cond.detach().to("cpu", torch.float32).numpy().tobytes())
+        else:
+            h.update(b"spk:" + req.speaker_emb.detach().to("cpu", torch.float32).numpy().tobytes())
+            h.update(b"prompt:" + req.prompt_tokens.detach().to("cpu", torch.long).numpy().tobytes())
+            h.update(b"exaggeration:" + repr(float(req.params.exaggeration)).encode())
+        return h.digest()
+
     @staticmethod
     def _rows_needed(req: T3Request) -> int:
         return 2 if req.params.cfg_weight > 0 else 1
 
     def _prefill(self, req: T3Request) -> None:
+        """Prefill in two parts: the conditioning positions (identical for both CFG rows and for every request
+        with the same voice and exaggeration: computed once for the conditional row, copied to the unconditional
+        one, and kept in a small LRU cache), then [text | BOS | BOS] of both rows in one forward."""
         m, cfg = self.model, self.cfg
         device = m.device
         text = torch.tensor([cfg.start_text_token, *req.text_ids, cfg.stop_text_token], dtype=torch.long)
         use_cfg = self._rows_needed(req) == 2
-        x = m.prefix_embeds(self.conditioning(req), text, cfg=use_cfg)         # (R, L, C)
-        R, L, _ = x.shape
+        x = m.text_embeds(text, cfg=use_cfg)                                   # (R, L_text + 2, C)
+        R, n_text, _ = x.shape
+        n_cond = cfg.cond_len
         first = self.rows_in_use
-        rows = slice(first, first + R)
-        hidden = m.tfmr(x, self.cache, rows, [0] * R)
+        self.cache.ensure(first + R, n_cond + n_text)
+        key = self._cond_key(req)
+        kv = self.prefix_cache.get(key) if key is not None else None
+        if kv is None:
+            m.tfmr(self.conditioning(req)[None], self.cache, slice(first, first + 1), [0])
+            if key is not None and self.prefix_cache_size > 0:
+                self.prefix_cache[key] = self.cache.read(first, n_cond)
+                while len(self.prefix_cache) > self.prefix_cache_size:
+                    self.prefix_cache.popitem(last=False)
+        else:
+            self.prefix_cache.move_to_end(key)
+            self.cache.write(first, kv)
+        if R == 2:
+            self.cache.move_row(first, first + 1, n_cond)
+        hidden = m.tfmr(x, self.cache, slice(first, first + R), [n_cond] * R)
         logits = m.logits(hidden[:, -1])                                       # (R, V)
+        L = n_cond + n_text
         seen = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool, device=device)
         seen[cfg.start_speech_token] = True
         gen = torch.Generator(device=device)

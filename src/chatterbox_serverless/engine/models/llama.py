@@ -107,6 +107,18 @@ class KVCache:
                     store[i] = t
         self.rows, self.capacity = new_rows, new_cap
 
+    def read(self, row: int, length: int) -> list[tuple[Tensor, Tensor]]:
+        """Copies of the first `length` positions of `row`, per layer."""
+        return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in zip(self.k, self.v)]
+
+    def write(self, row: int, kv: list[tuple[Tensor, Tensor]]) -> None:
+        """Put what `read` returned at the start of `row`."""
+        length = kv[0][0].shape[1]
+        self.ensure(row + 1, length)
+        for (k, v), kc, vc in zip(kv, self.k, self.v):
+            kc[row, :, :length] = k
+            vc[row, :, :length] = v
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row `src` into row `dst` (used to keep active rows contiguous)."""
         for store in (self.k, self.v):

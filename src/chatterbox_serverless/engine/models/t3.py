@@ -196,15 +196,20 @@ class T3(nn.Module):
     def prefix_embeds(self, cond: Tensor, text_ids: Tensor, cfg: bool) -> Tensor:
         """The prefill input of one request: cond (cond_len, C), text_ids (L,) including [START]/[STOP].
         Returns (2 if cfg else 1, cond_len + L + 2, C); row 1 is the unconditional CFG row."""
+        text = self.text_embeds(text_ids, cfg)
+        return torch.cat((cond[None].expand(text.shape[0], -1, -1), text), dim=1)
+
+    def text_embeds(self, text_ids: Tensor, cfg: bool) -> Tensor:
+        """The part of the prefix after the conditioning: [text (L) | BOS | BOS], (2 if cfg else 1, L + 2, C)."""
         text_ids = text_ids.to(self.device, torch.long)
         L = text_ids.shape[0]
         text_pos = self.text_pos_emb(torch.arange(L, device=self.device))
         text = self.text_emb(text_ids) + text_pos
         bos = self.speech_embeds(torch.tensor([self.cfg.start_speech_token], device=self.device),
                                  torch.zeros(1, dtype=torch.long, device=self.device))[0]
-        rows = [torch.cat((cond, text, bos, bos))]
+        rows = [torch.cat((text, bos, bos))]
         if cfg:
-            rows.append(torch.cat((cond, torch.zeros_like(text) + text_pos, bos, bos)))
+            rows.append(torch.cat((torch.zeros_like(text) + text_pos, bos, bos)))
         return torch.stack(rows)
 
     def speech_embeds(self, tokens: Tensor, positions: Tensor) -> Tensor:
