@@ -95,6 +95,7 @@ def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, store:
     app = create_app(cfg, store, engine, workers=workers, model_name="fake", **(app_kwargs or {}))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # no 40 ms delayed-ACK stalls on reused connections
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",

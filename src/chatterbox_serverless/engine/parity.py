@@ -14,8 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 STAGES = (  # (module with parity_outputs, names of the recorded tensors it covers)
     ("chatterbox_serverless.engine.conditioning", ("cond.",)),
     ("chatterbox_serverless.engine.t3_decoder", ("t3.",)),
@@ -25,7 +23,7 @@ INPUT_ONLY = {"t3.tokens", "flow.tokens", "flow.noise", "hift.source"}   # recor
 REL_TOL = 1e-4
 
 
-def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float, bool]:
+def compare(ours: "torch.Tensor", theirs: "torch.Tensor") -> tuple[float, float, bool]:
     """(max abs error, relative error, ok). Integer tensors (token ids) must be identical."""
     if ours.shape != theirs.shape:
         return float("inf"), float("inf"), False
@@ -39,6 +37,7 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float, boo
 
 
 def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
+    import torch
     from safetensors.torch import load_file
     ref = load_file(str(ref_dir / "reference.safetensors"))
     meta = json.loads((ref_dir / "reference.json").read_text())
@@ -80,6 +79,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import torch
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False
