@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from conftest import FakeEngineForTests, start_server, wait_until
+from chatterbox_serverless.api.app import NO_WORKER_GRACE_S
 
 V1 = "/v1/chatterbox-tts"
 V2 = "/v2/chatterbox-tts"
@@ -210,8 +211,10 @@ def test_queue_is_bounded_429(tmp_path):
 
 def test_v1_without_any_worker_is_502(tmp_path):
     with start_server(tmp_path, engine=None, workers=0) as srv:
+        t0 = time.monotonic()
         r = httpx.post(srv.url + V1, json={"text": "hi"})
         assert r.status_code == 502 and "no worker" in r.json()["error"]
+        assert time.monotonic() - t0 >= NO_WORKER_GRACE_S * 0.9       # after a short wait for a worker, not at once
         ready = httpx.get(srv.url + "/ready")
         assert ready.status_code == 503 and ready.json()["error"]
 

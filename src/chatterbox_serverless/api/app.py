@@ -138,6 +138,9 @@ class _RequestContext:
             request_id_var.reset(token)
 
 
+NO_WORKER_GRACE_S = 2.0   # v1 waits this long for a live worker before answering 502
+
+
 def create_app(settings: Settings, store: JobStore, engine: Engine | None = None, *, workers: int = 1,
                worker: Worker | None = None, policy: ContentPolicy | None = None, fetcher: Any = None,
                authenticate: Callable[..., str] | None = None, model_name: str = "",
@@ -336,6 +339,10 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
     async def run_v1(request: Request, owner: str = Depends(auth)):
         params = await parse_body(request)
         reason = await run_in_threadpool(no_worker_reason)
+        deadline = time.monotonic() + NO_WORKER_GRACE_S
+        while reason and time.monotonic() < deadline:     # ride out a worker restart before answering 502
+            await anyio.sleep(0.25)
+            reason = await run_in_threadpool(no_worker_reason)
         if reason:
             raise ApiError(502, f"service temporarily unavailable: {reason}")
         job = await run_in_threadpool(submit, request, params, owner, "v1")
@@ -424,6 +431,7 @@ def create_app(settings: Settings, store: JobStore, engine: Engine | None = None
         problem = no_worker_reason()
         body = {"model": model_name or None, "engine_loaded": engine is not None,
                 "worker": worker.worker_id if worker else None, "workers_alive": len(stats.workers),
+                "workers": stats.workers, "oldest_queued_age_s": round(stats.oldest_queued_age, 3),
                 "queue_depth": stats.by_state.get("QUEUED", 0)}
         if problem:
             return JSONResponse({"error": f"not ready: {problem}", "status": "not ready", **body}, status_code=503)
