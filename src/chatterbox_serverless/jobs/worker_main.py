@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..engine.options import add_engine_arguments, engine_from_args
+
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"CHATTERBOX_{name}", default)
@@ -65,9 +67,7 @@ def describe_store(store: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     add_store_arguments(parser)
-    a("--model", default=_env("MODEL", "ResembleAI/chatterbox"),
-      help="Hugging Face repo id, checkpoint directory, or tiny-random (default ResembleAI/chatterbox)")
-    a("--device", default=_env("DEVICE", "auto"), help="cpu, cuda, cuda:N or auto (default auto)")
+    add_engine_arguments(parser)
     a("--data-dir", default=_env("DATA_DIR", "./data"), help="model cache and local files (default ./data)")
     a("--worker-id", default=_env("WORKER_ID"), help="name shown in /ready (default HOST-PID-random)")
     a("--batch-size", type=int, default=8, help="jobs per engine batch (default 8)")
@@ -91,7 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api.logs import configure_logging
-    from ..engine.checkpoint import CheckpointError
 
     configure_logging(json_lines=args.log_format == "json", level=args.log_level)
     problems = [f"--{name.replace('_', '-')} must be at least 1" for name in ("batch_size", "max_attempts")
@@ -103,19 +102,8 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         print(f"chatterbox-serverless worker: {'; '.join(problems)}", file=sys.stderr)
         return 2
-    try:
-        from ..engine.pipeline import load_engine
-    except ModuleNotFoundError as e:
-        if e.name != "chatterbox_serverless.engine.pipeline":
-            raise
-        print("chatterbox-serverless worker: this build has no inference engine yet (engine/pipeline.py).",
-              file=sys.stderr)
-        return 2
-    try:
-        engine = load_engine(args.model, data_dir=Path(args.data_dir),
-                             device=None if args.device == "auto" else args.device)
-    except CheckpointError as e:
-        print(f"chatterbox-serverless worker: {e}", file=sys.stderr)
+    engine = engine_from_args(args, args.data_dir, "worker")
+    if engine is None:
         return 2
     store = open_store(args.store, Path(args.data_dir), args.retention, args.redis_prefix, args.audio_dir,
                        args.audio_inline_max)
