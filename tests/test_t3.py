@@ -373,3 +373,22 @@ def test_conditioning_prefix_cache_reuses_a_voice_and_matches_a_fresh_prefill(mo
     for a, b in zip(fresh, (hit, miss)):
         assert torch.equal(a.generated, b.generated)
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+def test_prepacked_weights_give_the_same_logits_and_follow_weight_changes():
+    from chatterbox_serverless.engine.models.llama import prepacking_supported
+    m = tiny_t3(3)
+    if not prepacking_supported(torch.device("cpu"), torch.float32):
+        pytest.skip("no oneDNN on this CPU build")
+    r = request(m, seed=5, max_new_tokens=5)
+    plain = generate(m, [r])[0]
+    assert m.tfmr.set_prepacked_weights(True)
+    packed = generate(m, [r])[0]
+    assert torch.equal(plain.generated, packed.generated)
+    assert torch.allclose(plain.logits, packed.logits, atol=1e-5)
+    with torch.no_grad():
+        m.tfmr.layers[0].self_attn.k_proj.weight.mul_(3)        # an in-place change invalidates the packed copy
+    changed = generate(m, [r])[0]
+    m.tfmr.set_prepacked_weights(False)
+    assert torch.allclose(changed.logits, generate(m, [r])[0].logits, atol=1e-5)
+    assert not torch.allclose(changed.logits, plain.logits, atol=1e-3)

@@ -155,7 +155,40 @@ def is_fused(fused: Tensor | None, modules: list[nn.Linear]) -> bool:
     return True
 
 
-class Attention(nn.Module):
+def prepacking_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN can run linears with prepacked weights here (CPU, float32 or bfloat16 with hardware)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+class Linears(nn.Module):
+    """Base of the modules below: `x @ w.T` through F.linear, or (when `prepack` is on, CPU only) through oneDNN
+    with the weight reordered once into its blocked layout. On CPU, for a few rows at a time, this is up to ~2x
+    faster than MKL's sgemm (which repacks the weight on every call). The packed copy is rebuilt when the weight
+    changes (new storage or an in-place update); it costs as much memory as the weight."""
+    prepack: bool = False
+
+    def _linear(self, name: str, x: Tensor, w: Tensor, sources: tuple[nn.Linear, ...]) -> Tensor:
+        """`sources`: the Linears whose weights `w` is made of (their version counters tell in-place updates;
+        a fused weight does not share them)."""
+        if not self.prepack or x.device.type != "cpu":
+            return F.linear(x, w)
+        packs = self.__dict__.setdefault("_packs", {})
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), tuple(m.weight._version for m in sources))
+        entry = packs.get(name)
+        if entry is None or entry[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                entry = packs[name] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16))
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), entry[1], None, "none", [], "")
+        return y.view(*x.shape[:-1], w.shape[0])
+
+
+class Attention(Linears):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -178,7 +211,7 @@ class Attention(nn.Module):
         mask (R, 1, T, K) additive (0 or -inf) over the first K cache positions of each row."""
         R, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        q, k, v = F.linear(x, self.qkv_weight()).view(R, T, 3, H, D).unbind(2)
+        q, k, v = self._linear("qkv", x, self.qkv_weight(), (self.q_proj, self.k_proj, self.v_proj)).view(R, T, 3, H, D).unbind(2)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -195,10 +228,10 @@ class Attention(nn.Module):
             out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(R, T, H * D))
+        return self._linear("o", out.transpose(1, 2).reshape(R, T, H * D), self.o_proj.weight, (self.o_proj,))
 
 
-class MLP(nn.Module):
+class MLP(Linears):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
@@ -210,8 +243,8 @@ class MLP(nn.Module):
         mods = [self.gate_proj, self.up_proj]
         if not is_fused(self._gate_up, mods):
             self._gate_up = fused_weight(mods)
-        gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self._linear("gate_up", x, self._gate_up, (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+        return self._linear("down", F.silu(gate) * up, self.down_proj.weight, (self.down_proj,))
 
 
 class DecoderLayer(nn.Module):
@@ -244,6 +277,17 @@ class LlamaModel(nn.Module):
         if key not in self._inv_freq:
             self._inv_freq[key] = self._inv_freq["cpu"].to(device)
         return self._inv_freq[key]
+
+    def set_prepacked_weights(self, enabled: bool) -> bool:
+        """Use oneDNN prepacked weights for the layers' linears (see `Linears`) if this device/dtype supports it.
+        Returns whether it is on."""
+        p = self.norm.weight
+        on = bool(enabled) and prepacking_supported(p.device, p.dtype)
+        for m in self.modules():
+            if isinstance(m, Linears):
+                m.prepack = on
+                m.__dict__.pop("_packs", None)
+        return on
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         p = self.norm.weight
