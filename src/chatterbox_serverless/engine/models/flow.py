@@ -80,10 +80,11 @@ class CausalConditionalCFM(nn.Module):
         static = torch.cat([mu, spks[:, :, None].expand(B, spks.size(1), T), cond], dim=1)
         static = torch.cat([static, torch.zeros_like(static)], dim=0)
         mask2 = torch.cat([mask, mask], dim=0)
+        key_mask = self.estimator.key_mask(mask2)
         x = noise
         for i in range(n):
             inp = torch.cat([torch.cat([x, x], dim=0), static], dim=1)
-            v = self.estimator(inp, mask2, t_embs[i])
+            v = self.estimator(inp, mask2, t_embs[i], key_mask)
             v = (1.0 + cfg) * v[:B] - cfg * v[B:]
             x = x + (t_span[i + 1:i + 2] - t_span[i:i + 1]) * v
         return x

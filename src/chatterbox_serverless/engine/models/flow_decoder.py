@@ -192,11 +192,18 @@ class ConditionalDecoder(nn.Module):
         """(N,) times in [0, 1] -> (N, time_embed_dim)."""
         return self.time_mlp(sinusoidal_time_embedding(t, self.config.in_channels).to(t.dtype))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def key_mask(mask: torch.Tensor) -> torch.Tensor | None:
+        """The attention key mask (B, 1, 1, T) for a frame mask (B, 1, T); None when no row is padded."""
+        return None if bool(mask.all()) else mask.bool()[:, :, None, :]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, t_emb: torch.Tensor,
+                key_mask: torch.Tensor | None | str = "auto") -> torch.Tensor:
         """x (B, in_channels, T) already concatenated [x, mu, spks, cond]; mask (B, 1, T) float of 0/1;
-        t_emb (1 or B, time_embed_dim) from `time_embedding`. Returns (B, out_channels, T)."""
-        # SDPA key mask (B, 1, 1, T); None when no row is padded (the common single-request case)
-        key_mask = None if bool(mask.all()) else mask.bool()[:, :, None, :]
+        t_emb (1 or B, time_embed_dim) from `time_embedding`; key_mask from `key_mask(mask)` (computed when
+        not given). Returns (B, out_channels, T)."""
+        if isinstance(key_mask, str):
+            key_mask = self.key_mask(mask)
 
         def transformers(h: torch.Tensor, blocks: nn.ModuleList) -> torch.Tensor:
             h = h.transpose(1, 2)

@@ -152,17 +152,19 @@ class SourceModuleHnNSF(nn.Module):
         harmonics = torch.arange(1, H + 1, device=f0.device, dtype=f0.dtype)[None, :, None]
         f_mat = f0 * harmonics / c.sampling_rate
         theta = 2 * np.pi * (torch.cumsum(f_mat, dim=-1) % 1)
-        low = torch.tensor(-np.pi, dtype=torch.float32, device=f0.device)
-        high = torch.tensor(np.pi, dtype=torch.float32, device=f0.device)
-        u = torch.rand((f0.size(0), H, 1), generator=generator, device=f0.device, dtype=torch.float32)
-        phase = (low + u * (high - low)).to(f0.dtype)
+        # draws happen on the generator's device (the global RNG of f0's device without one), then move
+        gdev = generator.device if generator is not None else f0.device
+        low = torch.tensor(-np.pi, dtype=torch.float32, device=gdev)
+        high = torch.tensor(np.pi, dtype=torch.float32, device=gdev)
+        u = torch.rand((f0.size(0), H, 1), generator=generator, device=gdev, dtype=torch.float32)
+        phase = (low + u * (high - low)).to(f0.device, f0.dtype)
         phase[:, 0, :] = 0
         sines = c.nsf_alpha * torch.sin(theta + phase)
         uv = (f0 > c.nsf_voiced_threshold).to(torch.float32)
         noise_amp = uv * c.nsf_sigma + (1 - uv) * c.nsf_alpha / 3
-        noise = noise_amp * torch.randn(sines.shape, generator=generator, device=f0.device, dtype=sines.dtype)
-        torch.randn((f0.size(0), f0.size(2), 1), generator=generator, device=f0.device)   # official noise branch
-        return sines * uv + noise
+        noise = torch.randn(sines.shape, generator=generator, device=gdev, dtype=sines.dtype).to(f0.device)
+        torch.randn((f0.size(0), f0.size(2), 1), generator=generator, device=gdev)   # official noise branch
+        return sines * uv + noise_amp * noise
 
     def forward(self, f0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """f0 (1, 1, L) -> source (1, 1, L)."""
