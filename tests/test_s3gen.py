@@ -169,3 +169,20 @@ def test_end_to_end_tiny_tokens_to_wav(s3gen):
     for it, w in zip(items, wavs):
         assert w.shape == (2 * 480 * it.tokens.numel(),)
         assert torch.isfinite(w).all()
+
+
+def test_encoder_padding_is_exact(s3gen):
+    """The conformer encoder on a right-padded batch gives each row what it gives alone (the padded frames
+    are zeroed after the input embedding, so the 3-frame lookahead conv sees zeros past the end)."""
+    enc = s3gen.flow.encoder
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 4, 6]
+    x = torch.randn(3, 9, enc.config.input_size, generator=g)
+    for b, n in enumerate(lengths):
+        x[b, n:] = 0
+    with torch.inference_mode():
+        h, h_len = enc(x, torch.tensor(lengths))
+        assert h_len.tolist() == [18, 8, 12]
+        for b, n in enumerate(lengths):
+            alone, _ = enc(x[b:b + 1, :n], torch.tensor([n]))
+            torch.testing.assert_close(h[b, :2 * n], alone[0], rtol=1e-5, atol=1e-5)

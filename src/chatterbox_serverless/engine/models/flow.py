@@ -111,11 +111,16 @@ class CausalMaskedDiffWithXvec(nn.Module):
             raise ValueError(f"speech tokens must lie in [0, {self.config.vocab_size}); drop special tokens first")
         dtype = self.input_embedding.weight.dtype
         spks = self.spk_embed_affine_layer(F.normalize(embedding.to(dtype), dim=1))
-        mask = torch.arange(tokens.size(1), device=tokens.device)[None, :] < lengths[:, None]
-        x = self.input_embedding(tokens.long()) * mask[:, :, None].to(dtype)
-        h, h_lengths = self.encoder(x, lengths)
-        mu = self.encoder_proj(h).transpose(1, 2).contiguous()                    # (B, 80, T)
-        T = mu.size(2)
+        ratio = self.config.token_mel_ratio
+        T = ratio * tokens.size(1)
+        h_lengths = lengths * ratio
+        mu = torch.zeros(tokens.size(0), self.config.output_size, T, device=tokens.device, dtype=dtype)
+        # The encoder runs once per request, row by row at the row's own length: its attention scores are
+        # (heads, T, 2T) per row, too big to batch for long requests, and it costs little next to the solver.
+        for b, n in enumerate(lengths.tolist()):
+            x = self.input_embedding(tokens[b:b + 1, :n].long())
+            h, _ = self.encoder(x, lengths[b:b + 1])
+            mu[b, :, :ratio * n] = self.encoder_proj(h)[0].transpose(0, 1)
         frames = torch.arange(T, device=mu.device)[None, :]
         mel_mask = (frames < h_lengths[:, None]).to(dtype)[:, None, :]           # (B, 1, T)
         cond = torch.zeros_like(mu)
