@@ -100,3 +100,11 @@ def test_watermark_on_by_default(ckpt):
     assert e.watermarker is not None
     res = e.synthesize([SynthesisRequest("Watermarked.")])[0]
     assert res.error is None and len(res.audio) > 0
+
+
+def test_bfloat16_runs_on_cpu_and_float16_is_refused(ckpt):
+    e = ChatterboxEngine(ckpt, device="cpu", dtype="bfloat16", watermark=False)
+    res = e.synthesize([SynthesisRequest("Half precision.")])[0]
+    assert res.error is None and np.isfinite(res.audio).all() and len(res.audio) > 0
+    with pytest.raises(ValueError, match="float16"):
+        ChatterboxEngine(ckpt, device="cpu", dtype="float16")

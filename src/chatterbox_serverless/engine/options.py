@@ -12,7 +12,8 @@ def add_engine_arguments(parser) -> None:
       help="Hugging Face repo id, checkpoint directory, or tiny-random (default ResembleAI/chatterbox)")
     a("--device", default=os.environ.get("CHATTERBOX_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto (default auto)")
     a("--dtype", default=os.environ.get("CHATTERBOX_DTYPE", "float32"), choices=("float32", "bfloat16", "float16"),
-      help="weights and activations on CUDA (default float32, exact); the CPU runs float32")
+      help="T3 and flow-matching precision: float32 (default, exact parity with the official pipeline), "
+           "bfloat16 (CUDA, or CPUs with AMX; faster, not bit-exact), float16 (CUDA)")
     a("--no-watermark", action="store_true", help="do not apply the Perth watermark (operator's choice)")
     a("--voice-cache", type=int, default=64, help="voices whose conditionals are kept in memory (default 64)")
 
