@@ -222,13 +222,8 @@ class Attention(Linears):
         K = mask.shape[-1]
         keys = k_cache[rows, :, :K]                                          # (R, H, K, D), no copy
         values = v_cache[rows, :, :K]
-        q = q.transpose(1, 2)                                                # (R, H, T, D)
-        if T == 1:
-            # decoding: two small batched products read the cache in place (SDPA is slower here on CPU)
-            scores = torch.matmul(q, keys.transpose(-1, -2)) * (D ** -0.5) + mask
-            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), values)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        # SDPA reads the strided cache in place (plain bf16 matmuls would copy it: 4x slower on CPU)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self._linear("o", out.transpose(1, 2).reshape(R, T, H * D), self.o_proj.weight, (self.o_proj,))
 
 
