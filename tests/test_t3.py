@@ -330,7 +330,24 @@ def test_invalid_requests_are_refused_with_a_message(model):
     bad.speaker_emb = torch.zeros(3)
     with pytest.raises(ValueError, match="speaker embedding"):
         dec.submit(bad)
+    bad = request(model)
+    bad.prompt_tokens = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="conditioning prompt"):
+        dec.submit(bad)
+    bad.prompt_tokens = torch.full((1, 5), 9000)
+    with pytest.raises(ValueError, match="out of range"):
+        dec.submit(bad)
     assert not dec.busy
+
+
+def test_release_memory_then_decode_again(model):
+    r = request(model, seed=9, max_new_tokens=3)
+    dec = T3Decoder(model)
+    first = dec.run([r])[0]
+    dec.release_memory()
+    assert dec.cache.rows == 0 and not dec.prefix_cache
+    again = dec.run([r])[0]
+    assert torch.equal(first.generated, again.generated)
 
 
 def test_steps_equal_one_forward_of_the_official_sequence(model):

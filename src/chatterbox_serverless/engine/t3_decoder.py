@@ -20,7 +20,6 @@ cfg_weight == 0 the unconditional row is not computed at all (0.1.7 itself fails
 """
 from __future__ import annotations
 
-import json
 import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -109,7 +108,9 @@ class T3Decoder:
                 raise ValueError(f"speaker embedding has {req.speaker_emb.numel()} values, "
                                  f"expected {cfg.speaker_embed_size}")
             p = req.prompt_tokens.reshape(-1)
-            if p.numel() > cfg.max_speech_positions or (p.numel() and (p.min() < 0 or p.max() >= cfg.speech_vocab_size)):
+            if not 1 <= p.numel() <= cfg.max_speech_positions:
+                raise ValueError(f"conditioning prompt must hold 1..{cfg.max_speech_positions} speech tokens")
+            if p.min() < 0 or p.max() >= cfg.speech_vocab_size:
                 raise ValueError("conditioning prompt tokens out of range")
         elif tuple(req.cond.shape) != (cfg.cond_len, cfg.hidden_size):
             raise ValueError(f"cond must have shape {(cfg.cond_len, cfg.hidden_size)}")
@@ -121,6 +122,14 @@ class T3Decoder:
     def submit(self, req: T3Request) -> None:
         self.validate(req)
         self.waiting.append(req)
+
+    def release_memory(self) -> None:
+        """Free the KV cache and the conditioning cache when idle (they are rebuilt on demand)."""
+        if self.active:
+            raise RuntimeError("release_memory() while requests are active")
+        self.cache = self.model.tfmr.new_cache(rows=0, capacity=0)
+        self.prefix_cache.clear()
+        self.next_logits = None
 
     @property
     def busy(self) -> bool:
@@ -339,6 +348,3 @@ def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[s
                                            if "t3.text_tokens" in ref else torch.int32),
             "t3.logits": res.logits, "t3.probs": res.probs}
 
-
-def load_meta(ref_dir: Path) -> dict:
-    return json.loads((Path(ref_dir) / "reference.json").read_text())
