@@ -374,22 +374,26 @@ def test_bfloat16_decoding_runs(model):
     assert res[0].probs.dtype == torch.float32 and torch.allclose(res[0].probs.sum(-1), torch.ones(4))
 
 
-def test_conditioning_prefix_cache_reuses_a_voice_and_matches_a_fresh_prefill(model):
-    r1 = request(model, seed=1, voice=5, max_new_tokens=4)
-    r2 = request(model, seed=2, voice=5, n_text=9, max_new_tokens=4)          # same voice and exaggeration
-    r3 = request(model, seed=2, voice=5, n_text=9, max_new_tokens=4, exaggeration=0.9)
-    fresh = [T3Decoder(model, prefix_cache_size=0).run([r])[0] for r in (r2, r3)]
-    dec = T3Decoder(model, prefix_cache_size=1)
-    dec.run([r1])
-    assert len(dec.prefix_cache) == 1
-    key = next(iter(dec.prefix_cache))
-    hit = dec.run([r2])[0]
-    assert list(dec.prefix_cache) == [key]                                  # a hit, nothing new
-    miss = dec.run([r3])[0]
-    assert len(dec.prefix_cache) == 1 and key not in dec.prefix_cache       # other exaggeration: new key, LRU evicts
-    for a, b in zip(fresh, (hit, miss)):
-        assert torch.equal(a.generated, b.generated)
-        assert torch.allclose(a.logits, b.logits, atol=1e-5)
+def test_voice_prefix_cache_matches_a_fresh_prefill(model):
+    """Per voice: conditioning + unconditional text positions are cached, grown for longer texts, reused for
+    shorter ones; a different exaggeration is another entry. Every path gives what a cache-less decoder gives."""
+    n_cond = model.cfg.cond_len
+    r1 = request(model, seed=1, voice=5, n_text=7, max_new_tokens=4)
+    r2 = request(model, seed=2, voice=5, n_text=12, max_new_tokens=4)         # same voice, longer text: grows
+    r3 = request(model, seed=3, voice=5, n_text=4, max_new_tokens=4)          # shorter text: a pure hit
+    r4 = request(model, seed=3, voice=5, n_text=4, max_new_tokens=4, exaggeration=0.9)
+    r5 = request(model, seed=4, voice=5, n_text=30, max_new_tokens=4)         # longer than max_cached_text
+    dec = T3Decoder(model, prefix_cache_size=1, max_cached_text=20)
+    results, sizes = [], []
+    for r in (r1, r2, r3, r4, r5):
+        results.append(dec.run([r])[0])
+        sizes.append([kv[0][0].shape[1] for kv in dec.prefix_cache.values()])
+    # r4 evicts the 0.5 entry (LRU of 1); r5 misses, keeps the conditioning only (its text is too long to keep)
+    assert sizes == [[n_cond + 9], [n_cond + 14], [n_cond + 14], [n_cond + 6], [n_cond]]
+    for r, got in zip((r1, r2, r3, r4, r5), results):
+        fresh = T3Decoder(model, prefix_cache_size=0).run([r])[0]
+        assert torch.equal(fresh.generated, got.generated)
+        assert torch.allclose(fresh.logits, got.logits, atol=1e-5)
 
 
 def test_prepacked_weights_give_the_same_logits_and_follow_weight_changes():

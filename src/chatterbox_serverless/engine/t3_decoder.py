@@ -4,8 +4,8 @@ Each request owns one cache row (two with CFG: the conditional row and the uncon
 embeddings are zero) and its own text length, positions, sampling parameters, repetition history, random
 generator and stopping rule. A step
   1. admits waiting requests (while rows are free): prefill of their prefix, which gives their first logits
-     (the 34 conditioning positions are computed once per voice and exaggeration, kept in an LRU cache, and
-     copied to the unconditional row);
+     (what does not depend on the text, the conditioning positions and the unconditional row up to its BOS,
+     is kept per voice and exaggeration in an LRU cache: see `_prefill`);
   2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
      top_p; `engine/sampling.py`) and draws one token per request, all in one batched call;
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
@@ -79,9 +79,11 @@ def postprocess(generated: Tensor, stop_token: int, start_token: int) -> Tensor:
 class T3Decoder:
     """Continuous-batching decoder over one T3 model. Not thread-safe: drive it from one thread."""
 
-    def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512, prefix_cache_size: int = 8):
+    def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512, prefix_cache_size: int = 8,
+                 max_cached_text: int = 512):
         self.model = model
-        self.prefix_cache_size = prefix_cache_size    # voices whose conditioning keys/values are kept
+        self.prefix_cache_size = prefix_cache_size    # voices whose text-independent keys/values are kept
+        self.max_cached_text = max_cached_text        # longest text (tokens + 2) whose uncond. positions are kept
         self.prefix_cache: OrderedDict[bytes, list[tuple[Tensor, Tensor]]] = OrderedDict()
         self.cfg = model.cfg
         self.max_rows = max_rows
@@ -180,6 +182,13 @@ class T3Decoder:
         return [done[id(r)] for r in requests]
 
     # ---- internals -----------------------------------------------------------------------------------------
+    def _remember(self, key: bytes, kv: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+        self.prefix_cache[key] = kv
+        self.prefix_cache.move_to_end(key)
+        while len(self.prefix_cache) > self.prefix_cache_size:
+            self.prefix_cache.popitem(last=False)
+        return kv
+
     def _cond_key(self, req: T3Request) -> bytes | None:
         """What the conditioning positions depend on: the voice (speaker embedding + prompt tokens, or a given
         cond) and the exaggeration."""
@@ -199,34 +208,48 @@ class T3Decoder:
         return 2 if req.params.cfg_weight > 0 else 1
 
     def _prefill(self, req: T3Request) -> None:
-        """Prefill in two parts: the conditioning positions (identical for both CFG rows and for every request
-        with the same voice and exaggeration: computed once for the conditional row, copied to the unconditional
-        one, and kept in a small LRU cache), then [text | BOS | BOS] of both rows in one forward."""
+        """Prefill a request's rows; reuse per voice what does not depend on its text.
+
+        The conditioning positions depend only on the voice and the exaggeration, and are the same in both CFG
+        rows. The unconditional row continues with text POSITION embeddings only (its token embeddings are
+        zero), so up to its two BOS it depends on the voice and the text length, and (causal attention) each
+        position only on those before it. So one cache entry per voice holds the unconditional row's keys/values
+        for [conditioning | positions of the longest text seen so far] (grown when a longer text arrives): a
+        request then computes its conditional row's text and BOS positions and two BOS positions of the
+        unconditional row, about half the prefill work."""
         m, cfg = self.model, self.cfg
         device = m.device
         text = torch.tensor([cfg.start_text_token, *req.text_ids, cfg.stop_text_token], dtype=torch.long)
         use_cfg = self._rows_needed(req) == 2
-        x = m.text_embeds(text, cfg=use_cfg)                                   # (R, L_text + 2, C)
-        R, n_text, _ = x.shape
-        n_cond = cfg.cond_len
-        first = self.rows_in_use
-        self.cache.ensure(first + R, n_cond + n_text)
+        x = m.text_embeds(text, cfg=use_cfg)                                   # (R, n_text + 2, C)
+        R = x.shape[0]
+        n_text, n_cond = text.numel(), cfg.cond_len
+        first, u = self.rows_in_use, self.rows_in_use + 1
+        self.cache.ensure(first + R, n_cond + n_text + 2)
         key = self._cond_key(req)
-        kv = self.prefix_cache.get(key) if key is not None else None
-        if kv is None:
+        entry = self.prefix_cache.get(key) if key is not None else None
+        if entry is None:
             m.tfmr(self.conditioning(req)[None], self.cache, slice(first, first + 1), [0])
-            if key is not None and self.prefix_cache_size > 0:
-                self.prefix_cache[key] = self.cache.read(first, n_cond)
-                while len(self.prefix_cache) > self.prefix_cache_size:
-                    self.prefix_cache.popitem(last=False)
+            if key is not None:
+                entry = self._remember(key, self.cache.read(first, n_cond))
         else:
             self.prefix_cache.move_to_end(key)
-            self.cache.write(first, kv)
-        if R == 2:
-            self.cache.move_row(first, first + 1, n_cond)
-        hidden = m.tfmr(x, self.cache, slice(first, first + R), [n_cond] * R)
-        logits = m.logits(hidden[:, -1])                                       # (R, V)
-        L = n_cond + n_text
+            self.cache.write(first, entry, n_cond)
+        if not use_cfg:
+            logits = m.logits(m.tfmr(x, self.cache, slice(first, first + 1), [n_cond])[:, -1])
+        elif entry is None or n_text > self.max_cached_text:
+            self.cache.move_row(first, u, n_cond)
+            logits = m.logits(m.tfmr(x, self.cache, slice(first, first + 2), [n_cond] * 2)[:, -1])
+        else:
+            cached = entry[0][0].shape[1] - n_cond                             # text positions already there
+            self.cache.write(u, entry, n_cond + min(cached, n_text))
+            if cached < n_text:
+                m.tfmr(x[1:, cached:n_text], self.cache, slice(u, u + 1), [n_cond + cached])
+                self._remember(key, self.cache.read(u, n_cond + n_text))
+            h_cond = m.tfmr(x[:1], self.cache, slice(first, first + 1), [n_cond])[:, -1]
+            h_uncond = m.tfmr(x[1:, n_text:], self.cache, slice(u, u + 1), [n_cond + n_text])[:, -1]
+            logits = m.logits(torch.cat((h_cond, h_uncond)))
+        L = n_cond + n_text + 2
         seen = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool, device=device)
         seen[cfg.start_speech_token] = True
         gen = torch.Generator(device=device)

@@ -111,13 +111,13 @@ class KVCache:
         """Copies of the first `length` positions of `row`, per layer."""
         return [(k[row, :, :length].clone(), v[row, :, :length].clone()) for k, v in zip(self.k, self.v)]
 
-    def write(self, row: int, kv: list[tuple[Tensor, Tensor]]) -> None:
-        """Put what `read` returned at the start of `row`."""
-        length = kv[0][0].shape[1]
+    def write(self, row: int, kv: list[tuple[Tensor, Tensor]], length: int | None = None) -> None:
+        """Put (the first `length` positions of) what `read` returned at the start of `row`."""
+        length = kv[0][0].shape[1] if length is None else length
         self.ensure(row + 1, length)
         for (k, v), kc, vc in zip(kv, self.k, self.v):
-            kc[row, :, :length] = k
-            vc[row, :, :length] = v
+            kc[row, :, :length] = k[:, :length]
+            vc[row, :, :length] = v[:, :length]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row `src` into row `dst` (used to keep active rows contiguous)."""
