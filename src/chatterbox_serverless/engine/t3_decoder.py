@@ -153,8 +153,18 @@ class T3Decoder:
     @torch.inference_mode()
     def admit(self) -> None:
         """Prefill waiting requests while rows are free (`step` does this first; callable alone, e.g. to time it)."""
-        while self.waiting and self.rows_in_use + self._rows_needed(self.waiting[0]) <= self.max_rows:
-            self._prefill(self.waiting.popleft())
+        batch, rows, longest = [], self.rows_in_use, max(self.row_len, default=0)
+        for req in self.waiting:
+            if rows + self._rows_needed(req) > self.max_rows:
+                break
+            batch.append(req)
+            rows += self._rows_needed(req)
+            longest = max(longest, self.cfg.cond_len + len(req.text_ids) + 4)
+        if batch:
+            self.cache.ensure(rows, longest, max_rows=self.max_rows)     # one allocation for the whole batch
+        for req in batch:
+            self.waiting.popleft()
+            self._prefill(req)
 
     @torch.inference_mode()
     def step(self) -> list[T3Result]:

@@ -89,12 +89,15 @@ class KVCache:
         self.v: list[Tensor] = []
         self.ensure(rows, capacity)
 
-    def ensure(self, rows: int, capacity: int) -> None:
-        """Grow (never shrink) to at least `rows` x `capacity`, keeping the contents."""
+    def ensure(self, rows: int, capacity: int, max_rows: int | None = None) -> None:
+        """Grow (never shrink) to at least `rows` x `capacity` (rows: at most `max_rows`), keeping the contents."""
         if rows <= self.rows and capacity <= self.capacity:
             return
-        new_rows = max(rows, self.rows)
-        new_cap = max(self.capacity, -(-capacity // self.chunk) * self.chunk)
+        # grow geometrically (each growth copies the whole cache), capacity in whole chunks
+        new_rows = self.rows if rows <= self.rows else max(rows, min(2 * self.rows, max_rows or 2 * self.rows))
+        new_cap = self.capacity
+        if capacity > self.capacity:
+            new_cap = -(-max(capacity, int(1.5 * self.capacity)) // self.chunk) * self.chunk
         shape = (new_rows, self.cfg.num_heads, new_cap, self.cfg.head_dim)
         for store in (self.k, self.v):
             for i in range(self.cfg.num_layers):
