@@ -69,10 +69,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # one fused op: x * rsqrt(mean(x^2) + eps) * weight, accumulated in float32 (bit-identical to the
+        # transformers formula in float32; in bfloat16 it rounds once instead of twice)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class KVCache:
@@ -210,18 +209,18 @@ class Attention(Linears):
         return self._qkv
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                rows: slice, positions: Tensor, mask: Tensor) -> Tensor:
-        """x (R, T, C); cos/sin (R, T, D); positions (R, T) where each new key/value goes in its cache row;
-        mask (R, 1, T, K) additive (0 or -inf) over the first K cache positions of each row."""
+                rows: slice, where: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        """x (R, T, C); cos/sin (R, T, 1, 1, D); where = (cache rows, positions), both (R, T): where each new
+        key/value goes; mask (R, 1, T, K) additive (0 or -inf) over the first K cache positions of each row."""
         R, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        q, k, v = self._linear("qkv", x, self.qkv_weight(), (self.q_proj, self.k_proj, self.v_proj)).view(R, T, 3, H, D).unbind(2)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        row_ids = torch.arange(rows.start, rows.stop, device=x.device)[:, None].expand(R, T)
+        qkv = self._linear("qkv", x, self.qkv_weight(), (self.q_proj, self.k_proj, self.v_proj)).view(R, T, 3, H, D)
+        qk = qkv[:, :, :2]
+        qk = qk * cos + rotate_half(qk) * sin                      # RoPE on q and k at once; cos (R, T, 1, 1, D)
+        q, k = qk.unbind(2)
+        row_ids, positions = where
         k_cache[row_ids, :, positions] = k
-        v_cache[row_ids, :, positions] = v
+        v_cache[row_ids, :, positions] = qkv[:, :, 2]
         K = mask.shape[-1]
         keys = k_cache[rows, :, :K]                                          # (R, H, K, D), no copy
         values = v_cache[rows, :, :K]
@@ -255,8 +254,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                rows: slice, positions: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, positions, mask)
+                rows: slice, where: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, where, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -308,12 +307,13 @@ class LlamaModel(nn.Module):
         positions = start[:, None] + torch.arange(T, device=x.device)[None, :]          # (R, T)
         cache.ensure(rows.stop, K)
         cos_table, sin_table = self.rope_table(cache.capacity, x.device, x.dtype)
-        cos, sin = cos_table[positions], sin_table[positions]
+        cos, sin = cos_table[positions][:, :, None, None], sin_table[positions][:, :, None, None]
+        where = (torch.arange(rows.start, rows.stop, device=x.device)[:, None].expand(R, T), positions)
         key_pos = torch.arange(K, device=x.device)
         allowed = (key_pos[None, None, :] <= positions[:, :, None])[:, None]          # (R, 1, T, K)
         mask = torch.zeros(allowed.shape, device=x.device, dtype=x.dtype).masked_fill_(~allowed, float("-inf"))
         for layer, kc, vc in zip(self.layers, cache.k, cache.v):
-            x = layer(x, cos, sin, kc, vc, rows, positions, mask)
+            x = layer(x, cos, sin, kc, vc, rows, where, mask)
         return self.norm(x)
 
     def rope_table(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
