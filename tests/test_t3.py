@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chatterbox_serverless.engine.checkpoint import CheckpointError
-from chatterbox_serverless.engine.models.llama import LlamaConfig, llama3_inv_freq
+from chatterbox_serverless.engine.models.llama import KVCache, LlamaConfig, llama3_inv_freq
 from chatterbox_serverless.engine.models.t3 import T3, T3Config
 from chatterbox_serverless.engine.sampling import (
     SamplingParams, apply_cfg, apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_p,
@@ -129,7 +129,7 @@ def test_kv_cache_decoding_matches_one_full_forward(model):
     x = torch.randn(2, 9, C)
     with torch.inference_mode():
         full = model.tfmr(x, model.tfmr.new_cache(2, 16), slice(0, 2), torch.zeros(2, dtype=torch.long))
-        cache = model.tfmr.new_cache(2, 4)          # grows as needed
+        cache = KVCache(model.tfmr.cfg, rows=1, capacity=2, chunk=2)   # grows (rows and positions) as needed
         # row 0 prefills 5 positions, row 1 prefills 3 (right-padded to 5), then both step one token at a time
         h0 = model.tfmr(x[:1, :5], cache, slice(0, 1), torch.tensor([0]))
         h1 = model.tfmr(x[1:, :5], cache, slice(1, 2), torch.tensor([0]))
@@ -145,6 +145,7 @@ def test_kv_cache_decoding_matches_one_full_forward(model):
     for r in range(2):
         for pos, h in outs[r]:
             assert torch.allclose(h, full[r, pos], atol=1e-5), (r, pos)
+    assert cache.rows == 2 and cache.capacity >= 9
 
 
 # ---- sampling -------------------------------------------------------------------------------------------------
