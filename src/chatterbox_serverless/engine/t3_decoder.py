@@ -7,7 +7,7 @@ generator and stopping rule. A step
      (what does not depend on the text, the conditioning positions and the unconditional row up to its BOS,
      is kept per voice and exaggeration in an LRU cache: see `_prefill`);
   2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
-     top_p; `engine/sampling.py`) and draws one token per request, all in one batched call;
+     top_p; `engine/sampling.py`) in one batched call, then draws one token per request with its own generator;
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
      move into the holes so that the active rows stay contiguous;
   4. feeds every remaining request's new token (to both of its rows) through the backbone in one forward.
@@ -77,7 +77,12 @@ def postprocess(generated: Tensor, stop_token: int, start_token: int) -> Tensor:
 
 
 class T3Decoder:
-    """Continuous-batching decoder over one T3 model. Not thread-safe: drive it from one thread."""
+    """Continuous-batching decoder over one T3 model. Not thread-safe: drive it from one thread.
+
+    Keep one per worker for the process lifetime (its per-voice prefix cache then pays off): `submit` requests
+    at any time, call `step` in a loop while `busy`; each call returns the requests finished in that step.
+    `max_rows` bounds the batch (a CFG request takes 2 rows) and so the KV cache: about
+    rows x (prefix + generated tokens) x 245 KB in float32 (half in bfloat16) for the official size."""
 
     def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512, prefix_cache_size: int = 8,
                  max_cached_text: int = 512):
