@@ -108,3 +108,11 @@ def test_bfloat16_runs_on_cpu_and_float16_is_refused(ckpt):
     assert res.error is None and np.isfinite(res.audio).all() and len(res.audio) > 0
     with pytest.raises(ValueError, match="float16"):
         ChatterboxEngine(ckpt, device="cpu", dtype="float16")
+
+
+def test_models_loaded_under_inference_mode_still_run(ckpt):
+    import torch
+    with torch.inference_mode():
+        e = ChatterboxEngine(ckpt, device="cpu", watermark=False)
+        res = e.synthesize([SynthesisRequest("Loaded in inference mode.")])[0]
+    assert res.error is None and len(res.audio) > 0

@@ -168,6 +168,14 @@ def prepacking_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def _version(t: Tensor) -> int:
+    """In-place update counter; inference tensors (made under inference_mode) have none and never change."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class Linears(nn.Module):
     """Base of the modules below: `x @ w.T` through F.linear, or (when `prepack` is on, CPU only) through oneDNN
     with the weight reordered once into its blocked layout. On CPU this is ~1.5-2x faster than MKL's sgemm for
@@ -182,7 +190,7 @@ class Linears(nn.Module):
         if not self.prepack or x.device.type != "cpu" or (w.dtype == torch.float32 and x.numel() <= 4 * x.shape[-1]):
             return F.linear(x, w)       # float32 matrix-vector products with <= 4 rows: MKL is as fast or faster
         packs = self.__dict__.setdefault("_packs", {})
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), tuple(m.weight._version for m in sources))
+        key = (w.data_ptr(), _version(w), w.dtype, tuple(w.shape), tuple(_version(m.weight) for m in sources))
         entry = packs.get(name)
         if entry is None or entry[0] != key:
             with torch.inference_mode(False), torch.no_grad():
