@@ -15,9 +15,12 @@ the voice (a serving worker's steady state) and once on a fresh decoder ("new vo
 On a machine shared with other work, use --threads 1: with 2 threads on 2 busy cores, OpenMP barriers make
 both sides many times slower and the figures meaningless.
 
-Stages (one function each, so the whole pipeline can be added stage by stage):
-    t3_engine    this engine's T3: 1 request, then --concurrent requests decoded together
-    t3_official  chatterbox-tts 0.1.7 `T3.inference`
+Stages (one function each):
+    t3_engine          this engine's T3: 1 request, then --concurrent requests decoded together
+    t3_official        chatterbox-tts 0.1.7 `T3.inference`
+    pipeline_engine    this engine's whole pipeline (text -> T3 -> S3Gen -> watermark): real-time factor for one
+                       request, aggregate audio seconds per second for --concurrent requests, peak memory
+    pipeline_official  chatterbox-tts 0.1.7 `ChatterboxTTS.generate`'s body with the same token bound
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +132,120 @@ def t3_engine(model, conds, text_ids, tokens: int, concurrent: int) -> dict:
     return out
 
 
+OFFICIAL_PIPELINE = r"""
+import json, resource, sys, time, torch
+import torch.nn.functional as F
+from chatterbox.tts import ChatterboxTTS, punc_norm
+from chatterbox.models.s3tokenizer import drop_invalid_tokens
+ckpt, tokens, text, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)
+model = ChatterboxTTS.from_local(ckpt, "cpu")
+def generate(n):
+    # ChatterboxTTS.generate's body with max_new_tokens bounded (random weights almost never draw EOS)
+    ids = model.tokenizer.text_to_tokens(punc_norm(text))
+    tt = torch.cat([ids, ids])
+    tt = F.pad(F.pad(tt, (1, 0), value=model.t3.hp.start_text_token), (0, 1), value=model.t3.hp.stop_text_token)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        speech = model.t3.inference(t3_cond=model.conds.t3, text_tokens=tt, max_new_tokens=n, temperature=0.8,
+                                    cfg_weight=0.5, repetition_penalty=1.2, min_p=0.05, top_p=1.0)[0]
+        speech = drop_invalid_tokens(speech)
+        speech = speech[speech < 6561]
+        t_t3 = time.perf_counter()
+        wav, _ = model.s3gen.inference(speech_tokens=speech, ref_dict=model.conds.gen)
+        wav = wav.squeeze(0).numpy()
+        t_s3 = time.perf_counter()
+        out = model.watermarker.apply_watermark(wav, sample_rate=model.sr)
+    end = time.perf_counter()
+    return {"seconds": end - t, "t3_s": t_t3 - t, "s3gen_s": t_s3 - t_t3, "watermark_s": end - t_s3,
+            "audio_s": len(out) / model.sr, "speech_tokens": int(speech.numel())}
+generate(3)
+r = generate(tokens)
+r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps(r))
+"""
+
+
+def pipeline_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
+    """chatterbox-tts 0.1.7, the whole `generate` (T3 -> S3Gen -> watermark) for one request, built-in voice."""
+    env = dict(os.environ, TQDM_DISABLE="1")
+    proc = subprocess.run([python, "-c", OFFICIAL_PIPELINE, str(ckpt), str(tokens), TEXT, str(threads)],
+                          capture_output=True, text=True, env=env, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"official run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def pipeline_engine(ckpt: Path, tokens: int, concurrent: int, dtype_name: str) -> dict:
+    """This engine's whole pipeline (ChatterboxEngine.synthesize, watermark on): one request, then `concurrent`
+    requests in one batch (different seeds, as concurrent clients would send)."""
+    import resource
+    from chatterbox_serverless.engine.pipeline import ChatterboxEngine
+    from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest
+
+    engine = ChatterboxEngine(ckpt, device="cpu", dtype=dtype_name)
+    engine.max_new_tokens = tokens            # the same bound as the official run (random weights rarely stop)
+    engine.synthesize([SynthesisRequest(TEXT, SynthesisParams(seed=99))])        # warm-up
+    out = {}
+    for label, n in (("single", 1), ("concurrent", concurrent)):
+        reqs = [SynthesisRequest(TEXT, SynthesisParams(seed=i)) for i in range(n)]
+        t = time.perf_counter()
+        results = engine.synthesize(reqs)
+        seconds = time.perf_counter() - t
+        bad = [r.error for r in results if r.error]
+        if bad:
+            raise RuntimeError(f"engine failed: {bad[0]}")
+        m = results[0].metrics
+        out[label] = {"requests": n, "seconds": seconds, "audio_s": sum(r.metrics["audio_seconds"] for r in results),
+                      "speech_tokens": sum(r.metrics["speech_tokens"] for r in results),
+                      "t3_s": m["t3_s"], "s3gen_s": m["s3gen_s"], "watermark_s": m["watermark_s"]}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def print_pipeline(rows, official, args) -> None:
+    print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt}, built-in voice, {args.tokens} speech "
+          f"tokens/request, {args.threads} threads")
+    print("RTF: compute seconds per audio second (lower is faster); audio s/s: aggregate audio seconds per second")
+    print(f"{'implementation':24s} {'requests':>15s} {'audio s':>8s} {'seconds':>8s} {'T3 s':>7s} {'S3Gen s':>8s} "
+          f"{'wm s':>6s} {'RTF':>6s} {'audio s/s':>9s} {'x official':>10s} {'peak RSS MB':>11s}")
+    for name, n, r, rss in rows:
+        rate = r["audio_s"] / r["seconds"]
+        ratio = f"{rate / (official['audio_s'] / official['seconds']):.2f}x" if official else "-"
+        print(f"{name:24s} {n:>15s} {r['audio_s']:8.2f} {r['seconds']:8.2f} {r['t3_s']:7.2f} {r['s3gen_s']:8.2f} "
+              f"{r['watermark_s']:6.2f} {r['seconds'] / r['audio_s']:6.2f} {rate:9.3f} {ratio:>10s} {rss:11.0f}")
+
+
+def pipeline_engine_child(args) -> None:
+    """Runs in its own process (so its peak memory is its own) and prints a RESULT line."""
+    import torch
+    torch.set_num_threads(args.threads)
+    print("RESULT " + json.dumps(pipeline_engine(args.ckpt, args.tokens, args.concurrent, args.child_pipeline)))
+
+
+def run_pipeline_stage(args) -> None:
+    rows, official = [], None
+    if args.official_python:
+        official = pipeline_official(args.ckpt, args.tokens, args.threads, args.official_python)
+        rows.append(("official 0.1.7 (fp32)", "1", official, official["peak_rss_mb"]))
+        rows.append(("official 0.1.7 (fp32)", f"{args.concurrent} (sequential)",
+                     {**official, "audio_s": official["audio_s"] * args.concurrent,
+                      "seconds": official["seconds"] * args.concurrent}, official["peak_rss_mb"]))
+    for dtype in [d for d in args.dtypes.split(",") if d]:
+        cmd = [sys.executable, __file__, str(args.ckpt), "--tokens", str(args.tokens), "--concurrent",
+               str(args.concurrent), "--threads", str(args.threads), "--child-pipeline", dtype]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            raise RuntimeError(f"engine run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        r = json.loads(lines[-1][len("RESULT "):])
+        rows.append((f"engine ({dtype})", "1", r["single"], r["peak_rss_mb"]))
+        rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"], r["peak_rss_mb"]))
+    print_pipeline(rows, official, args)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", type=Path)
@@ -137,8 +255,19 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--official-python", default="/tmp/chatterbox-refvenv/bin/python",
                     help="python of a virtualenv with chatterbox-tts installed ('' to skip the official run)")
+    ap.add_argument("--stages", default="t3,pipeline", help="what to measure: t3, pipeline (comma-separated)")
+    ap.add_argument("--child-pipeline", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child_pipeline:
+        return pipeline_engine_child(args)
+    stages = args.stages.split(",")
+    if "t3" in stages:
+        run_t3_stage(args)
+    if "pipeline" in stages:
+        run_pipeline_stage(args)
 
+
+def run_t3_stage(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
     rows = []
