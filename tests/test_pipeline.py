@@ -116,3 +116,11 @@ def test_models_loaded_under_inference_mode_still_run(ckpt):
         e = ChatterboxEngine(ckpt, device="cpu", watermark=False)
         res = e.synthesize([SynthesisRequest("Loaded in inference mode.")])[0]
     assert res.error is None and len(res.audio) > 0
+
+
+def test_t3_prefix_cache_outlives_a_batch(engine):
+    engine.synthesize([SynthesisRequest("First batch.")])
+    decoder = engine.decoder
+    assert len(decoder.prefix_cache) >= 1          # the built-in voice's prefix is kept for the next batch
+    engine.synthesize([SynthesisRequest("Second batch.")])
+    assert engine.decoder is decoder and not decoder.busy

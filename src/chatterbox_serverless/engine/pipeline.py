@@ -98,6 +98,8 @@ class ChatterboxEngine:
         # the official bound (1000 tokens, 40 s), or what the checkpoint's position table allows
         self.max_new_tokens = min(1000, self.t3.cfg.max_speech_positions - 1)
         self.crossfade_seconds = crossfade_seconds
+        # one long-lived decoder: its per-voice prefix cache (text-independent keys/values) outlives a batch
+        self.decoder = T3Decoder(self.t3, max_rows=max_rows)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -110,17 +112,16 @@ class ChatterboxEngine:
         timings = {"conditioning_s": 0.0, "t3_s": 0.0, "s3gen_s": 0.0, "watermark_s": 0.0}
         t0 = time.perf_counter()
         chunks: list[_Chunk] = []
-        decoder = T3Decoder(self.t3, max_rows=self.max_rows)
         for i, req in enumerate(requests):
             try:
-                chunks.extend(self._plan(i, req, decoder))
+                chunks.extend(self._plan(i, req))
             except Exception as e:   # a bad voice or text fails its own request only
                 errors[i] = _reason(e)
         timings["conditioning_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         live = [c for c in chunks if c.request not in errors]
-        for c, res in self._isolated(live, lambda cs: decoder.run([c.t3 for c in cs]), errors):
+        for c, res in self._isolated(live, self._decode, errors):
             c.tokens = res.speech_tokens
         timings["t3_s"] = time.perf_counter() - t0
 
@@ -151,7 +152,7 @@ class ChatterboxEngine:
                 "chunks": len(mine), "batch_size": len(requests), **{k: round(v, 4) for k, v in timings.items()}}))
         return results
 
-    def _plan(self, i: int, req: SynthesisRequest, decoder: T3Decoder) -> list[_Chunk]:
+    def _plan(self, i: int, req: SynthesisRequest) -> list[_Chunk]:
         conds = self.builtin_voice if req.voice is None else self.voices.get(req.voice)
         pieces = split_text(req.text, self.max_chunk_chars) or [""]
         out = []
@@ -161,9 +162,16 @@ class ChatterboxEngine:
             t3_req = T3Request(text_ids=ids, speaker_emb=conds.speaker_emb, prompt_tokens=conds.t3_prompt_tokens,
                                params=dataclasses.replace(req.params, seed=seed),
                                max_new_tokens=max_speech_tokens(len(ids), cap=self.max_new_tokens), request_id=req.request_id)
-            decoder.validate(t3_req)
+            self.decoder.validate(t3_req)
             out.append(_Chunk(i, k, t3_req, conds, seed))
         return out
+
+    def _decode(self, chunks: list[_Chunk]):
+        try:
+            return self.decoder.run([c.t3 for c in chunks])
+        except Exception:
+            self.decoder = T3Decoder(self.t3, max_rows=self.max_rows)   # its state is unknown after a failure
+            raise
 
     def _vocode(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in chunks]
