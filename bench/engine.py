@@ -74,14 +74,17 @@ print("RESULT " + json.dumps(run(tokens)))
 """
 
 
-def t3_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
-    env = dict(os.environ, TQDM_DISABLE="1")
-    proc = subprocess.run([python, "-c", OFFICIAL_T3, str(ckpt), str(tokens), TEXT, str(threads)],
-                          capture_output=True, text=True, env=env, timeout=1800)
+def run_result(cmd: list[str]) -> dict:
+    """Run a measuring subprocess (its own process: its own threads and peak memory); parse its RESULT line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"), timeout=3600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        raise RuntimeError(f"official run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    r = json.loads(lines[-1][len("RESULT "):])
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def t3_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
+    r = run_result([python, "-c", OFFICIAL_T3, str(ckpt), str(tokens), TEXT, str(threads)])
     return summarise(r["tokens"], r["seconds"], r["prefill_s"], r["decode_s"], r["decode_forwards"])
 
 
@@ -169,13 +172,7 @@ print("RESULT " + json.dumps(r))
 
 def pipeline_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
     """chatterbox-tts 0.1.7, the whole `generate` (T3 -> S3Gen -> watermark) for one request, built-in voice."""
-    env = dict(os.environ, TQDM_DISABLE="1")
-    proc = subprocess.run([python, "-c", OFFICIAL_PIPELINE, str(ckpt), str(tokens), TEXT, str(threads)],
-                          capture_output=True, text=True, env=env, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"official run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_result([python, "-c", OFFICIAL_PIPELINE, str(ckpt), str(tokens), TEXT, str(threads)])
 
 
 def pipeline_engine(ckpt: Path, tokens: int, concurrent: int, dtype_name: str) -> dict:
@@ -236,11 +233,7 @@ def run_pipeline_stage(args) -> None:
     for dtype in [d for d in args.dtypes.split(",") if d]:
         cmd = [sys.executable, __file__, str(args.ckpt), "--tokens", str(args.tokens), "--concurrent",
                str(args.concurrent), "--threads", str(args.threads), "--child-pipeline", dtype]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"engine run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        r = json.loads(lines[-1][len("RESULT "):])
+        r = run_result(cmd)
         rows.append((f"engine ({dtype})", "1", r["single"], r["peak_rss_mb"]))
         rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"], r["peak_rss_mb"]))
     print_pipeline(rows, official, args)
