@@ -143,24 +143,28 @@ class SQLiteJobStore(JobStore):
     def _write(self, fn):
         """Run `fn(conn)` in one IMMEDIATE transaction on the writer connection; commit, or roll back on error."""
         with self._write_lock:
-            if self._closed:
-                raise StoreUnavailable("the job store is closed")
-            conn = self._writer
+            return self._transaction(fn)
+
+    def _transaction(self, fn):
+        """The body of `_write`, for callers that already hold the writer lock."""
+        if self._closed:
+            raise StoreUnavailable("the job store is closed")
+        conn = self._writer
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        try:
-                            conn.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            pass
-                    raise
-            except sqlite3.OperationalError as e:   # disk full, I/O error, locked by another process for 30 s
-                raise StoreUnavailable(f"the job database cannot be written ({e})") from e
-            return result
+                result = fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+        except sqlite3.OperationalError as e:   # disk full, I/O error, locked by another process for 30 s
+            raise StoreUnavailable(f"the job database cannot be written ({e})") from e
+        return result
 
     def _notify(self) -> None:
         with self._changed:
@@ -183,41 +187,30 @@ class SQLiteJobStore(JobStore):
 
     def _insert_group(self, group: list["_PendingSubmit"]) -> None:
         """Called with the writer lock held."""
-        conn = self._writer
+        def insert(conn: sqlite3.Connection) -> None:
+            (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'").fetchone()
+            for e in group:
+                if queued >= e.max_queued:
+                    e.error = QueueFull(f"{queued} jobs are waiting (the limit is {e.max_queued})")
+                    continue
+                j = e.job
+                try:
+                    conn.execute("INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics) "
+                                 "VALUES (?,?,?,?,?,?,?)",
+                                 (j.id, j.owner, json.dumps(j.params), JobState.QUEUED.value, j.created_at, 0,
+                                  json.dumps(j.metrics or {})))
+                except sqlite3.IntegrityError as ie:     # a duplicate id fails alone
+                    e.error = ie
+                    continue
+                queued += 1
+
         try:
-            if self._closed:
-                raise StoreUnavailable("the job store is closed")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'").fetchone()
-                for e in group:
-                    if queued >= e.max_queued:
-                        e.error = QueueFull(f"{queued} jobs are waiting (the limit is {e.max_queued})")
-                        continue
-                    j = e.job
-                    try:
-                        conn.execute("INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics) "
-                                     "VALUES (?,?,?,?,?,?,?)",
-                                     (j.id, j.owner, json.dumps(j.params), JobState.QUEUED.value, j.created_at, 0,
-                                      json.dumps(j.metrics or {})))
-                    except sqlite3.IntegrityError as ie:     # a duplicate id fails alone
-                        e.error = ie
-                        continue
-                    queued += 1
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
+            self._transaction(insert)
         except BaseException as err:
-            if isinstance(err, sqlite3.OperationalError):
-                err = StoreUnavailable(f"the job database cannot be written ({err})")
+            failure = err if isinstance(err, Exception) else StoreUnavailable(str(err))
             for e in group:
                 if e.error is None:
-                    e.error = err if isinstance(err, Exception) else StoreUnavailable(str(err))
+                    e.error = failure
         finally:
             for e in group:
                 e.done = True
