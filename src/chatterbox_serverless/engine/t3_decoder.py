@@ -3,9 +3,9 @@
 Each request owns one cache row (two with CFG: the conditional row and the unconditional row, whose text-token
 embeddings are zero) and its own text length, positions, sampling parameters, repetition history, random
 generator and stopping rule. A step
-  1. admits waiting requests (while rows are free): prefill of their prefix, which gives their first logits
-     (what does not depend on the text, the conditioning positions and the unconditional row up to its BOS,
-     is kept per voice and exaggeration in an LRU cache: see `_prefill`);
+  1. admits waiting requests (while rows are free): prefill of their prefix, which gives their first logits,
+     in one forward for all of them (what does not depend on the text, the conditioning positions and the
+     unconditional row up to its BOS, is kept per voice and exaggeration in an LRU cache: see `_place`);
   2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
      top_p; `engine/sampling.py`) in one batched call, then draws one token per request with its own generator;
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
@@ -157,19 +157,34 @@ class T3Decoder:
 
     @torch.inference_mode()
     def admit(self) -> None:
-        """Prefill waiting requests while rows are free (`step` does this first; callable alone, e.g. to time it)."""
+        """Prefill waiting requests while rows are free (`step` does this first; callable alone, e.g. to time it).
+        All requests admitted together share one forward over their rows (see `_prefill`)."""
         batch, rows, longest = [], self.rows_in_use, max(self.row_len, default=0)
         for req in self.waiting:
             if rows + self._rows_needed(req) > self.max_rows:
                 break
             batch.append(req)
             rows += self._rows_needed(req)
-            longest = max(longest, self.cfg.cond_len + len(req.text_ids) + 4)
-        if batch:
-            self.cache.ensure(rows, longest, max_rows=self.max_rows)     # one allocation for the whole batch
-        for req in batch:
+            longest = max(longest, self.cfg.cond_len + 2 * (len(req.text_ids) + 4))
+        if not batch:
+            return
+        self.cache.ensure(rows, longest, max_rows=self.max_rows)     # one allocation for the whole batch
+        # rows: the conditional rows of the batch, then its unconditional rows (each block one forward, padded
+        # to its own longest input: the unconditional rows mostly have two positions left to compute)
+        first, k = self.rows_in_use, len(batch)
+        self.row_owner.extend([None] * (rows - first))
+        self.row_len.extend([0] * (rows - first))
+        feeds: list = [None] * (rows - first)
+        uncond = first + k
+        for i, req in enumerate(batch):
             self.waiting.popleft()
-            self._prefill(req)
+            pair = (first + i, uncond) if self._rows_needed(req) == 2 else (first + i,)
+            uncond += len(pair) - 1
+            for row, feed in zip(pair, self._place(req, pair)):
+                feeds[row - first] = feed
+        self._prefill(first, feeds[:k])
+        if rows > first + k:
+            self._prefill(first + k, feeds[k:])
 
     @torch.inference_mode()
     def step(self) -> list[T3Result]:
@@ -222,8 +237,9 @@ class T3Decoder:
     def _rows_needed(req: T3Request) -> int:
         return 2 if req.params.cfg_weight > 0 else 1
 
-    def _prefill(self, req: T3Request) -> None:
-        """Prefill a request's rows; reuse per voice what does not depend on its text.
+    def _place(self, req: T3Request, rows: tuple[int, ...]) -> list[tuple[Tensor, int]]:
+        """Fill the request's cache rows (conditional[, unconditional]) with its text-independent prefix; return
+        what each row still has to compute: (input embeddings (t, C), first position), for `_prefill`.
 
         The conditioning positions depend only on the voice and the exaggeration, and are the same in both CFG
         rows. The unconditional row continues with text POSITION embeddings only (its token embeddings are
@@ -237,10 +253,9 @@ class T3Decoder:
         text = torch.tensor([cfg.start_text_token, *req.text_ids, cfg.stop_text_token], dtype=torch.long)
         use_cfg = self._rows_needed(req) == 2
         x = m.text_embeds(text, cfg=use_cfg)                                   # (R, n_text + 2, C)
-        R = x.shape[0]
         n_text, n_cond = text.numel(), cfg.cond_len
-        first, u = self.rows_in_use, self.rows_in_use + 1
-        self.cache.ensure(first + R, n_cond + n_text + 2)
+        first, u = rows[0], rows[-1]
+        self.cache.ensure(max(rows) + 1, n_cond + n_text + 2)
         key = self._cond_key(req)
         entry = self.prefix_cache.get(key) if key is not None else None
         if entry is None:
@@ -250,29 +265,40 @@ class T3Decoder:
         else:
             self.prefix_cache.move_to_end(key)
             self.cache.write(first, entry, n_cond)
-        if not use_cfg:
-            logits = m.logits(m.tfmr(x, self.cache, slice(first, first + 1), [n_cond])[:, -1])
-        elif entry is None or n_text > self.max_cached_text:
+        feeds = [(x[0], n_cond)]                                               # conditional row: text, BOS, BOS
+        if use_cfg and (entry is None or n_text > self.max_cached_text):
             self.cache.move_row(first, u, n_cond)
-            logits = m.logits(m.tfmr(x, self.cache, slice(first, first + 2), [n_cond] * 2)[:, -1])
-        else:
+            feeds.append((x[1], n_cond))
+        elif use_cfg:
             cached = entry[0][0].shape[1] - n_cond                             # text positions already there
             self.cache.write(u, entry, n_cond + min(cached, n_text))
             if cached < n_text:
                 m.tfmr(x[1:, cached:n_text], self.cache, slice(u, u + 1), [n_cond + cached])
                 self._remember(key, self.cache.read(u, n_cond + n_text))
-            h_cond = m.tfmr(x[:1], self.cache, slice(first, first + 1), [n_cond])[:, -1]
-            h_uncond = m.tfmr(x[1:, n_text:], self.cache, slice(u, u + 1), [n_cond + n_text])[:, -1]
-            logits = m.logits(torch.cat((h_cond, h_uncond)))
-        L = n_cond + n_text + 2
+            feeds.append((x[1, n_text:], n_cond + n_text))                    # unconditional row: BOS, BOS
         seen = torch.zeros(cfg.speech_vocab_size, dtype=torch.bool, device=device)
         seen[cfg.start_speech_token] = True
         gen = torch.Generator(device=device)
         gen.manual_seed(int(req.params.seed))
-        a = _Active(request=req, rows=list(range(first, first + R)), seen=seen, generator=gen)
+        a = _Active(request=req, rows=list(rows), seen=seen, generator=gen)
         self.active.append(a)
-        self.row_owner.extend([a] * R)
-        self.row_len.extend([L] * R)
+        for r in rows:
+            self.row_owner[r], self.row_len[r] = a, n_cond + n_text + 2
+        return feeds
+
+    def _prefill(self, first: int, feeds: list[tuple[Tensor, int]]) -> None:
+        """One forward over rows first.. (rows `_place` filled), each fed its own
+        positions, right-padded to the longest (a padded position lands past its row's length, where the next
+        token overwrites it and no query of that row looks); keeps each row's logits at its last real position.
+        Reading the weights once for the whole batch is what makes admitting many requests cheap."""
+        m = self.model
+        R, T = len(feeds), max(f.shape[0] for f, _ in feeds)
+        x = feeds[0][0].new_zeros(R, T, feeds[0][0].shape[-1])
+        for r, (f, _) in enumerate(feeds):
+            x[r, :f.shape[0]] = f
+        hidden = m.tfmr(x, self.cache, slice(first, first + R), [start for _, start in feeds])
+        last = torch.tensor([f.shape[0] - 1 for f, _ in feeds], device=hidden.device)
+        logits = m.logits(hidden[torch.arange(R, device=hidden.device), last])
         self.next_logits = logits if self.next_logits is None or first == 0 else torch.cat((self.next_logits[:first], logits))
 
     def _sample(self) -> None:
