@@ -1,6 +1,7 @@
 """Engine speed on full-size weights: this engine vs the official chatterbox-tts package, same weights, one run.
 
-    python bench/engine.py CKPT_DIR [--tokens 50] [--concurrent 8] [--dtypes float32,bfloat16] [--threads 2]
+    python bench/engine.py CKPT_DIR [--tokens 50] [--concurrent 8] [--dtypes float32,bfloat16,bfloat16+compile]
+                           [--threads 2]
                            [--official-python /tmp/chatterbox-refvenv/bin/python]
 
 CKPT_DIR is a checkpoint in the official layout (e.g. /tmp/refs/a: full-size random weights). Both sides use the
@@ -10,7 +11,9 @@ printed). The official package runs in its own virtualenv in a subprocess (`T3.i
 it has no batching, so its aggregate rate at N concurrent requests is its single-request rate). Times include
 the prefill; model loading and a short warm-up run are excluded on both sides. The engine keeps what does not
 depend on the text per voice (T3Decoder's prefix cache), so its rows are measured on a decoder that has seen
-the voice (a serving worker's steady state) and once on a fresh decoder ("new voice").
+the voice (a serving worker's steady state) and once on a fresh decoder ("new voice"). An engine variant is a
+dtype, optionally with `+compile` (T3's decoding step through torch.compile; its compilation is part of the
+excluded warm-up).
 
 On a machine shared with other work, use --threads 1: with 2 threads on 2 busy cores, OpenMP barriers make
 both sides many times slower and the figures meaningless.
@@ -96,11 +99,22 @@ def summarise(tokens: int, seconds: float, prefill_s: float, decode_s: float, de
             "prefill_s": prefill_s, "decode_tok_s": decoded / decode_s if decode_s > 0 else float("nan")}
 
 
-def load_engine_t3(ckpt: Path, dtype_name: str):
+def variant(spec: str) -> tuple[str, bool]:
+    """'bfloat16+compile' -> ('bfloat16', True)."""
+    dtype, _, flag = spec.partition("+")
+    if flag not in ("", "compile"):
+        raise SystemExit(f"unknown engine variant {spec!r} (dtype or dtype+compile)")
+    return dtype, flag == "compile"
+
+
+def load_engine_t3(ckpt: Path, spec: str):
     import torch
     from chatterbox_serverless.engine.models.t3 import T3
     from chatterbox_serverless.engine.text import TextTokenizer, normalize_text
+    dtype_name, compile = variant(spec)
     model = T3.from_checkpoint(ckpt, dtype=getattr(torch, dtype_name))
+    if compile:
+        model.tfmr.compile_decoding()        # compiled during t3_engine's warm-up
     conds = torch.load(ckpt / "conds.pt", weights_only=True)["t3"]
     text_ids = TextTokenizer(ckpt / "tokenizer.json").encode(normalize_text(TEXT))
     return model, conds, text_ids
@@ -175,14 +189,15 @@ def pipeline_official(ckpt: Path, tokens: int, threads: int, python: str) -> dic
     return run_result([python, "-c", OFFICIAL_PIPELINE, str(ckpt), str(tokens), TEXT, str(threads)])
 
 
-def pipeline_engine(ckpt: Path, tokens: int, concurrent: int, dtype_name: str) -> dict:
+def pipeline_engine(ckpt: Path, tokens: int, concurrent: int, spec: str) -> dict:
     """This engine's whole pipeline (ChatterboxEngine.synthesize, watermark on): one request, then `concurrent`
     requests in one batch (different seeds, as concurrent clients would send)."""
     import resource
     from chatterbox_serverless.engine.pipeline import ChatterboxEngine
     from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest
 
-    engine = ChatterboxEngine(ckpt, device="cpu", dtype=dtype_name)
+    dtype_name, compile = variant(spec)
+    engine = ChatterboxEngine(ckpt, device="cpu", dtype=dtype_name, compile=compile)
     engine.max_new_tokens = tokens            # the same bound as the official run (random weights rarely stop)
     engine.synthesize([SynthesisRequest(TEXT, SynthesisParams(seed=99))])        # warm-up
     out = {}
@@ -206,12 +221,12 @@ def print_pipeline(rows, official, args) -> None:
     print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt}, built-in voice, {args.tokens} speech "
           f"tokens/request, {args.threads} threads")
     print("RTF: compute seconds per audio second (lower is faster); audio s/s: aggregate audio seconds per second")
-    print(f"{'implementation':24s} {'requests':>15s} {'audio s':>8s} {'seconds':>8s} {'T3 s':>7s} {'S3Gen s':>8s} "
+    print(f"{'implementation':28s} {'requests':>15s} {'audio s':>8s} {'seconds':>8s} {'T3 s':>7s} {'S3Gen s':>8s} "
           f"{'wm s':>6s} {'RTF':>6s} {'audio s/s':>9s} {'x official':>10s} {'peak RSS MB':>11s}")
     for name, n, r, rss in rows:
         rate = r["audio_s"] / r["seconds"]
         ratio = f"{rate / (official['audio_s'] / official['seconds']):.2f}x" if official else "-"
-        print(f"{name:24s} {n:>15s} {r['audio_s']:8.2f} {r['seconds']:8.2f} {r['t3_s']:7.2f} {r['s3gen_s']:8.2f} "
+        print(f"{name:28s} {n:>15s} {r['audio_s']:8.2f} {r['seconds']:8.2f} {r['t3_s']:7.2f} {r['s3gen_s']:8.2f} "
               f"{r['watermark_s']:6.2f} {r['seconds'] / r['audio_s']:6.2f} {rate:9.3f} {ratio:>10s} {rss:11.0f}")
 
 
@@ -244,7 +259,8 @@ def main(argv=None) -> None:
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("--tokens", type=int, default=50, help="speech tokens per request (25 per second of audio)")
     ap.add_argument("--concurrent", type=int, default=8)
-    ap.add_argument("--dtypes", default="float32,bfloat16", help="engine dtypes to measure (comma-separated)")
+    ap.add_argument("--dtypes", default="float32,bfloat16,bfloat16+compile",
+                    help="engine variants to measure (comma-separated): a dtype, optionally +compile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--official-python", default="/tmp/chatterbox-refvenv/bin/python",
                     help="python of a virtualenv with chatterbox-tts installed ('' to skip the official run)")
@@ -284,12 +300,12 @@ def run_t3_stage(args) -> None:
     print(f"\nT3 speech tokens/s, {args.ckpt}, {args.tokens} tokens/request, CFG on, "
           f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print("tokens/s: all tokens / total time (prefill included); decode tokens/s: after the prefill")
-    print(f"{'implementation':24s} {'requests':>15s} {'tokens':>6s} {'seconds':>8s} {'prefill s':>9s} "
+    print(f"{'implementation':28s} {'requests':>15s} {'tokens':>6s} {'seconds':>8s} {'prefill s':>9s} "
           f"{'tokens/s':>9s} {'x official':>10s} {'decode tok/s':>12s} {'x official':>10s}")
     for name, n, r, _ in rows:
         ratio = f"{r['tok_s'] / official['tok_s']:.2f}x" if official else "-"
         dratio = f"{r['decode_tok_s'] / official['decode_tok_s']:.2f}x" if official else "-"
-        print(f"{name:24s} {n:>15s} {r['tokens']:6d} {r['seconds']:8.2f} {r['prefill_s']:9.2f} "
+        print(f"{name:28s} {n:>15s} {r['tokens']:6d} {r['seconds']:8.2f} {r['prefill_s']:9.2f} "
               f"{r['tok_s']:9.2f} {ratio:>10s} {r['decode_tok_s']:12.2f} {dratio:>10s}")
 
 if __name__ == "__main__":

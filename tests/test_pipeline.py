@@ -124,3 +124,28 @@ def test_t3_prefix_cache_outlives_a_batch(engine):
     assert len(decoder.prefix_cache) >= 1          # the built-in voice's prefix is kept for the next batch
     engine.synthesize([SynthesisRequest("Second batch.")])
     assert engine.decoder is decoder and not decoder.busy
+
+
+def test_compiled_t3_gives_the_same_speech(ckpt, engine):
+    compiled = ChatterboxEngine(ckpt, device="cpu", watermark=False, max_chunk_chars=60, compile=True)
+    assert compiled.t3.tfmr._compiled_layers is not None        # compiled (and warmed up) when loaded
+    reqs = [SynthesisRequest("Compiled decoding.", SynthesisParams(seed=4)),
+            SynthesisRequest("Two requests, so two rows or more.", SynthesisParams(seed=5))]
+    for a, b in zip(engine.synthesize(reqs), compiled.synthesize(reqs)):
+        assert a.error is None and b.error is None
+        assert a.metrics["speech_tokens"] == b.metrics["speech_tokens"]
+        np.testing.assert_allclose(a.audio, b.audio, atol=1e-4)
+
+
+def test_engine_options_read_compile_from_flag_or_environment(monkeypatch):
+    import argparse
+    from chatterbox_serverless.engine.options import add_engine_arguments
+
+    def parse(*argv):
+        p = argparse.ArgumentParser()
+        add_engine_arguments(p)
+        return p.parse_args(list(argv))
+    monkeypatch.delenv("CHATTERBOX_COMPILE", raising=False)
+    assert parse().compile is False and parse("--compile").compile is True
+    monkeypatch.setenv("CHATTERBOX_COMPILE", "1")
+    assert parse().compile is True

@@ -414,3 +414,46 @@ def test_prepacked_weights_give_the_same_logits_and_follow_weight_changes():
     m.tfmr.set_prepacked_weights(False)
     assert torch.allclose(changed.logits, generate(m, [r])[0].logits, atol=1e-5)
     assert not torch.allclose(changed.logits, plain.logits, atol=1e-3)
+
+
+def test_requests_admitted_together_share_the_prefill_and_equal_alone(model):
+    # one admit: a new voice (its unconditional row computed in full), a voice seen before (two positions
+    # left), no CFG, and texts of different lengths: the padded rows must not change anything
+    reqs = [request(model, n_text=9, seed=1, voice=5), request(model, n_text=2, seed=2, voice=0),
+            request(model, n_text=6, seed=3, voice=6, cfg_weight=0.0), request(model, n_text=13, seed=4, voice=0)]
+    alone = [generate(model, [r])[0] for r in reqs]
+    dec = T3Decoder(model, max_rows=8)
+    dec.run([request(model, n_text=5, voice=0, max_new_tokens=1)])          # voice 0 is in the prefix cache
+    for r in reqs:
+        dec.submit(r)
+    dec.admit()
+    assert not dec.waiting and dec.rows_in_use == 7
+    done = {}
+    while dec.busy:
+        done.update({id(res.request): res for res in dec.step()})
+    for r, a in zip(reqs, alone):
+        b = done[id(r)]
+        assert torch.equal(a.generated, b.generated)
+        assert torch.allclose(a.logits, b.logits, atol=5e-5, rtol=1e-5)   # float32 rounding of other GEMM sizes
+
+
+def test_compiled_decoding_step_matches_eager():
+    torch.set_num_threads(1)
+    eager_model, compiled_model = tiny_t3(seed=5), tiny_t3(seed=5)
+    compiled_model.tfmr.compile_decoding()
+    reqs = [request(eager_model, n_text=7, seed=1, voice=0), request(eager_model, n_text=4, seed=2, voice=1),
+            request(eager_model, n_text=5, seed=3, voice=2, cfg_weight=0.0, max_new_tokens=6)]
+    compiled_step, steps = compiled_model.tfmr._compiled_layers, []
+    compiled_model.tfmr._compiled_layers = lambda *args: steps.append(args[0].shape[0]) or compiled_step(*args)
+    from torch._dynamo.utils import counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        eager = generate(eager_model, reqs)
+        compiled = generate(compiled_model, reqs)            # 5 rows, then 4 and 2 as requests finish
+        compiled_again = generate(compiled_model, reqs[:1])  # other row and cache sizes: no recompilation
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a.generated, b.generated)
+        assert torch.allclose(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(compiled_again[0].generated, eager[0].generated)
+    assert {5, 4, 2} <= set(steps)                          # the decoding steps went through the compiled graph
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1

@@ -68,7 +68,9 @@ class ChatterboxEngine:
 
     def __init__(self, ckpt_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
                  watermark: bool = True, voice_cache_size: int = 64, max_chunk_chars: int = 280,
-                 max_rows: int = 32, crossfade_seconds: float = 0.05):
+                 max_rows: int = 32, crossfade_seconds: float = 0.05, compile: bool = False):
+        """`compile`: run T3's decoding step through torch.compile (see LlamaModel.compile_decoding); the
+        compilation happens here, during a short warm-up, not on the first request."""
         ckpt_dir = Path(ckpt_dir)
         self.device = _pick_device(device)
         if isinstance(dtype, str):
@@ -101,6 +103,19 @@ class ChatterboxEngine:
         # one long-lived decoder: its per-voice prefix cache (text-independent keys/values) outlives a batch
         self.decoder = T3Decoder(self.t3, max_rows=max_rows)
         self._lock = threading.Lock()
+        if compile:
+            self._compile_t3()
+
+    def _compile_t3(self) -> None:
+        log.info("compiling T3's decoding step (about a minute on a CPU; cached on disk for the next start)")
+        t0 = time.perf_counter()
+        self.t3.tfmr.compile_decoding()
+        conds = self.builtin_voice
+        warm = T3Request(text_ids=self.tokenizer.encode(normalize_text("Hello.")), speaker_emb=conds.speaker_emb,
+                         prompt_tokens=conds.t3_prompt_tokens, max_new_tokens=2)
+        with torch.inference_mode():
+            self.decoder.run([warm])
+        log.info("T3 decoding step compiled in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------------------------------------------------
     def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:

@@ -325,14 +325,13 @@ class LlamaModel(nn.Module):
     def compile_decoding(self) -> None:
         """Run decoding steps (T = 1, at least two rows) through torch.compile from now on.
 
-        The first step compiles (about a minute for the official size on 2 CPU cores; Inductor's on-disk cache
-        shortens later starts): call it at load time and warm it up. Prefill, and a step with a single row (one
-        request without CFG: sizes 1 are specialised by the compiler, so it would compile a second graph), stay
-        eager. The weights are frozen into the graph: load them before, not after. On CPU this pays in bfloat16
-        (decoding there is ~20% faster: fused small operations); float32 decoding is bound by reading the weights
-        and gains nothing."""
+        The first step compiles (1.5 to 2 minutes for the official size on 2 CPU cores): call it at load time
+        and warm it up. Prefill, and a step with a single row (one request without CFG: sizes 1 are specialised
+        by the compiler, so it would compile a second graph), stay eager (with the oneDNN packs if enabled). The
+        weights are frozen into the graph (on CPU Inductor keeps its own packed copy): load them before, not
+        after. On CPU this pays in bfloat16 (decoding ~20% faster: the small operations fused); float32 decoding
+        is bound by reading the weights and gains nothing."""
         p = self.norm.weight
-        self.set_prepacked_weights(False)        # Inductor packs the frozen weights itself
         for layer in self.layers:                # fuse now: under compilation the weights are taken as they are
             layer.self_attn.qkv_weight()
             layer.mlp.gate_up_weight()
@@ -341,6 +340,10 @@ class LlamaModel(nn.Module):
             # take effect through torch.compile(options=...). It only concerns graphs compiled for inference.
             import torch._inductor.config as inductor_config
             inductor_config.freezing = True
+        # Without this the compiler unifies sizes that happen to be equal when it traces (the cache's rows and
+        # the rows decoding, say) and compiles again whenever they differ.
+        import torch.fx.experimental._config as fx_config
+        fx_config.use_duck_shape = False
         step = _LayerStack(self)
         self.__dict__["_compiled_layers"] = torch.compile(step, dynamic=True)
 
