@@ -105,10 +105,20 @@ def test_flow_batch_equals_alone_across_lengths_and_voices(s3gen):
     for it, a, b in zip(items, alone, batched):
         assert a.shape == (80, 2 * it.tokens.numel())
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-    # default grouping (bounded padding) gives the same
+    # default grouping (bounded padding), and groups of at most two, give the same
     grouped = tokens_to_mel(s3gen, items, [torch.Generator().manual_seed(s) for s in seeds])
-    for a, b in zip(alone, grouped):
+    pairs = tokens_to_mel(s3gen, items, [torch.Generator().manual_seed(s) for s in seeds], max_waste=100.0,
+                          max_batch=2)
+    for a, b, c in zip(alone, grouped, pairs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_groups_bound_padding_and_batch_size():
+    from chatterbox_serverless.engine.speech_to_wav import _groups
+    assert _groups([10, 100, 11, 12, 98], max_waste=0.25) == [[0, 2, 3], [4, 1]]
+    assert _groups([10, 100, 11, 12, 98], max_waste=0.25, max_batch=2) == [[0, 2], [3], [4, 1]]
+    assert _groups([5] * 5, max_waste=0.0, max_batch=None) == [[0, 1, 2, 3, 4]]
 
 
 def test_flow_seed_determinism_and_recorded_noise(s3gen):

@@ -68,9 +68,12 @@ class ChatterboxEngine:
 
     def __init__(self, ckpt_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
                  watermark: bool = True, voice_cache_size: int = 64, max_chunk_chars: int = 280,
-                 max_rows: int = 32, crossfade_seconds: float = 0.05, compile: bool = False):
+                 max_rows: int = 32, crossfade_seconds: float = 0.05, compile: bool = False,
+                 max_flow_batch: int | None | str = "auto"):
         """`compile`: run T3's decoding step through torch.compile (see LlamaModel.compile_decoding); the
-        compilation happens here, during a short warm-up, not on the first request."""
+        compilation happens here, during a short warm-up, not on the first request. `max_flow_batch`: chunks per
+        flow-matching call at most ("auto": 2 on CPU, where the estimator is arithmetic-bound and larger batches
+        are slower per chunk; no bound on CUDA)."""
         ckpt_dir = Path(ckpt_dir)
         self.device = _pick_device(device)
         if isinstance(dtype, str):
@@ -100,6 +103,7 @@ class ChatterboxEngine:
         # the official bound (1000 tokens, 40 s), or what the checkpoint's position table allows
         self.max_new_tokens = min(1000, self.t3.cfg.max_speech_positions - 1)
         self.crossfade_seconds = crossfade_seconds
+        self.max_flow_batch = (2 if self.device.type == "cpu" else None) if max_flow_batch == "auto" else max_flow_batch
         # one long-lived decoder: its per-voice prefix cache (text-independent keys/values) outlives a batch
         self.decoder = T3Decoder(self.t3, max_rows=max_rows)
         self._lock = threading.Lock()
@@ -191,7 +195,7 @@ class ChatterboxEngine:
     def _vocode(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in chunks]
         mels = tokens_to_mel(self.s3gen, [SpeechItem.from_conditionals(c.tokens, c.conds) for c in chunks],
-                             generators=gens)
+                             generators=gens, max_batch=self.max_flow_batch)
         wavs = mel_to_wav(self.s3gen, mels, generators=gens)
         return [w.float().cpu().numpy() for w in wavs]
 

@@ -36,12 +36,13 @@ class SpeechItem:
         return cls(tokens, conds.gen_prompt_token, conds.gen_prompt_feat, conds.gen_embedding)
 
 
-def _groups(lengths: list[int], max_waste: float) -> list[list[int]]:
-    """Indices grouped by similar length (sorted), so that padded frames stay under max_waste x real frames."""
+def _groups(lengths: list[int], max_waste: float, max_batch: int | None = None) -> list[list[int]]:
+    """Indices grouped by similar length (sorted), so that padded frames stay under max_waste x real frames,
+    at most max_batch requests a group."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     for i in order:
-        if groups:
+        if groups and (max_batch is None or len(groups[-1]) < max_batch):
             g = groups[-1]
             real = sum(lengths[j] for j in g) + lengths[i]
             if lengths[i] * (len(g) + 1) <= (1 + max_waste) * real:
@@ -55,9 +56,11 @@ def _groups(lengths: list[int], max_waste: float) -> list[list[int]]:
 def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
                   generators: Sequence[torch.Generator | None] | None = None,
                   noises: Sequence[torch.Tensor] | None = None,
-                  n_timesteps: int | None = None, max_waste: float = 0.25) -> list[torch.Tensor]:
+                  n_timesteps: int | None = None, max_waste: float = 0.25,
+                  max_batch: int | None = None) -> list[torch.Tensor]:
     """Mels (80, 2N) of the requests, in order. Noise: `noises[i]` ((1, 80, F) or (80, F), F >= 2(T+N) frames
-    of prompt + speech), or drawn from `generators[i]` (None: the global RNG)."""
+    of prompt + speech), or drawn from `generators[i]` (None: the global RNG). `max_batch`: requests per flow
+    call at most (None: no bound)."""
     if not items:
         return []
     dev, flow = s3gen.device, s3gen.flow
@@ -76,7 +79,7 @@ def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
         noise_list.append(n[:, :frames].to(dev, torch.float32))
 
     out: list[torch.Tensor | None] = [None] * len(items)
-    for group in _groups(lengths, max_waste):
+    for group in _groups(lengths, max_waste, max_batch):
         B, L = len(group), max(lengths[i] for i in group)
         Fp = max(int(items[i].prompt_feat.shape[-2]) for i in group)
         tokens = torch.zeros(B, L, dtype=torch.long, device=dev)
