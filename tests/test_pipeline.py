@@ -106,8 +106,19 @@ def test_bfloat16_runs_on_cpu_and_float16_is_refused(ckpt):
     e = ChatterboxEngine(ckpt, device="cpu", dtype="bfloat16", watermark=False)
     res = e.synthesize([SynthesisRequest("Half precision.")])[0]
     assert res.error is None and np.isfinite(res.audio).all() and len(res.audio) > 0
+    assert e.s3gen.flow.decoder.estimator.attention in ("sdpa", "sliced")     # measured at load
     with pytest.raises(ValueError, match="float16"):
         ChatterboxEngine(ckpt, device="cpu", dtype="float16")
+
+
+def test_flow_attention_kernels_give_the_same_audio(ckpt, engine):
+    assert engine.s3gen.flow.decoder.estimator.attention == "sdpa"       # float32: the exact kernel
+    sliced = ChatterboxEngine(ckpt, device="cpu", watermark=False, max_chunk_chars=60, flow_attention="sliced")
+    assert sliced.s3gen.flow.decoder.estimator.attention == "sliced"
+    reqs = [SynthesisRequest("Sliced attention.", SynthesisParams(seed=4)), SynthesisRequest("Two.")]
+    for a, b in zip(engine.synthesize(reqs), sliced.synthesize(reqs)):
+        assert a.error is None and b.error is None
+        np.testing.assert_allclose(a.audio, b.audio, atol=1e-4)
 
 
 def test_models_loaded_under_inference_mode_still_run(ckpt):

@@ -196,3 +196,48 @@ def test_encoder_padding_is_exact(s3gen):
         for b, n in enumerate(lengths):
             alone, _ = enc(x[b:b + 1, :n], torch.tensor([n]))
             torch.testing.assert_close(h[b, :2 * n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sliced_attention_matches_sdpa_with_padded_keys():
+    import torch.nn.functional as F
+    from chatterbox_serverless.engine.models.flow_decoder import sliced_attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 37, 16, generator=g) for _ in range(3))
+    key_mask = torch.ones(3, 1, 1, 37, dtype=torch.bool)
+    key_mask[1, ..., 30:] = False
+    key_mask[2, ..., 5:] = False
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    # slices of one (row, head) pair, of five, and all at once
+    for slice_bytes in (1, 5 * 37 * 37 * 4, 1 << 30):
+        torch.testing.assert_close(sliced_attention(q, k, v, key_mask, slice_bytes=slice_bytes), want,
+                                   rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sliced_attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+    low = sliced_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask).float()
+    assert ((low - want).norm() / want.norm()) < 2e-2
+
+
+def test_flow_with_sliced_attention_is_batch_exact_and_equals_sdpa(s3gen):
+    est = s3gen.flow.decoder.estimator
+    items = _items(s3gen.config.flow.spk_embed_dim)
+    seeds = [11, 12, 13]
+    sdpa = tokens_to_mel(s3gen, items, [torch.Generator().manual_seed(s) for s in seeds], max_waste=100.0)
+    est.attention = "sliced"
+    try:
+        assert est.attention == "sliced"
+        alone = [tokens_to_mel(s3gen, [it], [torch.Generator().manual_seed(s)])[0] for it, s in zip(items, seeds)]
+        batched = tokens_to_mel(s3gen, items, [torch.Generator().manual_seed(s) for s in seeds], max_waste=100.0)
+    finally:
+        est.attention = "sdpa"
+    for a, b, c in zip(alone, batched, sdpa):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="sdpa"):
+        est.attention = "fast"
+
+
+def test_pick_attention_keeps_sdpa_where_exactness_or_cuda_matter():
+    from chatterbox_serverless.engine.models.flow_decoder import pick_attention
+    assert pick_attention(2, 16, "cpu", torch.float32) == "sdpa"
+    assert pick_attention(2, 16, "cuda", torch.bfloat16) == "sdpa"      # decided without touching the device
+    assert pick_attention(2, 16, "cpu", torch.bfloat16, frames=64) in ("sdpa", "sliced")

@@ -13,7 +13,7 @@ def add_engine_arguments(parser) -> None:
     a("--device", default=os.environ.get("CHATTERBOX_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto (default auto)")
     a("--dtype", default=os.environ.get("CHATTERBOX_DTYPE", "float32"), choices=("float32", "bfloat16", "float16"),
       help="T3 and flow-matching precision: float32 (default, exact parity with the official pipeline), "
-           "bfloat16 (CUDA, or CPUs with AMX; faster, not bit-exact), float16 (CUDA)")
+           "bfloat16 (CUDA, or CPUs with AMX or AVX512-BF16; faster, not bit-exact), float16 (CUDA)")
     a("--compile", action="store_true", default=os.environ.get("CHATTERBOX_COMPILE", "") not in ("", "0"),
       help="compile T3's decoding step with torch.compile at start-up (about a minute; ~20%% faster decoding "
            "in bfloat16 on CPU; needs a C++ compiler on CPU)")

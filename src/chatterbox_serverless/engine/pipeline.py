@@ -25,6 +25,7 @@ import torch
 from .checkpoint import load_strict, read_safetensors, resolve_checkpoint
 from .chunking import crossfade_join, max_speech_tokens, split_text
 from .conditioning import VoiceCache, VoiceConditionals, VoiceFrontEnd, load_builtin_voice, _read_overrides
+from .models.flow_decoder import pick_attention
 from .models.s3gen import S3Gen
 from .models.t3 import T3
 from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
@@ -69,11 +70,12 @@ class ChatterboxEngine:
     def __init__(self, ckpt_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
                  watermark: bool = True, voice_cache_size: int = 64, max_chunk_chars: int = 280,
                  max_rows: int = 32, crossfade_seconds: float = 0.05, compile: bool = False,
-                 max_flow_batch: int | None | str = "auto"):
+                 max_flow_batch: int | None | str = "auto", flow_attention: str = "auto"):
         """`compile`: run T3's decoding step through torch.compile (see LlamaModel.compile_decoding); the
         compilation happens here, during a short warm-up, not on the first request. `max_flow_batch`: chunks per
         flow-matching call at most ("auto": 2 on CPU, where the estimator is arithmetic-bound and larger batches
-        are slower per chunk; no bound on CUDA)."""
+        are slower per chunk; no bound on CUDA). `flow_attention`: the estimator's attention kernel, "sdpa",
+        "sliced" or "auto" (measured here, see flow_decoder.pick_attention)."""
         ckpt_dir = Path(ckpt_dir)
         self.device = _pick_device(device)
         if isinstance(dtype, str):
@@ -82,10 +84,16 @@ class ChatterboxEngine:
         if dtype is None:
             dtype = torch.float32   # exact (parity with the official fp32 pipeline) by default
         if dtype == torch.float16 and self.device.type == "cpu":
-            raise ValueError("float16 is for CUDA; on the CPU use float32 (exact) or bfloat16 (fast on AMX CPUs)")
+            raise ValueError("float16 is for CUDA; on the CPU use float32 (exact) or bfloat16 (fast on CPUs with AMX or AVX512-BF16)")
         self.dtype = dtype
         self.t3 = T3.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype)
         self.s3gen = S3Gen.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype)
+        estimator = self.s3gen.flow.decoder.estimator
+        if flow_attention == "auto":
+            c = estimator.config
+            flow_attention = pick_attention(c.num_heads, c.attention_head_dim, self.device, dtype)
+        estimator.attention = flow_attention
+        log.info("flow estimator attention: %s", flow_attention)
         ve_sd = read_safetensors(ckpt_dir / "ve.safetensors")
         ve = VoiceEncoder(VoiceEncoderConfig.from_state_dict(ve_sd, _read_overrides(ckpt_dir).get("voice_encoder")))
         load_strict(ve, ve_sd, what="ve.safetensors")
