@@ -6,6 +6,11 @@ recorded tokens; the flow gets the recorded noise, the vocoder the recorded exci
 beside its code as `parity_outputs(ckpt_dir, ref, meta) -> {name: tensor}`; this module only compares.
 Exit status 1 when any tensor is above tolerance (relative error = max |ours - theirs| / max |theirs|), or
 when a recorded tensor has no counterpart yet.
+
+The sampled distributions (`t3.probs`) are cut by min_p: a token whose probability lies at the cutoff (within
+the tolerance) may be kept by one implementation and dropped by the other, from logits equal to 1e-6. Such a
+token is reported, not failed; the distributions are then compared on the tokens both kept, each renormalised.
+Any other difference in which tokens were kept fails.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ STAGES = (  # (module with parity_outputs, names of the recorded tensors it cove
 )
 INPUT_ONLY = {"t3.tokens", "flow.tokens", "flow.noise", "hift.source"}   # recorded randomness / inputs we feed
 REL_TOL = 1e-4
+MIN_P_CUT = {"t3.probs": "min_p"}      # distributions cut at min_p x max probability -> the parameter's name
 
 
 def compare(ours: "torch.Tensor", theirs: "torch.Tensor") -> tuple[float, float, bool]:
@@ -34,6 +40,28 @@ def compare(ours: "torch.Tensor", theirs: "torch.Tensor") -> tuple[float, float,
     scale = theirs.double().abs().max().item() if theirs.numel() else 0.0
     rel = diff / scale if scale > 0 else diff
     return diff, rel, rel <= REL_TOL
+
+
+def compare_cut_distribution(ours: "torch.Tensor", theirs: "torch.Tensor", min_p: float
+                             ) -> tuple[float, float, bool, list[tuple[int, int]]]:
+    """`compare` for (S, V) distributions cut at min_p: also returns the (step, token) pairs kept by one side
+    only at the cutoff (p / max p within REL_TOL of min_p on the side that kept it: the ratio survives the
+    renormalisation). Those are excluded, each side renormalised over the tokens both kept, then compared."""
+    if ours.shape != theirs.shape:
+        return float("inf"), float("inf"), False, []
+    ours, theirs = ours.double(), theirs.double()
+    flipped = (ours > 0) != (theirs > 0)
+    at_cut = []
+    for s, v in flipped.nonzero().tolist():
+        kept = ours if ours[s, v] > 0 else theirs
+        ratio = (kept[s, v] / kept[s].max()).item()
+        if abs(ratio / min_p - 1) > REL_TOL:
+            return float("inf"), float("inf"), False, []
+        at_cut.append((s, v))
+    both = (ours > 0) & (theirs > 0)
+    renorm = [(x * both) / (x * both).sum(dim=-1, keepdim=True) for x in (ours, theirs)]
+    diff, rel, ok = compare(*renorm)
+    return diff, rel, ok, at_cut
 
 
 def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
@@ -61,11 +89,18 @@ def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
                 print(f"{name:<24} {'':<18} {'':>12} {'':>10}  MISSING", file=out)
                 ok = False
                 continue
-            diff, rel, good = compare(ours[name].detach().cpu(), ref[name])
+            at_cut = []
+            if name in MIN_P_CUT:
+                diff, rel, good, at_cut = compare_cut_distribution(ours[name].detach().cpu(), ref[name],
+                                                                   float(meta.get(MIN_P_CUT[name], 0.05)))
+            else:
+                diff, rel, good = compare(ours[name].detach().cpu(), ref[name])
             ok &= good
             kind = f"{rel:10.2e}" if ref[name].is_floating_point() else ("identical" if good else f"{int(diff)} differ")
             print(f"{name:<24} {str(tuple(ref[name].shape)):<18} {diff:12.3e} {kind:>10}  {'ok' if good else 'FAIL'}",
                   file=out)
+            for step, token in at_cut:
+                print(f"{'':<24} step {step}, token {token}: at the min_p cutoff (kept by one side only)", file=out)
     for name in sorted(set(ref) - covered - INPUT_ONLY):
         print(f"{name:<24} not covered by any stage", file=out)
         ok = False
