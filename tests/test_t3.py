@@ -274,8 +274,10 @@ def test_batch_equals_alone_with_different_lengths_params_and_late_joiners(model
     for r, a in zip(reqs, alone):
         b = done[id(r)]
         assert torch.equal(a.generated, b.generated)
-        assert torch.allclose(a.logits, b.logits, atol=1e-5, rtol=1e-5)
-        assert torch.allclose(a.probs, b.probs, atol=1e-6)
+        # float32 rounding noise only (batched matrix products sum in another order; ~3e-6 of the largest logit
+        # seen on an AMD machine): tolerances relative to the values' scale
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5 * float(a.logits.abs().max()))
+        torch.testing.assert_close(b.probs, a.probs, rtol=1e-5, atol=1e-5)
     assert alone[2].logits.shape[1] == 1   # cfg_weight=0: no unconditional row
 
 
