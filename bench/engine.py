@@ -36,6 +36,18 @@ import sys
 import time
 from pathlib import Path
 
+def machine() -> str:
+    """The processor and the features that decide the bfloat16 speed (figures differ a lot between them)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{os.cpu_count()} CPUs"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "CPU")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    feats = [f for f, flag in (("AMX-BF16", "amx_bf16"), ("AVX512-BF16", "avx512_bf16")) if flag in flags]
+    return f"{name}, {os.cpu_count()} CPUs, {' + '.join(feats) or 'no bfloat16 instructions'}"
+
+
 def peak_rss_mb() -> float:
     """Peak memory of this process: VmHWM, the high-water mark of this process image. Not getrusage's ru_maxrss:
     on Linux a child started by fork+exec inherits its parent's, so every child of a parent that has loaded
@@ -235,7 +247,7 @@ def pipeline_engine(ckpt: Path, tokens: int, concurrent: int, spec: str) -> dict
 
 def print_pipeline(rows, official, args) -> None:
     print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt}, built-in voice, {args.tokens} speech "
-          f"tokens/request, {args.threads} threads")
+          f"tokens/request, {args.threads} threads, {machine()}")
     print("RTF: compute seconds per audio second (lower is faster); audio s/s: aggregate audio seconds per second")
     print(f"{'implementation':28s} {'requests':>15s} {'audio s':>8s} {'seconds':>8s} {'T3 s':>7s} {'S3Gen s':>8s} "
           f"{'wm s':>6s} {'RTF':>6s} {'audio s/s':>9s} {'x official':>10s} {'peak RSS MB':>11s}")
@@ -314,7 +326,7 @@ def run_t3_stage(args) -> None:
         rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"], None))
 
     print(f"\nT3 speech tokens/s, {args.ckpt}, {args.tokens} tokens/request, CFG on, "
-          f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}")
+          f"{args.threads} threads, {machine()}, torch {torch.__version__}")
     print("tokens/s: all tokens / total time (prefill included); decode tokens/s: after the prefill")
     print(f"{'implementation':28s} {'requests':>15s} {'tokens':>6s} {'seconds':>8s} {'prefill s':>9s} "
           f"{'tokens/s':>9s} {'x official':>10s} {'decode tok/s':>12s} {'x official':>10s}")
