@@ -459,3 +459,19 @@ def test_compiled_decoding_step_matches_eager():
     assert torch.equal(compiled_again[0].generated, eager[0].generated)
     assert {5, 4, 2} <= set(steps)                          # the decoding steps went through the compiled graph
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
+
+
+def test_decode_attention_equals_sdpa_over_a_strided_masked_cache():
+    import torch.nn.functional as F
+    from chatterbox_serverless.engine.models.llama import decode_attention
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = (torch.randn(6, 4, 40, 16, generator=g) for _ in range(2))   # rows, heads, capacity, dim
+    q = torch.randn(3, 4, 1, 16, generator=g)
+    keys, values = k_cache[1:4, :, :25], v_cache[1:4, :, :25]                        # strided views, as decoding
+    mask = torch.zeros(3, 1, 1, 25)
+    mask[0, ..., 20:] = float("-inf")
+    mask[2, ..., 7:] = float("-inf")
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    torch.testing.assert_close(decode_attention(q, keys, values, mask), want, rtol=1e-5, atol=1e-6)
+    low = decode_attention(q.bfloat16(), keys.bfloat16(), values.bfloat16(), mask.bfloat16())
+    assert low.dtype == torch.bfloat16 and ((low.float() - want).norm() / want.norm()) < 1e-2

@@ -13,7 +13,8 @@ are the same call, so requests of different lengths share one decoding step.
 one compiled graph for any number of rows and cache length (dynamic shapes), the layers' small operations fused
 and, on CPU, the weights frozen and packed by Inductor. The code traced is the code below, not a copy: under
 compilation the weight bookkeeping (fusion checks, oneDNN packs) is skipped, `compile_decoding` having fused
-the weights beforehand.
+the weights beforehand, and attention over the cache is written as products and sums (`decode_attention`),
+which the compiler fuses into single passes over the cache.
 """
 from __future__ import annotations
 
@@ -241,9 +242,23 @@ class Attention(Linears):
         K = mask.shape[-1]
         keys = k_cache[rows, :, :K]                                          # (R, H, K, D), no copy
         values = v_cache[rows, :, :K]
-        # SDPA reads the strided cache in place (plain bf16 matmuls would copy it: 4x slower on CPU)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        if T == 1 and torch.compiler.is_compiling():
+            out = decode_attention(q.transpose(1, 2), keys, values, mask)
+        else:
+            # SDPA reads the strided cache in place (plain bf16 matmuls would copy it: 4x slower on CPU)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self._linear("o", out.transpose(1, 2).reshape(R, T, H * D), self.o_proj.weight, (self.o_proj,))
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one new position per row, q (R, H, 1, D), over the cache keys/values (R, H, K, D) with an
+    additive mask (R, 1, 1, K), written as products and sums accumulated in float32. For the compiled decoding
+    step only: Inductor fuses each of the two reductions into one pass over the strided cache, 4-6x faster than
+    SDPA's kernel on CPU for one query (16 rows, 16 heads, bf16: 0.5 vs 3.2 ms at 200 cached positions, 3.6 vs
+    15.6 ms at 1000); run eagerly it would materialise (R, H, K, D) products."""
+    scores = (q.float() * keys.float()).sum(-1).unsqueeze(-2) * q.shape[-1] ** -0.5 + mask.float()  # (R, H, 1, K)
+    probs = torch.softmax(scores, dim=-1)
+    return (probs.transpose(-1, -2) * values.float()).sum(-2, keepdim=True).to(q.dtype)
 
 
 class MLP(Linears):
