@@ -12,8 +12,9 @@ keys (as the official additive -1e10 bias does).
 
 Attention runs through one of two exact kernels, `ConditionalDecoder.attention`: "sdpa" (PyTorch's fused
 scaled_dot_product_attention, the default) or "sliced" (`sliced_attention`: plain matmul / softmax / matmul over
-a few (row, head) slices at a time, whose scores stay in cache). On CPUs without AMX, SDPA's bfloat16 kernel is
-exp-bound and the sliced form is ~1.8x faster; `pick_attention` measures which is faster where the model runs.
+a few (row, head) slices at a time, whose scores stay in cache). On an AMD Zen 4 (AVX512-BF16, no AMX) SDPA's
+bfloat16 kernel is exp-bound and the sliced form ~1.8x faster; other CPUs may differ, so `pick_attention`
+measures which is faster where the model runs.
 """
 from __future__ import annotations
 
@@ -272,7 +273,7 @@ def pick_attention(heads: int, head_dim: int, device: torch.device | str, dtype:
                    frames: int = 500, rows: int = 2, tries: int = 3) -> str:
     """The faster attention kernel for the estimator on this device and dtype, measured on a typical shape
     (one request with CFG: 2 rows of ~500 frames, prompt included): "sliced" only on a CPU where it is at
-    least 10% faster than SDPA (bfloat16 without AMX); float32 (exact parity) and CUDA keep "sdpa"."""
+    least 10% faster than SDPA (as in bfloat16 on an AMD Zen 4); float32 (exact parity) and CUDA keep "sdpa"."""
     device = torch.device(device)
     if device.type != "cpu" or dtype == torch.float32:
         return "sdpa"
