@@ -1,6 +1,6 @@
 """Engine speed on full-size weights: this engine vs the official chatterbox-tts package, same weights, one run.
 
-    python bench/engine.py CKPT_DIR [--tokens 50] [--concurrent 8] [--dtypes float32,bfloat16,bfloat16+compile]
+    python bench/engine.py CKPT_DIR [--tokens 50,140] [--concurrent 8] [--dtypes float32,bfloat16,bfloat16+compile]
                            [--threads 2]
                            [--official-python /tmp/chatterbox-refvenv/bin/python]
 
@@ -182,7 +182,8 @@ import json, sys, time, torch
 import torch.nn.functional as F
 from chatterbox.tts import ChatterboxTTS, punc_norm
 from chatterbox.models.s3tokenizer import drop_invalid_tokens
-ckpt, tokens, text, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ckpt, text, threads = sys.argv[1], sys.argv[3], int(sys.argv[4])
+counts = [int(n) for n in sys.argv[2].split(",")]
 torch.set_num_threads(threads)
 model = ChatterboxTTS.from_local(ckpt, "cpu")
 def generate(n):
@@ -206,56 +207,70 @@ def generate(n):
     return {"seconds": end - t, "t3_s": t_t3 - t, "s3gen_s": t_s3 - t_t3, "watermark_s": end - t_s3,
             "audio_s": len(out) / model.sr, "speech_tokens": int(speech.numel())}
 generate(3)
-r = generate(tokens)
+r = {str(n): generate(n) for n in counts}
 r["peak_rss_mb"] = peak_rss_mb()
 print("RESULT " + json.dumps(r))
 """
 
 
-def pipeline_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
-    """chatterbox-tts 0.1.7, the whole `generate` (T3 -> S3Gen -> watermark) for one request, built-in voice."""
+def pipeline_official(ckpt: Path, tokens: list[int], threads: int, python: str) -> dict:
+    """chatterbox-tts 0.1.7, the whole `generate` (T3 -> S3Gen -> watermark) for one request, built-in voice, once
+    per token bound: {"50": {...}, ..., "peak_rss_mb": ...}."""
     script = inspect.getsource(peak_rss_mb) + OFFICIAL_PIPELINE
-    return run_result([python, "-c", script, str(ckpt), str(tokens), TEXT, str(threads)])
+    return run_result([python, "-c", script, str(ckpt), ",".join(map(str, tokens)), TEXT, str(threads)])
 
 
-def pipeline_engine(ckpt: Path, tokens: int, concurrent: int, spec: str) -> dict:
-    """This engine's whole pipeline (ChatterboxEngine.synthesize, watermark on): one request, then `concurrent`
-    requests in one batch (different seeds, as concurrent clients would send)."""
+def pipeline_engine(ckpt: Path, tokens: list[int], concurrent: int, spec: str) -> dict:
+    """This engine's whole pipeline (ChatterboxEngine.synthesize, watermark on): for each token bound, one request,
+    then `concurrent` requests in one batch (different seeds, as concurrent clients would send):
+    {"50": {"single": ..., "concurrent": ...}, ..., "peak_rss_mb": ...}."""
     from chatterbox_serverless.engine.pipeline import ChatterboxEngine
     from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest
 
     dtype_name, compile = variant(spec)
     engine = ChatterboxEngine(ckpt, device="cpu", dtype=dtype_name, compile=compile)
-    engine.max_new_tokens = tokens            # the same bound as the official run (random weights rarely stop)
+    engine.max_new_tokens = max(tokens)
     engine.synthesize([SynthesisRequest(TEXT, SynthesisParams(seed=99))])        # warm-up
     out = {}
-    for label, n in (("single", 1), ("concurrent", concurrent)):
-        reqs = [SynthesisRequest(TEXT, SynthesisParams(seed=i)) for i in range(n)]
-        t = time.perf_counter()
-        results = engine.synthesize(reqs)
-        seconds = time.perf_counter() - t
-        bad = [r.error for r in results if r.error]
-        if bad:
-            raise RuntimeError(f"engine failed: {bad[0]}")
-        m = results[0].metrics
-        out[label] = {"requests": n, "seconds": seconds, "audio_s": sum(r.metrics["audio_seconds"] for r in results),
-                      "speech_tokens": sum(r.metrics["speech_tokens"] for r in results),
-                      "t3_s": m["t3_s"], "s3gen_s": m["s3gen_s"], "watermark_s": m["watermark_s"]}
+    for bound in tokens:
+        engine.max_new_tokens = bound         # the same bound as the official run (random weights rarely stop)
+        out[str(bound)] = {}
+        for label, n in (("single", 1), ("concurrent", concurrent)):
+            reqs = [SynthesisRequest(TEXT, SynthesisParams(seed=i)) for i in range(n)]
+            t = time.perf_counter()
+            results = engine.synthesize(reqs)
+            seconds = time.perf_counter() - t
+            bad = [r.error for r in results if r.error]
+            if bad:
+                raise RuntimeError(f"engine failed: {bad[0]}")
+            m = results[0].metrics
+            out[str(bound)][label] = {
+                "requests": n, "seconds": seconds, "audio_s": sum(r.metrics["audio_seconds"] for r in results),
+                "speech_tokens": sum(r.metrics["speech_tokens"] for r in results),
+                "t3_s": m["t3_s"], "s3gen_s": m["s3gen_s"], "watermark_s": m["watermark_s"]}
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
-def print_pipeline(rows, official, args) -> None:
-    print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt}, built-in voice, {args.tokens} speech "
+def print_pipeline(rows, official, bound: int, args) -> None:
+    print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt}, built-in voice, {bound} speech "
           f"tokens/request, {args.threads} threads, {machine()}")
-    print("RTF: compute seconds per audio second (lower is faster); audio s/s: aggregate audio seconds per second")
+    print("RTF: compute seconds per audio second (lower is faster); audio s/s: aggregate audio seconds per second;\n"
+          "T3 x, S3Gen x: the official's seconds per audio second in that stage / the engine's (at N requests, the\n"
+          "stage's time for the whole batch)")
     print(f"{'implementation':28s} {'requests':>15s} {'audio s':>8s} {'seconds':>8s} {'T3 s':>7s} {'S3Gen s':>8s} "
-          f"{'wm s':>6s} {'RTF':>6s} {'audio s/s':>9s} {'x official':>10s} {'peak RSS MB':>11s}")
+          f"{'wm s':>6s} {'RTF':>6s} {'audio s/s':>9s} {'x official':>10s} {'T3 x':>6s} {'S3Gen x':>7s} "
+          f"{'peak RSS MB':>11s}")
     for name, n, r, rss in rows:
         rate = r["audio_s"] / r["seconds"]
-        ratio = f"{rate / (official['audio_s'] / official['seconds']):.2f}x" if official else "-"
+        ratio = stage = s3 = "-"
+        if official:
+            ratio = f"{rate / (official['audio_s'] / official['seconds']):.2f}x"
+            stage = f"{(official['t3_s'] / official['audio_s']) / (r['t3_s'] / r['audio_s']):.2f}x"
+            s3 = f"{(official['s3gen_s'] / official['audio_s']) / (r['s3gen_s'] / r['audio_s']):.2f}x"
         print(f"{name:28s} {n:>15s} {r['audio_s']:8.2f} {r['seconds']:8.2f} {r['t3_s']:7.2f} {r['s3gen_s']:8.2f} "
-              f"{r['watermark_s']:6.2f} {r['seconds'] / r['audio_s']:6.2f} {rate:9.3f} {ratio:>10s} {rss:11.0f}")
+              f"{r['watermark_s']:6.2f} {r['seconds'] / r['audio_s']:6.2f} {rate:9.3f} {ratio:>10s} {stage:>6s} "
+              f"{s3:>7s} {rss:11.0f}")
 
 
 def pipeline_engine_child(args) -> None:
@@ -266,26 +281,36 @@ def pipeline_engine_child(args) -> None:
 
 
 def run_pipeline_stage(args) -> None:
-    rows, official = [], None
+    official = engines = None
     if args.official_python:
         official = pipeline_official(args.ckpt, args.tokens, args.threads, args.official_python)
-        rows.append(("official 0.1.7 (fp32)", "1", official, official["peak_rss_mb"]))
-        rows.append(("official 0.1.7 (fp32)", f"{args.concurrent} (sequential)",
-                     {**official, "audio_s": official["audio_s"] * args.concurrent,
-                      "seconds": official["seconds"] * args.concurrent}, official["peak_rss_mb"]))
+    engines = {}
     for dtype in [d for d in args.dtypes.split(",") if d]:
-        cmd = [sys.executable, __file__, str(args.ckpt), "--tokens", str(args.tokens), "--concurrent",
-               str(args.concurrent), "--threads", str(args.threads), "--child-pipeline", dtype]
-        r = run_result(cmd)
-        rows.append((f"engine ({dtype})", "1", r["single"], r["peak_rss_mb"]))
-        rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"], r["peak_rss_mb"]))
-    print_pipeline(rows, official, args)
+        cmd = [sys.executable, __file__, str(args.ckpt), "--tokens", ",".join(map(str, args.tokens)),
+               "--concurrent", str(args.concurrent), "--threads", str(args.threads), "--child-pipeline", dtype]
+        engines[dtype] = run_result(cmd)
+    for bound in map(str, args.tokens):
+        rows, off = [], official[bound] if official else None
+        if off:
+            rows.append(("official 0.1.7 (fp32)", "1", off, official["peak_rss_mb"]))
+            rows.append(("official 0.1.7 (fp32)", f"{args.concurrent} (sequential)",
+                         {**off, "audio_s": off["audio_s"] * args.concurrent, "seconds": off["seconds"] * args.concurrent,
+                          "t3_s": off["t3_s"] * args.concurrent, "s3gen_s": off["s3gen_s"] * args.concurrent,
+                          "watermark_s": off["watermark_s"] * args.concurrent}, official["peak_rss_mb"]))
+        for dtype, r in engines.items():
+            rows.append((f"engine ({dtype})", "1", r[bound]["single"], r["peak_rss_mb"]))
+            rows.append((f"engine ({dtype})", str(args.concurrent), r[bound]["concurrent"], r["peak_rss_mb"]))
+        print_pipeline(rows, off, int(bound), args)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", type=Path)
-    ap.add_argument("--tokens", type=int, default=50, help="speech tokens per request (25 per second of audio)")
+    ap.add_argument("--tokens", type=lambda v: [int(n) for n in v.split(",")], default=[50, 140],
+                    help="speech tokens per request, one or more bounds (comma-separated; 25 per second of audio). "
+                         "The default measures a short clip (50: 2 s, where S3Gen's fixed cost for the 10 s voice "
+                         "prompt dominates) and the bench sentence at a natural length (140: ~5.6 s, as real "
+                         "weights would say its 85 characters at ~15 characters/s)")
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--dtypes", default="float32,bfloat16,bfloat16+compile",
                     help="engine variants to measure (comma-separated): a dtype, optionally +compile")
@@ -307,34 +332,38 @@ def main(argv=None) -> None:
 def run_t3_stage(args) -> None:
     import torch
     torch.set_num_threads(args.threads)
-    rows = []
-    official = None
+    officials, engines = {}, {}
     if args.official_python:
-        official = t3_official(args.ckpt, args.tokens, args.threads, args.official_python)
-        rows.append(("official 0.1.7 (fp32)", "1", official, None))
-        rows.append(("official 0.1.7 (fp32)", f"{args.concurrent} (sequential)",
-                     {**official, "requests": args.concurrent, "tokens": official["tokens"] * args.concurrent,
-                      "seconds": official["seconds"] * args.concurrent,
-                      "prefill_s": official["prefill_s"] * args.concurrent}, None))
+        officials = {n: t3_official(args.ckpt, n, args.threads, args.official_python) for n in args.tokens}
     for dtype in [d for d in args.dtypes.split(",") if d]:
         model, conds, text_ids = load_engine_t3(args.ckpt, dtype)
         with torch.inference_mode():
-            r = t3_engine(model, conds, text_ids, args.tokens, args.concurrent)
+            engines[dtype] = {n: t3_engine(model, conds, text_ids, n, args.concurrent) for n in args.tokens}
         del model
-        rows.append((f"engine ({dtype})", "1 (new voice)", r["single, new voice"], None))
-        rows.append((f"engine ({dtype})", "1", r["single"], None))
-        rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"], None))
+    for bound in args.tokens:
+        rows, official = [], officials.get(bound)
+        if official:
+            rows.append(("official 0.1.7 (fp32)", "1", official))
+            rows.append(("official 0.1.7 (fp32)", f"{args.concurrent} (sequential)",
+                         {**official, "requests": args.concurrent, "tokens": official["tokens"] * args.concurrent,
+                          "seconds": official["seconds"] * args.concurrent,
+                          "prefill_s": official["prefill_s"] * args.concurrent}))
+        for dtype, per_bound in engines.items():
+            r = per_bound[bound]
+            rows.append((f"engine ({dtype})", "1 (new voice)", r["single, new voice"]))
+            rows.append((f"engine ({dtype})", "1", r["single"]))
+            rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"]))
+        print(f"\nT3 speech tokens/s, {args.ckpt}, {bound} tokens/request, CFG on, "
+              f"{args.threads} threads, {machine()}, torch {torch.__version__}")
+        print("tokens/s: all tokens / total time (prefill included); decode tokens/s: after the prefill")
+        print(f"{'implementation':28s} {'requests':>15s} {'tokens':>6s} {'seconds':>8s} {'prefill s':>9s} "
+              f"{'tokens/s':>9s} {'x official':>10s} {'decode tok/s':>12s} {'x official':>10s}")
+        for name, n, r in rows:
+            ratio = f"{r['tok_s'] / official['tok_s']:.2f}x" if official else "-"
+            dratio = f"{r['decode_tok_s'] / official['decode_tok_s']:.2f}x" if official else "-"
+            print(f"{name:28s} {n:>15s} {r['tokens']:6d} {r['seconds']:8.2f} {r['prefill_s']:9.2f} "
+                  f"{r['tok_s']:9.2f} {ratio:>10s} {r['decode_tok_s']:12.2f} {dratio:>10s}")
 
-    print(f"\nT3 speech tokens/s, {args.ckpt}, {args.tokens} tokens/request, CFG on, "
-          f"{args.threads} threads, {machine()}, torch {torch.__version__}")
-    print("tokens/s: all tokens / total time (prefill included); decode tokens/s: after the prefill")
-    print(f"{'implementation':28s} {'requests':>15s} {'tokens':>6s} {'seconds':>8s} {'prefill s':>9s} "
-          f"{'tokens/s':>9s} {'x official':>10s} {'decode tok/s':>12s} {'x official':>10s}")
-    for name, n, r, _ in rows:
-        ratio = f"{r['tok_s'] / official['tok_s']:.2f}x" if official else "-"
-        dratio = f"{r['decode_tok_s'] / official['decode_tok_s']:.2f}x" if official else "-"
-        print(f"{name:28s} {n:>15s} {r['tokens']:6d} {r['seconds']:8.2f} {r['prefill_s']:9.2f} "
-              f"{r['tok_s']:9.2f} {ratio:>10s} {r['decode_tok_s']:12.2f} {dratio:>10s}")
 
 if __name__ == "__main__":
     main()
