@@ -290,12 +290,14 @@ def test_address_policy_allows_public(address):
 
 def test_allow_list_entries():
     allow = AllowList(["minio", "*.internal.example", "10.1.2.0/24", "::1", " Storage.Local. "])
-    assert allow.host_allowed("minio") and allow.host_allowed("MINIO")
-    assert allow.host_allowed("a.internal.example") and allow.host_allowed("a.b.internal.example")
-    assert not allow.host_allowed("internal.example") and not allow.host_allowed("evilinternal.example")
-    assert allow.host_allowed("storage.local") and allow.host_allowed("10.1.2.77") and allow.host_allowed("[::1]")
-    assert not allow.host_allowed("10.1.3.1") and not allow.host_allowed("minio.evil.com")
-    assert allow.address_allowed(ipaddress.ip_address("10.1.2.3"))
+    for port in (80, 443):                       # without a port: the web ports only
+        assert allow.host_allowed("minio", port) and allow.host_allowed("MINIO", port)
+        assert allow.host_allowed("a.internal.example", port) and allow.host_allowed("a.b.internal.example", port)
+        assert not allow.host_allowed("internal.example", port) and not allow.host_allowed("evilinternal.example", port)
+        assert allow.host_allowed("storage.local", port) and allow.host_allowed("10.1.2.77", port)
+        assert allow.host_allowed("[::1]", port)
+        assert not allow.host_allowed("10.1.3.1", port) and not allow.host_allowed("minio.evil.com", port)
+        assert allow.address_allowed(ipaddress.ip_address("10.1.2.3"), port)
     assert not AllowList([])
 
 
@@ -401,15 +403,15 @@ def test_fetch_loopback_refused_by_default(server):
 
 
 def test_fetch_loopback_allowed_by_allow_list(server):
-    base, _ = server
-    assert both(media.SafeFetcher(allow_hosts=["127.0.0.1"]), f"{base}/audio.wav") == [WAV, WAV]
-    assert both(media.SafeFetcher(allow_hosts=["127.0.0.0/8"]), f"{base}/audio.wav") == [WAV, WAV]
+    base, port = server
+    assert both(media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"]), f"{base}/audio.wav") == [WAV, WAV]
+    assert both(media.SafeFetcher(allow_hosts=[f"127.0.0.0/8:{port}"]), f"{base}/audio.wav") == [WAV, WAV]
 
 
 def test_fetch_connects_to_the_resolved_address_keeping_the_host(server):
     _, port = server
     resolver = CountingResolverForTests({"audio.test": ["127.0.0.1"]})
-    fetcher = media.SafeFetcher(allow_hosts=["audio.test"], resolver=resolver)
+    fetcher = media.SafeFetcher(allow_hosts=[f"audio.test:{port}"], resolver=resolver)
     _Handler.seen_hosts.clear()
     assert both(fetcher, f"http://audio.test:{port}/audio.wav") == [WAV, WAV]
     assert resolver.calls == ["audio.test", "audio.test"]          # one lookup per fetch, no second chance
@@ -428,7 +430,7 @@ def test_fetch_redirect_to_private_is_refused(server):
     base, port = server
     resolver = CountingResolverForTests({"audio.test": ["127.0.0.1"], "evil.test": ["10.0.0.7"],
                                         "localhost": ["127.0.0.1", "::1"]})
-    fetcher = media.SafeFetcher(allow_hosts=["audio.test"], resolver=resolver)
+    fetcher = media.SafeFetcher(allow_hosts=[f"audio.test:{port}"], resolver=resolver)
     allowed = f"http://audio.test:{port}"
     for target in (f"{base}/audio.wav",                               # the same server, by its IP: not allowed
                    f"http://localhost:{port}/audio.wav",
@@ -444,15 +446,15 @@ def test_fetch_redirect_to_private_is_refused(server):
 
 
 def test_fetch_redirect_to_other_scheme_refused(server):
-    base, _ = server
-    fetcher = media.SafeFetcher(allow_hosts=["127.0.0.1"])
+    base, port = server
+    fetcher = media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"])
     for result in both(fetcher, f"{base}/redirect?to=file:///etc/passwd"):
         assert "unsupported URL scheme 'file'" in result
 
 
 def test_fetch_limits_and_http_errors(server):
-    base, _ = server
-    fetcher = media.SafeFetcher(allow_hosts=["127.0.0.1"], max_bytes=500_000, max_redirects=3)
+    base, port = server
+    fetcher = media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"], max_bytes=500_000, max_redirects=3)
     cases = {
         "/loop": "too many redirects",
         "/missing": "answered HTTP 404",
@@ -467,8 +469,8 @@ def test_fetch_limits_and_http_errors(server):
 
 
 def test_fetch_total_timeout(server):
-    base, _ = server
-    fetcher = media.SafeFetcher(allow_hosts=["127.0.0.1"], timeout=0.6)
+    base, port = server
+    fetcher = media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"], timeout=0.6)
     t0 = time.monotonic()
     for result in both(fetcher, base + "/slow"):
         assert isinstance(result, str) and "timed out" in result, result
@@ -476,8 +478,8 @@ def test_fetch_total_timeout(server):
 
 
 def test_fetch_errors_do_not_leak_the_query(server):
-    base, _ = server
-    fetcher = media.SafeFetcher(allow_hosts=["127.0.0.1"])
+    base, port = server
+    fetcher = media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"])
     for result in both(fetcher, base + "/missing?X-Amz-Signature=secret123"):
         assert "secret123" not in result and "127.0.0.1" in result
     resolver = CountingResolverForTests({})
@@ -521,8 +523,8 @@ def test_resolve_inline_and_url():
 
 
 def test_load_reference_end_to_end(server):
-    base, _ = server
-    fetcher = media.SafeFetcher(allow_hosts=["127.0.0.1"])
+    base, port = server
+    fetcher = media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"])
     voice = media.load_reference(f"{base}/audio.wav", fetcher)
     assert voice.sample_rate == SR and len(voice.samples) == SR
     voice = asyncio.run(media.aload_reference("data:audio/wav;base64," + base64.b64encode(WAV).decode(), fetcher))
@@ -570,7 +572,7 @@ def test_fetch_tls_keeps_sni_and_verifies_the_url_host(tls_server):
     port, cert, server_names = tls_server
     client_ctx = ssl.create_default_context(cafile=cert)
     resolver = CountingResolverForTests({"audio.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
-    fetcher = media.SafeFetcher(allow_hosts=["audio.test", "other.test"], resolver=resolver, ssl_context=client_ctx)
+    fetcher = media.SafeFetcher(allow_hosts=[f"audio.test:{port}", f"other.test:{port}"], resolver=resolver, ssl_context=client_ctx)
     server_names.clear()
     assert both(fetcher, f"https://audio.test:{port}/audio.wav") == [WAV, WAV]
     assert server_names == ["audio.test", "audio.test"]

@@ -17,13 +17,16 @@ How the check cannot be bypassed:
 
 The operator may allow hosts that would otherwise be refused (`allow_hosts`): exact host names ("minio"),
 subdomain wildcards ("*.internal.example"), IP addresses or networks ("10.1.2.0/24", matched against the
-resolved address). Errors are a `FetchError` whose message names the reason, never the full URL (which may
+resolved address), each with an optional port ("minio:9000", "[::1]:8080"); an entry without a port admits
+ports 80 and 443 only. Hosts that are IP literals in any form inet_aton reads ("2130706433", "0x7f.1") are read
+as the address they denote (`ip_literal`), never sent to DNS. Errors are a `FetchError` whose message names the reason, never the full URL (which may
 carry a signed token).
 """
 from __future__ import annotations
 
 import inspect
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -94,42 +97,127 @@ def address_problem(ip: IPAddress) -> str | None:
     return None
 
 
+DEFAULT_PORTS = frozenset({80, 443})     # what an allow-list entry without a port admits
+_IPV4_PART = re.compile(r"0x[0-9a-f]*|0[0-7]*|[1-9][0-9]*")
+_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address `host` denotes when it is an IP literal in any form a connect would read it in, else None.
+
+    IPv6 with or without brackets (zone ids included); IPv4 as inet_aton reads it: 1 to 4 parts, each decimal,
+    octal (leading 0) or hex (0x), the last part filling the remaining bytes ("127.1", "0x7f.1", "2130706433",
+    "0177.0.0.1"), and a trailing dot allowed. Such a host is never looked up in DNS: getaddrinfo would read it
+    the same way."""
+    text = host.strip().lower()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    if ":" in text:
+        try:
+            return ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+    parts = text.removesuffix(".").split(".")
+    if not 1 <= len(parts) <= 4 or not all(_IPV4_PART.fullmatch(p) for p in parts):
+        return None
+    values = [int(p[2:] or "0", 16) if p.startswith("0x") else int(p, 8) if p.startswith("0") else int(p)
+              for p in parts]
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (5 - len(values))):
+        return None
+    number = last
+    for i, v in enumerate(head):
+        number |= v << (24 - 8 * i)
+    return ipaddress.IPv4Address(number)
+
+
+def _port(text: str, raw: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"allowed fetch host {raw!r}: the port must be a number from 1 to 65535")
+    return int(text)
+
+
 class AllowList:
-    """Operator-allowed destinations: host names, "*.suffix" wildcards, IP addresses and CIDR networks."""
+    """Operator-allowed destinations: host names, "*.suffix" wildcards, IP addresses and CIDR networks, each with an
+    optional port ("minio:9000", "[::1]:8080", "10.0.0.0/8:9000"). An entry without a port admits ports 80 and 443
+    only: allowing a host never opens its other services (Redis, databases, admin ports) to client URLs.
+
+    Raises ValueError naming a malformed entry."""
 
     def __init__(self, entries: Iterable[str] = ()):
-        self.names: set[str] = set()
-        self.suffixes: list[str] = []
-        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.names: dict[str, frozenset[int]] = {}
+        self.suffixes: list[tuple[str, frozenset[int]]] = []
+        self.networks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, frozenset[int]]] = []
         for raw in entries:
-            entry = raw.strip().lower().rstrip(".")
+            entry = raw.strip().lower()
             if not entry:
                 continue
-            if entry.startswith("*."):
-                self.suffixes.append(entry[1:])            # ".example.com"
+            host, ports = self._split(entry, raw)
+            host = host.rstrip(".")
+            if host.startswith("*."):
+                self._check_name(host[2:], raw)
+                self.suffixes.append((host[1:], ports))          # ".example.com"
                 continue
             try:
-                self.networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                self.networks.append((ipaddress.ip_network(host, strict=False), ports))
+                continue
             except ValueError:
-                self.names.add(entry)
+                pass
+            ip = ip_literal(host)                                 # "127.1", "0x7f.0.0.1": the address it is
+            if ip is not None:
+                self.networks.append((ipaddress.ip_network(ip), ports))
+                continue
+            self._check_name(host, raw)
+            self.names[host] = self.names.get(host, frozenset()) | ports
 
-    def host_allowed(self, host: str) -> bool:
+    @staticmethod
+    def _split(entry: str, raw: str) -> tuple[str, frozenset[int]]:
+        """(host, ports) of "host", "host:port", "[v6]", "[v6]:port", or a bare IPv6 address/network (no port)."""
+        if entry.startswith("["):
+            host, bracket, rest = entry[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"allowed fetch host {raw!r}: expected [IPv6] or [IPv6]:port")
+            return host, frozenset({_port(rest[1:], raw)}) if rest else DEFAULT_PORTS
+        if entry.count(":") > 1:                                  # "::1", "fd00::/8": IPv6, no port
+            return entry, DEFAULT_PORTS
+        host, colon, port = entry.partition(":")
+        return host, frozenset({_port(port, raw)}) if colon else DEFAULT_PORTS
+
+    @staticmethod
+    def _check_name(name: str, raw: str) -> None:
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"allowed fetch host {raw!r}: expected a host name, *.domain, an IP address or a "
+                             "network, with an optional :port")
+
+    def host_allowed(self, host: str, port: int) -> bool:
+        """Whether the operator allows connecting to `host` (a name or an IP literal) on `port`."""
         host = host.lower().rstrip(".")
-        if host in self.names or any(host.endswith(s) for s in self.suffixes):
+        if port in self.names.get(host, ()):
             return True
-        ip = _parse_ip(host)
-        return ip is not None and self.address_allowed(ip)
+        if any(port in ports and host.endswith(suffix) for suffix, ports in self.suffixes):
+            return True
+        ip = ip_literal(host)
+        return ip is not None and self.address_allowed(ip, port)
 
-    def address_allowed(self, ip: IPAddress) -> bool:
-        return any(ip.version == net.version and ip in net for net in self.networks)
+    def address_allowed(self, ip: IPAddress, port: int) -> bool:
+        return any(port in ports and ip.version == net.version and ip in net for net, ports in self.networks)
+
+    def allowed_on_other_ports(self, host: str, ips: Iterable[IPAddress] = ()) -> bool:
+        """Whether an entry names `host` (or one of `ips`) with other ports: to explain a refusal."""
+        host = host.lower().rstrip(".")
+        ip = ip_literal(host)
+        candidates = [*ips, *([ip] if ip is not None else [])]
+        return (host in self.names or any(host.endswith(suffix) for suffix, _ in self.suffixes)
+                or any(a.version == net.version and a in net for a in candidates for net, _ in self.networks))
 
     def __bool__(self) -> bool:
         return bool(self.names or self.suffixes or self.networks)
 
 
 def _parse_ip(text: str) -> IPAddress | None:
+    """A resolver's answer (a plain IPv4 or IPv6 address) as an address, or None."""
     try:
-        return ipaddress.ip_address(text.strip("[]"))
+        return ipaddress.ip_address(text)
     except ValueError:
         return None
 
@@ -160,7 +248,7 @@ class _Policy:
         left = self.remaining()
         return left if timeout is None else min(timeout, left)
 
-    def vet(self, host: str, addresses: Sequence[str]) -> list[str]:
+    def vet(self, host: str, port: int, addresses: Sequence[str]) -> list[str]:
         """The addresses to connect to, or FetchError. If any resolved address is refused, all are."""
         ips = []
         for a in addresses:
@@ -170,19 +258,21 @@ class _Policy:
             ips.append(ip)
         if not ips:
             raise FetchError(f"could not resolve host {host!r}")
-        if not self.allow.host_allowed(host):
+        if not self.allow.host_allowed(host, port):
             for ip in ips:
-                problem = None if self.allow.address_allowed(ip) else address_problem(ip)
+                problem = None if self.allow.address_allowed(ip, port) else address_problem(ip)
                 if problem:
-                    what = f"{host} is" if _parse_ip(host) is not None else f"host {host!r} resolves to"
-                    raise FetchError(f"refused: {what} a {problem} address "
-                                     "(only public addresses are fetched unless the operator allows the host)")
+                    what = f"{host} is" if ip_literal(host) is not None else f"host {host!r} resolves to"
+                    why = (f"port {port} is not allowed for this host (an allowed host without a port admits "
+                           "ports 80 and 443 only)" if self.allow.allowed_on_other_ports(host, ips)
+                           else "only public addresses are fetched unless the operator allows the host")
+                    raise FetchError(f"refused: {what} a {problem} address ({why})")
         return [str(ip) for ip in ips]
 
     def resolve_sync(self, host: str, port: int) -> list[str]:
-        ip = _parse_ip(host)
+        ip = ip_literal(host)
         if ip is not None:
-            return self.vet(host, [str(ip)])
+            return self.vet(host, port, [str(ip)])
         result: list = []
 
         def run() -> None:
@@ -198,12 +288,12 @@ class _Policy:
             raise FetchError(f"timed out after {self.timeout:g} s (resolving {host!r})")
         if isinstance(result[0], Exception):
             raise FetchError(f"could not resolve host {host!r}")
-        return self.vet(host, result[0])
+        return self.vet(host, port, result[0])
 
     async def resolve_async(self, host: str, port: int) -> list[str]:
-        ip = _parse_ip(host)
+        ip = ip_literal(host)
         if ip is not None:
-            return self.vet(host, [str(ip)])
+            return self.vet(host, port, [str(ip)])
         try:
             with anyio.fail_after(self.remaining()):
                 addresses = await _run_in_thread(self.resolver, host, port)
@@ -213,7 +303,7 @@ class _Policy:
             raise
         except Exception:
             raise FetchError(f"could not resolve host {host!r}") from None
-        return self.vet(host, list(addresses))
+        return self.vet(host, port, list(addresses))
 
 
 _ANYIO_ABANDON = "abandon_on_cancel" in inspect.signature(anyio.to_thread.run_sync).parameters
@@ -407,6 +497,8 @@ class SafeFetcher:
             raise FetchError(f"unsupported URL scheme {u.scheme!r} (only http and https)")
         if not u.host:
             raise FetchError("the URL has no host")
+        if "%" in u.host:       # httpx keeps %-escapes in the host: no name has them, no address needs them
+            raise FetchError("the URL's host must not contain '%' (percent-encoding or an IPv6 zone)")
         if u.userinfo:
             raise FetchError("URLs with credentials (user:password@) are not fetched")
         return u
