@@ -91,7 +91,7 @@ def test_parse_inline_forms():
     ("aGVsbG8gd29ybGQ=", "unsupported or unrecognised audio format"),   # valid base64, not audio
 ])
 def test_parse_errors_name_the_parameter(value, needle):
-    with pytest.raises(media.ReferenceError) as err:
+    with pytest.raises(media.ReferenceAudioError) as err:
         media.parse_reference(value)
     assert str(err.value).startswith("reference_audio: ")
     assert needle in str(err.value)
@@ -104,7 +104,7 @@ def test_parse_byte_limit_is_checked_before_decoding(monkeypatch):
     monkeypatch.setattr(reference_mod.base64, "b64decode", no_decode)
     big = base64.b64encode(bytes(3000)).decode()
     for value in (big, "data:audio/wav;base64," + big, big + "\n" * 10_000):
-        with pytest.raises(media.ReferenceError, match="too large"):
+        with pytest.raises(media.ReferenceAudioError, match="too large"):
             media.parse_reference(value, max_bytes=2000)
 
 
@@ -112,17 +112,17 @@ def test_parse_byte_limit_default_and_boundary():
     assert media.DEFAULT_MAX_BYTES == 10_000_000
     exact = wav_bytes(tone(0.6))
     assert media.parse_reference(base64.b64encode(exact).decode(), max_bytes=len(exact)).data == exact
-    with pytest.raises(media.ReferenceError, match="too large"):
+    with pytest.raises(media.ReferenceAudioError, match="too large"):
         media.parse_reference(base64.b64encode(exact).decode(), max_bytes=len(exact) - 3)
 
 
 def test_parse_probes_inline_audio_at_submit_time():
     long_clip = base64.b64encode(wav_bytes(tone(3.0, sr=8000), sr=8000)).decode()
-    with pytest.raises(media.ReferenceError, match="too long"):
+    with pytest.raises(media.ReferenceAudioError, match="too long"):
         media.parse_reference(long_clip, max_seconds=2.0)
     assert media.parse_reference(long_clip, max_seconds=5.0).data is not None
     garbage = base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk").decode()
-    with pytest.raises(media.ReferenceError, match="reference_audio: the audio could not be decoded"):
+    with pytest.raises(media.ReferenceAudioError, match="reference_audio: the audio could not be decoded"):
         media.parse_reference(garbage)
     assert media.parse_reference(garbage, check_audio=False).data.startswith(b"RIFF")
 
@@ -535,7 +535,7 @@ def test_load_reference_end_to_end(server):
         media.load_reference("https://example.com/x", FakeFetcherForTests(b"<html>not audio</html>"))
     with pytest.raises(media.DecodeError, match=r"^the audio is too long"):
         media.load_reference(f"{base}/audio.wav", fetcher, max_seconds=0.5)
-    with pytest.raises(media.ReferenceError, match=r"^unsupported URL scheme 'ftp'"):   # caller adds the name
+    with pytest.raises(media.ReferenceAudioError, match=r"^unsupported URL scheme 'ftp'"):   # caller adds the name
         media.load_reference("ftp://example.com/x", fetcher)
 
 

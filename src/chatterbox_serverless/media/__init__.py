@@ -18,11 +18,10 @@ class MediaError(ValueError):
 # Defined above the imports: the submodules import MediaError from this package.
 from .decode import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS, AudioInfo, DecodeError, decode_audio, probe_audio  # noqa: E402
 from .encode import DEFAULT_FORMAT, FORMATS, EncodeError, encode_audio  # noqa: E402
-from .fetch import FetchError, SafeFetcher  # noqa: E402
+from .fetch import AllowList, FetchError, SafeFetcher, ip_literal  # noqa: E402
 from .reference import (  # noqa: E402
     DEFAULT_MAX_BYTES,
     ReferenceAudioError,
-    ReferenceError,
     ReferenceSource,
     aload_reference,
     aresolve,
@@ -33,9 +32,9 @@ from .reference import (  # noqa: E402
 
 __all__ = [
     "MediaError",
-    "ReferenceError", "ReferenceAudioError", "ReferenceSource", "parse_reference", "resolve", "aresolve",
+    "ReferenceAudioError", "ReferenceSource", "parse_reference", "resolve", "aresolve",
     "load_reference", "aload_reference", "DEFAULT_MAX_BYTES",
-    "FetchError", "SafeFetcher",
+    "FetchError", "SafeFetcher", "AllowList", "ip_literal",
     "DecodeError", "AudioInfo", "decode_audio", "probe_audio", "DEFAULT_MAX_SECONDS", "DEFAULT_MIN_SECONDS",
     "EncodeError", "encode_audio", "FORMATS", "DEFAULT_FORMAT",
 ]
