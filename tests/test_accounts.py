@@ -285,7 +285,9 @@ def test_rate_limit(accounts):
     assert e.value.retry_after == pytest.approx(30.0)
 
 
-def test_finish_and_reconcile(accounts, account_store):
+def test_reconcile(accounts, account_store):
+    """The repair of holds left open: settle COMPLETED jobs (at the hold's recorded price), release FAILED ones and
+    old enough missing ones, leave the rest."""
     _, acc = accounts.create_key(credits=100)
     for j in ("done", "failed", "missing", "running", "young", "done-no-metrics", "young-missing"):
         accounts.hold_for(acc, j, "hello world")           # estimate: 3.1 s -> 7 credits
@@ -302,7 +304,7 @@ def test_finish_and_reconcile(accounts, account_store):
     for j in ("done", "failed", "missing", "running", "done-no-metrics"):
         h = account_store.get_hold(j)
         account_store.release(j)
-        account_store.hold(acc.id, j, h.amount, now=now - 600)
+        account_store.hold(acc.id, j, h.amount, now=now - 600, per_second=h.per_second, minimum=h.minimum)
     counts = accounts.reconcile(jobs.get, grace_seconds=60, now=now)
     assert counts == {"settled": 2, "released": 2, "open": 3}
     assert {h.job_id for h in account_store.holds()} == {"running", "young", "young-missing"}
@@ -311,13 +313,143 @@ def test_finish_and_reconcile(accounts, account_store):
     assert a.balance == 100 - 9 - 7          # 4.2 s at 2/s -> 9; unknown length -> the hold (7)
     notes = [e.note for e in account_store.ledger(acc.id) if e.kind == "release"]
     assert any("engine exploded" in n for n in notes) and any("missing" in n for n in notes)
-    # the worker's path: finish() settles or releases, and never raises
-    accounts.finish("young", completed=True, metrics={"audio_seconds": 1.0})
-    accounts.finish("running", completed=False, error="x")
-    accounts.finish("running", completed=False, error="x")
+    assert "audio length unknown" in [e for e in account_store.ledger(acc.id) if e.job_id == "done-no-metrics"][-1].note
+    # settling or releasing what reconcile closed changes nothing
+    assert accounts.settle("done", 4.2) is None and accounts.release("failed") is None
+    assert accounts.settle("young", 1.0).balance == 100 - 9 - 7 - 3     # 1 s at 2/s -> the minimum, 3
+    assert accounts.release("running", "x").held == 0
+    assert accounts.release("running", "x") is None
     a = account_store.get(acc.id)
     assert (a.balance, a.held) == (100 - 9 - 7 - 3, 0)
     assert_explainable(account_store, acc.id)
+
+
+def test_holds_record_their_price_and_settle_job_charges_it(account_store):
+    a = new_account(account_store, balance=1000)
+    account_store.hold(a.id, "priced", 50, per_second=2.0, minimum=3)
+    account_store.hold(a.id, "unpriced", 40)                   # a hold made before prices were recorded
+    account_store.hold(a.id, "no-length", 30, per_second=2.0, minimum=3)
+    h = account_store.get_hold("priced")
+    assert (h.amount, h.per_second, h.minimum) == (50, 2.0, 3)
+    assert account_store.get_hold("unpriced").per_second is None and account_store.get_hold("unpriced").minimum is None
+    assert [(x.per_second, x.minimum) for x in account_store.holds()] == [(2.0, 3), (None, None), (2.0, 3)]
+    assert account_store.settle_job("priced", 4.2).balance == 1000 - 9       # ceil(8.4)
+    assert account_store.settle_job("priced", 4.2) is None, "settling twice must charge once"
+    assert account_store.settle_job("unpriced", 4.2).balance == 1000 - 9 - 40
+    assert account_store.settle_job("no-length", None).balance == 1000 - 9 - 40 - 30
+    entries = {e.job_id: e for e in account_store.ledger(a.id) if e.kind == "settle"}
+    assert entries["priced"].seconds == pytest.approx(4.2) and entries["priced"].note == ""
+    assert "no price recorded" in entries["unpriced"].note and "length unknown" in entries["no-length"].note
+    with pytest.raises(ValueError):
+        account_store.hold(a.id, "half", 1, per_second=1.0)          # both or neither
+    assert account_store.get_hold("half") is None
+    assert_explainable(account_store, a.id)
+
+
+@pytest.mark.parametrize("per_second,minimum,seconds", [
+    (0.1, 0, 30.0), (1.0, 1, 3.0000000001), (1.5, 2, 2.2), (2.0, 3, 1.0), (0.0, 0, 9.0), (0.7, 0, 0.0),
+    (3.3, 1, 1234.5678), (1.0, 5, 4.999999999),
+])
+def test_settle_job_charges_as_pricing_cost(account_store, per_second, minimum, seconds):
+    """The store's settlement (SQL or Lua) and Pricing.cost are one rule, to the credit."""
+    a = new_account(account_store, balance=100_000)
+    account_store.hold(a.id, "j", 10, per_second=per_second, minimum=minimum)
+    after = account_store.settle_job("j", seconds)
+    assert 100_000 - after.balance == Pricing(credits_per_second=per_second, minimum=minimum).cost(seconds)
+
+
+def test_settle_job_is_capped_like_settle(account_store):
+    a = new_account(account_store, balance=10)
+    account_store.hold(a.id, "j1", 4, per_second=10.0, minimum=1)
+    account_store.hold(a.id, "j2", 5, per_second=10.0, minimum=1)
+    s = account_store.settle_job("j1", 5.0)                    # 50 credits, far above what it can pay
+    assert (s.balance, s.held) == (5, 5) and "capped" in account_store.ledger(a.id, 1)[0].note
+    assert_explainable(account_store, a.id)
+
+
+def test_cancelled_holds_are_not_failed_jobs(account_store):
+    """A hold given back because its job was never queued (queue full) is a "cancel": usage does not count it."""
+    a = new_account(account_store, balance=100)
+    for i in range(5):
+        account_store.hold(a.id, f"rejected-{i}", 7, per_second=1.0, minimum=1)
+        assert account_store.cancel(f"rejected-{i}", note="queue full: not queued").held == 0
+    assert account_store.cancel("rejected-0") is None and account_store.release("rejected-0") is None
+    u = account_store.usage(a.id)
+    assert (u.failed, u.completed, u.open_holds, u.credits_spent) == (0, 0, 0, 0)
+    assert [e.kind for e in account_store.ledger(a.id)][-2:] == ["hold", "cancel"]
+    assert account_store.ledger(a.id, 1)[0].note == "queue full: not queued"
+    account_store.hold(a.id, "failed", 7)
+    account_store.release("failed")
+    assert account_store.usage(a.id).failed == 1                # a real failure still counts
+    account_store.hold(a.id, "free", 0, per_second=0.0, minimum=0)  # a zero hold closes too
+    assert account_store.cancel("free").held == 0
+    account_store.hold(a.id, "free2", 0, per_second=0.0, minimum=0)
+    assert account_store.settle_job("free2", 3.0).balance == 100
+    assert account_store.get(a.id).balance == 100
+    assert_explainable(account_store, a.id)
+
+
+def test_accounts_record_their_price_and_charge_the_submitters(account_store):
+    """The price is the one in force where the job was submitted, not the settling service's."""
+    submitter = Accounts(account_store, Pricing(credits_per_second=2.0, minimum=3))
+    elsewhere = Accounts(account_store, Pricing(credits_per_second=10.0, minimum=50))
+    _, acc = submitter.create_key(credits=100)
+    submitter.hold_for(acc, "j1", "hello world")
+    submitter.hold_for(acc, "j2", "hello world")
+    h = account_store.get_hold("j1")
+    assert (h.amount, h.per_second, h.minimum) == (7, 2.0, 3)
+    assert elsewhere.settle("j1", 4.2).balance == 100 - 9
+    done = SimpleNamespace(state="COMPLETED", metrics={"audio_seconds": 4.2}, error=None)
+    assert elsewhere.reconcile(lambda job_id: done)["settled"] == 1
+    assert account_store.get(acc.id).balance == 100 - 18
+    assert_explainable(account_store, acc.id)
+
+
+def test_accounts_cancel_hold(accounts, account_store):
+    _, acc = accounts.create_key(credits=100)
+    for i in range(3):
+        accounts.hold_for(acc, f"full-{i}", "hello world")
+        assert accounts.cancel_hold(f"full-{i}", "queue full: not queued").available == 100
+    assert accounts.cancel_hold("full-0") is None
+    assert accounts.summary(account_store.get(acc.id))["usage"]["failed"] == 0
+    assert_explainable(account_store, acc.id)
+
+
+def test_sqlite_holds_table_is_migrated(tmp_path):
+    """A database made before prices were recorded: the columns are added at open, its open holds are settled by
+    charging the hold, new holds record their price."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,
+            key_prefix TEXT NOT NULL, admin INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0,
+            rate_per_min INTEGER NOT NULL, balance INTEGER NOT NULL CHECK (balance >= 0),
+            held INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0 AND held <= balance), created_at REAL NOT NULL);
+        CREATE TABLE account_holds (job_id TEXT PRIMARY KEY, account_id TEXT NOT NULL REFERENCES accounts(id),
+            amount INTEGER NOT NULL CHECK (amount >= 0), created_at REAL NOT NULL);
+        CREATE TABLE account_ledger (id INTEGER PRIMARY KEY AUTOINCREMENT, account_id TEXT NOT NULL, at REAL NOT NULL,
+            kind TEXT NOT NULL, delta INTEGER NOT NULL, hold_delta INTEGER NOT NULL, balance_after INTEGER NOT NULL,
+            held_after INTEGER NOT NULL, job_id TEXT, seconds REAL, note TEXT NOT NULL DEFAULT '');
+        INSERT INTO accounts VALUES ('acc_old', 'old', 'h-old', 'cbx_', 0, 0, 60, 100, 12, 1.0);
+        INSERT INTO account_holds VALUES ('old-job', 'acc_old', 12, 2.0);
+        INSERT INTO account_ledger (account_id, at, kind, delta, hold_delta, balance_after, held_after, job_id)
+            VALUES ('acc_old', 1.0, 'grant', 100, 0, 100, 0, NULL), ('acc_old', 2.0, 'hold', 0, 12, 100, 12, 'old-job');
+    """)
+    db.close()
+    store = SQLiteAccountStore(path)
+    again = SQLiteAccountStore(path)        # a second open finds the columns there
+    try:
+        assert store.get_hold("old-job").per_second is None
+        store.hold("acc_old", "new-job", 5, per_second=1.0, minimum=1)
+        assert again.get_hold("new-job").per_second == 1.0
+        assert store.settle_job("old-job", 3.0).balance == 100 - 12
+        assert store.settle_job("new-job", 3.0).balance == 100 - 12 - 3
+        assert_explainable(store, "acc_old")
+    finally:
+        store.close()
+        again.close()
 
 
 def test_bootstrap_admin(accounts, account_store):

@@ -7,12 +7,18 @@ spend), and a hold is settled or released at most once. Keys live beside the job
     acct:<id>          hash    the account (balance, held, settings)
     acctkey:<sha256>   string  account id by key hash (authentication)
     accts              zset    account ids by created_at (listing)
-    hold:<job id>      hash    an open hold (account_id, amount, created_at)
+    hold:<job id>      hash    an open hold (account_id, amount, created_at; per_second and minimum: the price
+                               recorded at hold time, absent on holds made before prices were recorded)
     holds              zset    open holds by created_at
     acctholds:<id>     set     an account's open holds
     ledger:<id>        list    the account's ledger entries (JSON), oldest first
     ledger-seq         counter ledger entry ids
     bucket:<id>        hash    the submission token bucket (tokens, updated)
+
+Billing with the job's transition: `BILLING_LUA` (the hold-closing functions, `billing_settle` and
+`billing_release`) is composed into the job store's complete/fail/recover scripts by
+`RedisJobStore.attach_billing(account_store)`, so closing a job's hold is part of the same atomic script as
+its terminal transition: a reader never sees a COMPLETED job whose hold is still open.
 """
 from __future__ import annotations
 
@@ -24,16 +30,17 @@ from typing import Any
 import redis
 
 from ..jobs.store import StoreUnavailable
-from .store import (Account, AccountStore, DuplicateHold, Hold, InsufficientCredits, LedgerEntry, UnknownAccount,
-                    Usage)
+from .store import (UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
+                    InsufficientCredits, LedgerEntry, UnknownAccount, Usage)
 
-_COMMON = r"""
-local P = ARGV[1]
-local function fields(k)
+# The accounts' functions, for the scripts below and for the job store's scripts (`BILLING_LUA`): they need
+# `P` (the key prefix) defined before them.
+_FUNCS = r"""
+local function acct_fields(k)
   return redis.call('HGETALL', k)
 end
 -- change balance/held of an account and append the ledger entry that explains it
-local function apply(id, kind, delta, hold_delta, job_id, seconds, note, at)
+local function acct_apply(id, kind, delta, hold_delta, job_id, seconds, note, at)
   local k = P .. 'acct:' .. id
   local balance = redis.call('HINCRBY', k, 'balance', delta)
   local held = redis.call('HINCRBY', k, 'held', hold_delta)
@@ -41,14 +48,74 @@ local function apply(id, kind, delta, hold_delta, job_id, seconds, note, at)
   redis.call('RPUSH', P .. 'ledger:' .. id, cjson.encode({
     id = seq, account_id = id, at = at, kind = kind, delta = delta, hold_delta = hold_delta,
     balance_after = balance, held_after = held, job_id = job_id, seconds = seconds, note = note}))
-  return fields(k)
+  return acct_fields(k)
 end
-local function account(id)
+local function acct_account(id)
   local k = P .. 'acct:' .. id
   if redis.call('EXISTS', k) == 0 then return nil end
   local h = redis.call('HMGET', k, 'balance', 'held')
   return k, tonumber(h[1]), tonumber(h[2])
 end
+-- Close the hold of job_id; nil when there is none, else the account's fields. mode: 'release' | 'cancel' (no
+-- charge) | 'settle': charge `cost`, or, when cost is nil, `seconds` (nil: unknown) at the price recorded with
+-- the hold (a hold without one, or an unknown length, is charged its amount). Same rule as charge_for().
+local function acct_close(job_id, mode, cost, seconds, note, at)
+  local hk = P .. 'hold:' .. job_id
+  local h = redis.call('HMGET', hk, 'account_id', 'amount', 'per_second', 'minimum')
+  if not h[1] then return nil end
+  local id, amount = h[1], tonumber(h[2])
+  redis.call('DEL', hk)
+  redis.call('ZREM', P .. 'holds', job_id)
+  redis.call('SREM', P .. 'acctholds:' .. id, job_id)
+  local k, balance, held = acct_account(id)
+  if not k then return nil end
+  -- `0 - x`, not `-x`: -0 would reach HINCRBY as "-0", which it refuses
+  if mode ~= 'settle' then return acct_apply(id, mode, 0, 0 - amount, job_id, '', note, at) end
+  if cost == nil then
+    if seconds == nil or not h[3] or not h[4] then
+      cost = amount
+      if note == '' then
+        if seconds == nil then note = '__UNKNOWN__' else note = '__UNPRICED__' end
+      end
+    else
+      local raw = math.max(0, seconds) * tonumber(h[3])
+      cost = math.max(tonumber(h[4]), math.ceil(raw - 1e-9))
+    end
+  end
+  local payable = balance - held + amount
+  local charged = math.max(0, math.min(cost, payable)) + 0     -- + 0: never -0
+  if charged < cost then
+    if note ~= '' then note = note .. '; ' end
+    note = note .. 'cost ' .. cost .. ' capped at the ' .. charged .. ' available'
+  end
+  local s = ''
+  if seconds ~= nil then s = string.format('%.17g', seconds) end
+  return acct_apply(id, 'settle', 0 - charged, 0 - amount, job_id, s, note, at)
+end
+""".replace("__UNKNOWN__", UNKNOWN_LENGTH_NOTE).replace("__UNPRICED__", UNPRICED_NOTE)
+
+# What a job store's scripts compose in (RedisJobStore.attach_billing), after their own `local P = ARGV[1]`:
+#   billing_settle(job_id, metrics_json, at)   the job is being marked COMPLETED: charge its metrics'
+#                                              audio_seconds at the hold's recorded price
+#   billing_release(job_id, note, at)          the job is being marked FAILED: give the hold back
+# `at`: the ledger time (a string). Both do nothing when the job holds nothing.
+BILLING_LUA = _FUNCS + r"""
+local function billing_settle(job_id, metrics_json, at)
+  local seconds = nil
+  local ok, m = pcall(cjson.decode, metrics_json)
+  if ok and type(m) == 'table' then
+    local v = m['audio_seconds']
+    if type(v) == 'number' and v >= 0 and v < math.huge then seconds = v end
+  end
+  acct_close(job_id, 'settle', nil, seconds, '', at)
+end
+local function billing_release(job_id, note, at)
+  acct_close(job_id, 'release', nil, nil, note, at)
+end
+"""
+
+_COMMON = "local P = ARGV[1]\n" + _FUNCS + r"""
+local fields, apply, account = acct_fields, acct_apply, acct_account
 """
 
 # ARGV: P, id, key_hash, initial, at, field, value, ...
@@ -83,41 +150,30 @@ if delta < 0 then kind = 'adjust' end
 return {'ok', apply(id, kind, delta, 0, '', '', ARGV[4], ARGV[5])}
 """
 
-# ARGV: P, id, job_id, amount, at
+# ARGV: P, id, job_id, amount, at, per_second ('' = not recorded), minimum
 _HOLD = _COMMON + r"""
 local id, job_id, amount, at = ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local k, balance, held = account(id)
 if not k then return {'unknown'} end
 if redis.call('EXISTS', P .. 'hold:' .. job_id) == 1 then return {'duplicate'} end
 if balance - held < amount then return {'insufficient', tostring(amount), tostring(balance - held)} end
-redis.call('HSET', P .. 'hold:' .. job_id, 'job_id', job_id, 'account_id', id, 'amount', amount, 'created_at', at)
+local hk = P .. 'hold:' .. job_id
+redis.call('HSET', hk, 'job_id', job_id, 'account_id', id, 'amount', amount, 'created_at', at)
+if ARGV[6] ~= '' then redis.call('HSET', hk, 'per_second', ARGV[6], 'minimum', ARGV[7]) end
 redis.call('ZADD', P .. 'holds', at, job_id)
 redis.call('SADD', P .. 'acctholds:' .. id, job_id)
 return {'ok', apply(id, 'hold', 0, amount, job_id, '', '', at)}
 """
 
-# ARGV: P, job_id, mode ('settle' | 'release'), charge, seconds, note, at
+# ARGV: P, job_id, mode ('settle' | 'release' | 'cancel'), cost ('' = by the recorded price), seconds ('' =
+# unknown), note, at
 _CLOSE = _COMMON + r"""
-local job_id, mode, at = ARGV[2], ARGV[3], ARGV[7]
-local hk = P .. 'hold:' .. job_id
-local h = redis.call('HMGET', hk, 'account_id', 'amount')
-if not h[1] then return {'none'} end
-local id, amount = h[1], tonumber(h[2])
-redis.call('DEL', hk)
-redis.call('ZREM', P .. 'holds', job_id)
-redis.call('SREM', P .. 'acctholds:' .. id, job_id)
-local k, balance, held = account(id)
-if not k then return {'none'} end
-local note = ARGV[6]
-if mode == 'release' then return {'ok', apply(id, 'release', 0, -amount, job_id, '', note, at)} end
-local charge = tonumber(ARGV[4])
-local payable = balance - held + amount
-local charged = math.max(0, math.min(charge, payable))
-if charged < charge then
-  if note ~= '' then note = note .. '; ' end
-  note = note .. 'cost ' .. charge .. ' capped at the ' .. charged .. ' available'
-end
-return {'ok', apply(id, 'settle', -charged, -amount, job_id, ARGV[5], note, at)}
+local cost, seconds = nil, nil
+if ARGV[4] ~= '' then cost = tonumber(ARGV[4]) end
+if ARGV[5] ~= '' then seconds = tonumber(ARGV[5]) end
+local f = acct_close(ARGV[2], ARGV[3], cost, seconds, ARGV[6], ARGV[7])
+if not f then return {'none'} end
+return {'ok', f}
 """
 
 # ARGV: P, id, rate_per_min, now  -> seconds to wait, as a string ("0" when a token was taken)
@@ -152,7 +208,9 @@ def _hold(raw: dict) -> Hold | None:
         return None
     h = {k.decode(): v.decode() for k, v in raw.items()}
     return Hold(job_id=h["job_id"], account_id=h["account_id"], amount=int(h["amount"]),
-                created_at=float(h["created_at"]))
+                created_at=float(h["created_at"]),
+                per_second=float(h["per_second"]) if h.get("per_second") else None,
+                minimum=int(h["minimum"]) if h.get("minimum") else None)
 
 
 def _entry(raw: bytes) -> LedgerEntry:
@@ -167,6 +225,8 @@ def _entry(raw: bytes) -> LedgerEntry:
 class RedisAccountStore(AccountStore):
     """`RedisAccountStore(url, prefix)`; `RedisAccountStore.beside(job_store)` shares a RedisJobStore's server,
     prefix and connection pool."""
+
+    billing_lua = BILLING_LUA       # for RedisJobStore.attach_billing
 
     def __init__(self, url: str | None = None, prefix: str | None = None, client: redis.Redis | None = None,
                  timeout: float = 5.0):
@@ -267,23 +327,35 @@ class RedisAccountStore(AccountStore):
     def adjust(self, account_id: str, delta: int, note: str = "") -> Account:
         return self._ok(self._run("adjust", account_id, int(delta), note, repr(time.time())), account_id)
 
-    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None) -> Account:
+    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None, *,
+             per_second: float | None = None, minimum: int | None = None) -> Account:
         if amount < 0:
             raise ValueError("a hold is >= 0")
+        if (per_second is None) != (minimum is None):
+            raise ValueError("record both the price per second and the minimum, or neither")
         at = time.time() if now is None else float(now)
-        reply = self._run("hold", account_id, job_id, int(amount), repr(at))
+        price = ("", "") if per_second is None else (repr(float(per_second)), int(minimum))
+        reply = self._run("hold", account_id, job_id, int(amount), repr(at), *price)
         if reply[0] == "duplicate":
             raise DuplicateHold(job_id)
         return self._ok(reply, account_id)
 
-    def settle(self, job_id: str, cost: int, seconds: float | None = None, note: str = "") -> Account | None:
-        reply = self._run("close", job_id, "settle", int(cost), "" if seconds is None else repr(float(seconds)),
-                          note, repr(time.time()))
+    def _close(self, job_id: str, mode: str, cost: int | None, seconds: float | None, note: str) -> Account | None:
+        reply = self._run("close", job_id, mode, "" if cost is None else int(cost),
+                          "" if seconds is None else repr(float(seconds)), note, repr(time.time()))
         return None if reply[0] == "none" else self._ok(reply)
 
+    def settle(self, job_id: str, cost: int, seconds: float | None = None, note: str = "") -> Account | None:
+        return self._close(job_id, "settle", int(cost), seconds, note)
+
+    def settle_job(self, job_id: str, audio_seconds: float | None, note: str = "") -> Account | None:
+        return self._close(job_id, "settle", None, audio_seconds, note)
+
     def release(self, job_id: str, note: str = "") -> Account | None:
-        reply = self._run("close", job_id, "release", 0, "", note, repr(time.time()))
-        return None if reply[0] == "none" else self._ok(reply)
+        return self._close(job_id, "release", None, None, note)
+
+    def cancel(self, job_id: str, note: str = "") -> Account | None:
+        return self._close(job_id, "cancel", None, None, note)
 
     def holds(self, older_than: float | None = None) -> list[Hold]:
         upper = "+inf" if older_than is None else f"({older_than!r}"

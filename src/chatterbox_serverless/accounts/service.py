@@ -9,11 +9,13 @@ by byte (no timing oracle on the key). The first characters are kept (`key_prefi
 listings.
 
 Credits. A request costs `max(minimum, ceil(audio_seconds * credits_per_second))`. At submit the service
-HOLDS an estimate from the text length (conservative reading speed, capped at the longest audio the model
-emits); nothing is queued unless the hold succeeds. The worker SETTLES the hold with the real cost when the
-job completes, and RELEASES it when the job fails (failed jobs are not billed). A crash between hold and
-settle is repaired by `reconcile`: open holds are matched against job states (completed: settle; failed or
-missing: release), at start-up and periodically.
+HOLDS an estimate from the text length (conservative reading speed), and records its price with the hold;
+nothing is queued unless the hold succeeds. The JOB STORE closes the hold with the job's terminal transition,
+atomically (`JobStore.attach_billing(account_store)`, done by the service assembly): COMPLETED settles it at
+the recorded price (whichever process completes the job), FAILED releases it (failed jobs are not billed). A
+hold whose job was never queued (queue full) is given back with `cancel_hold`, which is not a failed job.
+`reconcile` repairs what is left: holds whose job completed or failed in a store without billing attached, or
+whose job vanished (a crash between hold and submit), matched against job states at start-up and periodically.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .store import Account, AccountStore, InsufficientCredits, Usage
+from .store import Account, AccountStore, InsufficientCredits, Usage, audio_seconds_of, charge_for
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,7 @@ class Pricing:
             raise ValueError("prices and the hold estimate must be non-negative")
 
     def cost(self, audio_seconds: float) -> int:
-        raw = max(0.0, audio_seconds) * self.credits_per_second
-        return max(self.minimum, math.ceil(raw - 1e-9))
+        return charge_for(audio_seconds, self.credits_per_second, self.minimum)
 
     def estimate(self, text: str) -> int:
         return self.cost(len(text) / self.hold_chars_per_second + self.hold_extra_seconds)
@@ -95,14 +96,6 @@ class RateLimited(Exception):
         super().__init__(f"rate limit exceeded: {rate_per_min} submissions per minute for this key; "
                          f"retry in {math.ceil(retry_after)} s")
         self.retry_after = retry_after
-
-
-def audio_seconds_of(metrics: dict | None) -> float | None:
-    """Audio seconds a completed job produced, from its metrics (None when it did not say)."""
-    value = (metrics or {}).get("audio_seconds")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
-        return float(value)
-    return None
 
 
 class Accounts:
@@ -162,31 +155,26 @@ class Accounts:
             raise RateLimited(wait, acc.rate_per_min)
 
     def hold_for(self, acc: Account, job_id: str, text: str) -> Account:
-        """Reserve the estimated cost of synthesising `text` for `job_id`. Raises InsufficientCredits."""
-        return self.store.hold(acc.id, job_id, self.pricing.estimate(text))
+        """Reserve the estimated cost of synthesising `text` for `job_id`, recording this service's price with
+        the hold (the job is charged at it when it completes, wherever). Raises InsufficientCredits."""
+        return self.store.hold(acc.id, job_id, self.pricing.estimate(text),
+                               per_second=self.pricing.credits_per_second, minimum=self.pricing.minimum)
 
     def settle(self, job_id: str, audio_seconds: float | None) -> Account | None:
-        """Charge a completed job. Unknown length (should not happen): charge what was held."""
-        if audio_seconds is None:
-            hold = self.store.get_hold(job_id)
-            if hold is None:
-                return None
-            return self.store.settle(job_id, hold.amount, None, note="audio length unknown: charged the hold")
-        return self.store.settle(job_id, self.pricing.cost(audio_seconds), audio_seconds)
+        """Charge a completed job at the price recorded with its hold (not this service's: the submitter's).
+        Unknown length (should not happen), or a hold without a recorded price: charge what was held."""
+        return self.store.settle_job(job_id, audio_seconds)
 
     def release(self, job_id: str, reason: str = "") -> Account | None:
+        """Give back the hold of a job that FAILED (counted as failed in `usage`)."""
         return self.store.release(job_id, note=reason[:200])
 
-    def finish(self, job_id: str, completed: bool, metrics: dict | None = None, error: str | None = None) -> None:
-        """What the worker calls after a job reached a terminal state. Never raises (billing must not break the
-        worker): a failure here is logged, and `reconcile` repairs it later."""
-        try:
-            if completed:
-                self.settle(job_id, audio_seconds_of(metrics))
-            else:
-                self.release(job_id, error or "failed")
-        except Exception:  # noqa: BLE001 - logged; reconcile settles or releases the hold later
-            log.exception("accounts: could not close the hold of job %s (reconcile will)", job_id)
+    def cancel_hold(self, job_id: str, reason: str = "") -> Account | None:
+        """Give back the hold of a job that was never queued (the queue was full): not a failed job, so `usage`
+        does not count it. Call it only when the job is known not to be stored (QueueFull); after an ambiguous
+        store error leave the hold to `reconcile`, which settles it if the job exists after all. None when the
+        job holds nothing."""
+        return self.store.cancel(job_id, note=reason[:200])
 
     # --- repair ---------------------------------------------------------------------------------------------
     def reconcile(self, lookup_job: Callable[[str], Any], grace_seconds: float = 120.0,

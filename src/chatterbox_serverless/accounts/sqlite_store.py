@@ -4,6 +4,14 @@ Every write is one `BEGIN IMMEDIATE` transaction: SQLite takes the database writ
 its check and its write cannot interleave with another connection's (another thread, the `keys` command, a
 worker process). That is what makes holds race-free: two submissions for the last credits are serialised
 and the second sees the first's hold.
+
+Billing with the job's transition: `settle_in(db, ...)` / `release_in(db, ...)` run the same hold-closing SQL on
+a connection the caller is already in a write transaction on: the SQLite job store calls them on its own
+connection inside the transaction that marks a job COMPLETED or FAILED (`SQLiteJobStore.attach_billing`), so a
+reader never sees a COMPLETED job whose hold is still open.
+
+Migration: databases made before prices were recorded get the `account_holds.per_second`/`minimum` columns
+added at open (NULL for the holds already there: `settle_job` charges those their hold).
 """
 from __future__ import annotations
 
@@ -15,8 +23,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..jobs.store import StoreUnavailable
-from .store import (Account, AccountStore, DuplicateHold, Hold, InsufficientCredits, LedgerEntry, UnknownAccount,
-                    Usage)
+from .store import (UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
+                    InsufficientCredits, LedgerEntry, UnknownAccount, Usage, audio_seconds_of, charge_for)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -35,7 +43,9 @@ CREATE TABLE IF NOT EXISTS account_holds (
     job_id TEXT PRIMARY KEY,
     account_id TEXT NOT NULL REFERENCES accounts(id),
     amount INTEGER NOT NULL CHECK (amount >= 0),
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    per_second REAL,
+    minimum INTEGER
 );
 CREATE INDEX IF NOT EXISTS account_holds_created ON account_holds(created_at);
 CREATE TABLE IF NOT EXISTS account_ledger (
@@ -60,6 +70,9 @@ CREATE TABLE IF NOT EXISTS account_buckets (
 """
 
 _ACCOUNT_COLUMNS = "id, name, key_hash, key_prefix, admin, revoked, rate_per_min, balance, held, created_at"
+_HOLD_COLUMNS = "job_id, account_id, amount, created_at, per_second, minimum"
+# columns added after the first release: (table, column, declaration), added at open when missing
+_MIGRATIONS = (("account_holds", "per_second", "REAL"), ("account_holds", "minimum", "INTEGER"))
 
 
 def _account(row: tuple | None) -> Account | None:
@@ -87,6 +100,9 @@ class SQLiteAccountStore(AccountStore):
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            for table, column, decl in _MIGRATIONS:
+                if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(str(self.path), timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
@@ -202,9 +218,12 @@ class SQLiteAccountStore(AccountStore):
                 raise InsufficientCredits(-delta, acc.available)
             return self._apply(db, acc, "grant" if delta >= 0 else "adjust", delta, 0, note=note)
 
-    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None) -> Account:
+    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None, *,
+             per_second: float | None = None, minimum: int | None = None) -> Account:
         if amount < 0:
             raise ValueError("a hold is >= 0")
+        if (per_second is None) != (minimum is None):
+            raise ValueError("record both the price per second and the minimum, or neither")
         now = time.time() if now is None else now
         with self._tx() as db:
             acc = self._get(db, account_id)
@@ -212,34 +231,72 @@ class SQLiteAccountStore(AccountStore):
                 raise DuplicateHold(job_id)
             if acc.available < amount:
                 raise InsufficientCredits(amount, acc.available)
-            db.execute("INSERT INTO account_holds (job_id, account_id, amount, created_at) VALUES (?, ?, ?, ?)",
-                       (job_id, account_id, amount, now))
+            db.execute(f"INSERT INTO account_holds ({_HOLD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (job_id, account_id, amount, now, None if per_second is None else float(per_second),
+                        None if minimum is None else int(minimum)))
             return self._apply(db, acc, "hold", 0, amount, job_id=job_id, now=now)
 
-    def _close_hold(self, job_id: str, charge: int | None, seconds: float | None, note: str) -> Account | None:
+    @classmethod
+    def close_in(cls, db: sqlite3.Connection, job_id: str, mode: str, *, cost: int | None = None,
+                 seconds: float | None = None, note: str = "", now: float | None = None) -> Account | None:
+        """Close the hold of `job_id` on `db`, which the caller holds in a write transaction. `mode`: "settle"
+        (charge `cost`, or, when None, `seconds` at the hold's recorded price), "release" or "cancel" (no
+        charge). None when the job holds nothing."""
+        row = db.execute("SELECT account_id, amount, per_second, minimum FROM account_holds WHERE job_id = ?",
+                         (job_id,)).fetchone()
+        if row is None:
+            return None
+        account_id, amount, per_second, minimum = row
+        db.execute("DELETE FROM account_holds WHERE job_id = ?", (job_id,))
+        acc = _account(db.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE id = ?", (account_id,)).fetchone())
+        if acc is None:     # cannot happen (accounts are never deleted); never block the job's transition on it
+            return None
+        if mode in ("release", "cancel"):
+            return cls._apply(db, acc, mode, 0, -amount, job_id=job_id, note=note, now=now)
+        if mode != "settle":
+            raise ValueError(f"unknown mode {mode!r}")
+        if cost is None:
+            if seconds is None or per_second is None or minimum is None:
+                cost = amount
+                note = note or (UNKNOWN_LENGTH_NOTE if seconds is None else UNPRICED_NOTE)
+            else:
+                cost = charge_for(seconds, per_second, minimum)
+        payable = acc.available + amount          # what it can pay without eating its other holds
+        charged = max(0, min(cost, payable))
+        if charged < cost:
+            note = (note + "; " if note else "") + f"cost {cost} capped at the {charged} available"
+        return cls._apply(db, acc, "settle", -charged, -amount, job_id=job_id, seconds=seconds, note=note, now=now)
+
+    # The job store's billing hooks (`SQLiteJobStore.attach_billing`): called on ITS connection, inside ITS
+    # transaction, with the job's terminal transition.
+    def settle_in(self, db: sqlite3.Connection, job_id: str, metrics: dict | None,
+                  now: float | None = None) -> Account | None:
+        """Charge a job that is being marked COMPLETED: its metrics' `audio_seconds` at the hold's price."""
+        return self.close_in(db, job_id, "settle", seconds=audio_seconds_of(metrics), now=now)
+
+    def release_in(self, db: sqlite3.Connection, job_id: str, note: str = "",
+                   now: float | None = None) -> Account | None:
+        """Give back the hold of a job that is being marked FAILED."""
+        return self.close_in(db, job_id, "release", note=note[:200], now=now)
+
+    def _close_hold(self, job_id: str, mode: str, **kw) -> Account | None:
         with self._tx() as db:
-            row = db.execute("SELECT account_id, amount FROM account_holds WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None:
-                return None
-            account_id, amount = row
-            db.execute("DELETE FROM account_holds WHERE job_id = ?", (job_id,))
-            acc = self._get(db, account_id)
-            if charge is None:
-                return self._apply(db, acc, "release", 0, -amount, job_id=job_id, note=note)
-            payable = acc.available + amount          # what it can pay without eating its other holds
-            charged = max(0, min(charge, payable))
-            if charged < charge:
-                note = (note + "; " if note else "") + f"cost {charge} capped at the {charged} available"
-            return self._apply(db, acc, "settle", -charged, -amount, job_id=job_id, seconds=seconds, note=note)
+            return self.close_in(db, job_id, mode, **kw)
 
     def settle(self, job_id: str, cost: int, seconds: float | None = None, note: str = "") -> Account | None:
-        return self._close_hold(job_id, cost, seconds, note)
+        return self._close_hold(job_id, "settle", cost=int(cost), seconds=seconds, note=note)
+
+    def settle_job(self, job_id: str, audio_seconds: float | None, note: str = "") -> Account | None:
+        return self._close_hold(job_id, "settle", seconds=audio_seconds, note=note)
 
     def release(self, job_id: str, note: str = "") -> Account | None:
-        return self._close_hold(job_id, None, None, note)
+        return self._close_hold(job_id, "release", note=note)
+
+    def cancel(self, job_id: str, note: str = "") -> Account | None:
+        return self._close_hold(job_id, "cancel", note=note)
 
     def holds(self, older_than: float | None = None) -> list[Hold]:
-        sql = "SELECT job_id, account_id, amount, created_at FROM account_holds"
+        sql = f"SELECT {_HOLD_COLUMNS} FROM account_holds"
         args: tuple = ()
         if older_than is not None:
             sql += " WHERE created_at < ?"
@@ -247,8 +304,7 @@ class SQLiteAccountStore(AccountStore):
         return [Hold(*r) for r in self._read(sql + " ORDER BY created_at", args)]
 
     def get_hold(self, job_id: str) -> Hold | None:
-        rows = self._read("SELECT job_id, account_id, amount, created_at FROM account_holds WHERE job_id = ?",
-                          (job_id,))
+        rows = self._read(f"SELECT {_HOLD_COLUMNS} FROM account_holds WHERE job_id = ?", (job_id,))
         return Hold(*rows[0]) if rows else None
 
     # --- reporting ------------------------------------------------------------------------------------------

@@ -8,6 +8,14 @@ sum of its open holds). `available = balance - held` is what a new request may r
     hold           held += amount                      (submit; only if available >= amount, else refused)
     settle         held -= hold; balance -= charge     (job COMPLETED; charge <= available + hold, see below)
     release        held -= hold                        (job FAILED or lost: failed jobs are not billed)
+    cancel         held -= hold                        (the job was never queued, e.g. the queue was full: not a
+                                                        failed job, so `usage` does not count it)
+
+Pricing travels with the hold: `hold` records the price in force where the job was submitted (credits per
+second, minimum), and `settle_job` charges the job's audio seconds at that recorded price, whichever process
+completes it. The job stores close holds in the same transaction (SQLite) or script (Redis) as the job's
+terminal transition once `JobStore.attach_billing(account_store)` was called: see `settle_in`/`release_in` of
+the SQLite store and `BILLING_LUA` of the Redis store.
 
 Every change writes one ledger entry carrying `delta` (change of balance) and `hold_delta` (change of held),
 so `balance == sum(delta)` and `held == sum(hold_delta)` over an account's ledger, always: every balance is
@@ -19,6 +27,7 @@ buckets (`take_token`).
 """
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -55,6 +64,8 @@ class Hold:
     account_id: str
     amount: int
     created_at: float
+    per_second: float | None = None           # the price recorded at hold time (None: a hold made before
+    minimum: int | None = None                # prices were recorded; settled by charging `amount`)
 
 
 @dataclass
@@ -62,7 +73,7 @@ class LedgerEntry:
     id: int
     account_id: str
     at: float
-    kind: str                                 # "grant" | "adjust" | "hold" | "settle" | "release"
+    kind: str                                 # "grant" | "adjust" | "hold" | "settle" | "release" | "cancel"
     delta: int                                # change of balance
     hold_delta: int                           # change of held
     balance_after: int
@@ -75,10 +86,31 @@ class LedgerEntry:
 @dataclass
 class Usage:
     completed: int = 0                        # settled requests
-    failed: int = 0                           # released holds (not billed)
+    failed: int = 0                           # released holds (failed jobs, not billed; cancelled holds of
+                                              # jobs never queued are not counted)
     audio_seconds: float = 0.0
     credits_spent: int = 0
     open_holds: int = 0
+
+
+def charge_for(audio_seconds: float, per_second: float, minimum: int) -> int:
+    """What `audio_seconds` of audio cost at `per_second` credits a second, at least `minimum` (whole credits,
+    rounded up; float noise below 1e-9 credit is not rounded up). `Pricing.cost` and both stores' settlement
+    use this rule (the Redis store's Lua repeats it in the same double arithmetic)."""
+    raw = max(0.0, audio_seconds) * per_second
+    return max(int(minimum), math.ceil(raw - 1e-9))
+
+
+def audio_seconds_of(metrics: dict | None) -> float | None:
+    """Audio seconds a completed job produced, from its metrics (None when it did not say)."""
+    value = (metrics or {}).get("audio_seconds")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None
+
+
+UNKNOWN_LENGTH_NOTE = "audio length unknown: charged the hold"
+UNPRICED_NOTE = "no price recorded with the hold: charged the hold"
 
 
 class InsufficientCredits(Exception):
@@ -134,9 +166,11 @@ class AccountStore(ABC):
         the balance below what open holds reserve: raises InsufficientCredits. Raises UnknownAccount."""
 
     @abstractmethod
-    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None) -> Account:
+    def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None, *,
+             per_second: float | None = None, minimum: int | None = None) -> Account:
         """Reserve `amount` credits for `job_id`, atomically, only if available >= amount; else raise
-        InsufficientCredits (nothing changes). Raises DuplicateHold, UnknownAccount."""
+        InsufficientCredits (nothing changes). Raises DuplicateHold, UnknownAccount. `per_second` and `minimum`
+        record the price the job will be charged at (`settle_job`); give both or neither."""
 
     @abstractmethod
     def settle(self, job_id: str, cost: int, seconds: float | None = None, note: str = "") -> Account | None:
@@ -146,8 +180,20 @@ class AccountStore(ABC):
         released, or never held): settling twice charges once."""
 
     @abstractmethod
+    def settle_job(self, job_id: str, audio_seconds: float | None, note: str = "") -> Account | None:
+        """Close the hold of `job_id` charging `audio_seconds` at the price recorded with the hold
+        (`charge_for`), capped as `settle` caps. A hold without a recorded price, or an unknown length (None),
+        is charged the hold's amount. None when the job holds nothing: settling twice charges once."""
+
+    @abstractmethod
     def release(self, job_id: str, note: str = "") -> Account | None:
-        """Close the hold of `job_id` without charging. None when the job holds nothing."""
+        """Close the hold of `job_id` without charging (the job failed). None when the job holds nothing."""
+
+    @abstractmethod
+    def cancel(self, job_id: str, note: str = "") -> Account | None:
+        """Close the hold of a job that was never queued (the queue was full, the submission was not stored),
+        without charging, as a "cancel" entry: `usage` does not count it as a failed job. None when the job
+        holds nothing."""
 
     @abstractmethod
     def holds(self, older_than: float | None = None) -> list[Hold]:
