@@ -11,6 +11,12 @@ chatterbox-tts 0.1.7 turns the speech-head logits into a distribution like this,
 Here every step of that is one tensor operation over all rows, each row with its own parameters (tensors of
 shape (R,)), in float32. Draws use one `torch.Generator` per row, so a request samples the same tokens alone or
 in a batch.
+
+Temperature 0 means greedy decoding (the official code would divide by zero): such a row takes the argmax of
+its logits after CFG and the repetition penalty (the first id among equal maxima), deterministically and
+without drawing from its generator. Its distribution is a point mass on that id (min_p and top_p cannot remove
+the top token, so they do not matter). The division uses 1 for those rows, so the other rows of the batch are
+computed exactly as they would be without them.
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> T
 
 
 def apply_temperature(logits: Tensor, temperature: Tensor) -> Tensor:
-    return logits / temperature[:, None]
+    """l / t per row; rows with t == 0 (greedy, see `process_logits`) are left as they are."""
+    return logits / torch.where(temperature == 0, torch.ones_like(temperature), temperature)[:, None]
 
 
 def apply_min_p(logits: Tensor, min_p: Tensor) -> Tensor:
@@ -77,21 +84,37 @@ def apply_top_p(logits: Tensor, top_p: Tensor) -> Tensor:
 
 def process_logits(cond: Tensor, uncond: Tensor, seen: Tensor, params: SamplingParams) -> Tensor:
     """Raw conditional / unconditional logits (R, V) -> the distribution to sample from (R, V), float32.
-    Rows without CFG pass their conditional logits as `uncond` (with weight 0 or not, the result is `cond`)."""
+    Rows without CFG pass their conditional logits as `uncond` (with weight 0 or not, the result is `cond`).
+    Rows with temperature 0 get a point mass (1.0) on the argmax of their logits after CFG and the repetition
+    penalty; `sample` returns that id for them."""
     logits = apply_cfg(cond.float(), uncond.float(), params.cfg_weight)
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    greedy = params.temperature == 0
+    top = logits.argmax(dim=-1, keepdim=True) if bool(greedy.any()) else None
     logits = apply_temperature(logits, params.temperature)
     logits = apply_min_p(logits, params.min_p)
     logits = apply_top_p(logits, params.top_p)
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if top is not None:
+        point = torch.zeros_like(probs).scatter_(-1, top, 1.0)
+        probs = torch.where(greedy[:, None], point, probs)
+    return probs
 
 
-def sample(probs: Tensor, generators: list[torch.Generator]) -> Tensor:
-    """One multinomial draw per row, row i with generators[i] -> (R,) int64.
+def greedy_rows(params: SamplingParams) -> Tensor:
+    """(R,) bool: the rows that decode greedily (temperature 0)."""
+    return params.temperature == 0
+
+
+def sample(probs: Tensor, generators: list[torch.Generator], greedy: Tensor | None = None) -> Tensor:
+    """One multinomial draw per row, row i with generators[i] -> (R,) int64; rows where `greedy` (R,) is True
+    take the argmax of their distribution (the point mass `process_logits` made) and draw nothing.
 
     Each draw is `torch.multinomial` on that row alone, so a seeded generator reproduces the official sampling
     (which draws from the global generator after `torch.manual_seed`)."""
     if len(generators) != probs.shape[0]:
         raise ValueError(f"{probs.shape[0]} rows but {len(generators)} generators")
-    out = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generators)]
+    flags = [False] * len(generators) if greedy is None else greedy.tolist()
+    out = [probs[i : i + 1].argmax(dim=-1, keepdim=True) if f else torch.multinomial(probs[i : i + 1], 1, generator=g)
+           for i, (g, f) in enumerate(zip(generators, flags))]
     return torch.cat(out).view(-1)

@@ -7,7 +7,8 @@ generator and stopping rule. A step
      in one forward for all of them (what does not depend on the text, the conditioning positions and the
      unconditional row up to its BOS, is kept per voice and exaggeration in an LRU cache: see `_place`);
   2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
-     top_p; `engine/sampling.py`) in one batched call, then draws one token per request with its own generator;
+     top_p; `engine/sampling.py`) in one batched call, then draws one token per request with its own generator
+     (temperature 0: the argmax, no draw);
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
      move into the holes so that the active rows stay contiguous;
   4. feeds every remaining request's new token (to both of its rows) through the backbone in one forward.
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .models.t3 import T3
-from .sampling import SamplingParams, process_logits, sample
+from .sampling import SamplingParams, greedy_rows, process_logits, sample
 from .types import SynthesisParams
 
 
@@ -319,7 +320,7 @@ class T3Decoder:
         if all(forced):
             tokens = [int(a.request.forced_tokens[len(a.tokens)]) for a in act]
         else:
-            sampled = sample(probs, [a.generator for a in act]).tolist()
+            sampled = sample(probs, [a.generator for a in act], greedy_rows(params)).tolist()
             tokens = [int(a.request.forced_tokens[len(a.tokens)]) if f else t
                       for a, f, t in zip(act, forced, sampled)]
         for i, (a, tok) in enumerate(zip(act, tokens)):
