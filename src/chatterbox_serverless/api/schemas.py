@@ -10,9 +10,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine.types import SynthesisParams
+from ..media.formats import DEFAULT_FORMAT, MEDIA_TYPES, OutputFormatName, describe_formats
 
 DEFAULT_TEXT = "Welcome to Chatterbox TTS, where your text turns into captivating audio effortlessly."
-OUTPUT_FORMATS = {"mp3": "audio/mpeg", "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg"}
+OUTPUT_FORMATS = MEDIA_TYPES        # output_format -> media type (listed once, in media/formats.py)
 MAX_SEED = 2**63 - 1
 
 
@@ -31,8 +32,7 @@ class TTSRequest(BaseModel):
     top_p: float = Field(1.0, ge=0, le=1, description="Top-p (nucleus) sampling threshold.")
     repetition_penalty: float = Field(1.2, ge=1, le=2, description="Penalty on repeated speech tokens.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Same input and seed give the same audio.")
-    output_format: Literal["mp3", "wav", "flac", "ogg"] = Field(
-        "mp3", description="Audio container: mp3 (default), wav, flac, or ogg (Opus).")
+    output_format: OutputFormatName = Field(DEFAULT_FORMAT, description=f"Audio container: {describe_formats()}.")
 
     def synthesis_params(self) -> SynthesisParams:
         return SynthesisParams(exaggeration=self.exaggeration, cfg_weight=self.cfg_weight,

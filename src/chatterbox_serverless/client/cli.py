@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-SUFFIX_FORMATS = {".mp3": "mp3", ".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".opus": "ogg"}
-FORMATS = ("mp3", "wav", "flac", "ogg")
+from ..media.formats import DEFAULT_FORMAT, FORMAT_NAMES, OUTPUT_FORMATS, SUFFIX_FORMATS  # noqa: F401 - re-exported
+
+FORMATS = FORMAT_NAMES
 DEFAULT_MAX_CHARS = 5000
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 _PARAGRAPH = re.compile(r"\n\s*\n")
@@ -28,9 +29,10 @@ _SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+')
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", help="the text to speak (or use --file)")
     parser.add_argument("-f", "--file", help="read the text from this file ('-': standard input)")
-    parser.add_argument("-o", "--output", help="audio file to write (default: speech.FORMAT; '-': standard output)")
+    parser.add_argument("-o", "--output", help="audio file to write (default: speech.FORMAT; '-': standard output); "
+                                               "its suffix sets the format: " + ", ".join(SUFFIX_FORMATS))
     parser.add_argument("--format", choices=FORMATS,
-                        help="audio format (default: from the output file's suffix, else mp3)")
+                        help=f"audio format (default: from the output file's suffix, else {DEFAULT_FORMAT})")
     parser.add_argument("--voice", metavar="FILE|URL", help="reference audio to clone: a local file or an http(s) URL "
                                         "(default: the model's built-in voice)")
     parser.add_argument("--seed", type=int, metavar="N", help="same text + same seed -> same audio (server default 42)")
@@ -83,8 +85,8 @@ def _output_and_format(args: argparse.Namespace) -> tuple[str, str]:
         if fmt and from_suffix and fmt != from_suffix:
             raise _Usage(f"--format {fmt} does not match the output file {output}")
         fmt = fmt or from_suffix
-    fmt = fmt or "mp3"
-    return output or f"speech.{fmt}", fmt
+    fmt = fmt or DEFAULT_FORMAT
+    return output or f"speech{OUTPUT_FORMATS[fmt].suffix}", fmt
 
 
 def _params(args: argparse.Namespace, text: str, fmt: str) -> dict[str, Any]:
@@ -171,11 +173,13 @@ class ProgressLine:
 
 
 def _join_audio(parts: list[bytes], fmt: str, gap_s: float = 0.15) -> bytes:
-    """Decode the parts (wav), join them with a short pause, encode as `fmt`."""
+    """Decode the parts (wav), join them with a short pause, encode as `fmt` (as the server encodes it)."""
     import io
 
     import numpy as np
     import soundfile as sf
+
+    from ..media.encode import encode_audio
     arrays: list[np.ndarray] = []
     rate: int | None = None
     for data in parts:
@@ -186,11 +190,8 @@ def _join_audio(parts: list[bytes], fmt: str, gap_s: float = 0.15) -> bytes:
         if arrays:
             arrays.append(np.zeros(int(gap_s * sr), dtype=np.float32))
         arrays.append(audio if audio.ndim == 1 else audio.mean(axis=1))
-    out = io.BytesIO()
-    kinds = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "mp3": ("MP3", None), "ogg": ("OGG", "OPUS")}
-    container, subtype = kinds[fmt]
-    sf.write(out, np.concatenate(arrays), rate, format=container, subtype=subtype)
-    return out.getvalue()
+    assert rate is not None
+    return encode_audio(np.concatenate(arrays), rate, fmt)[0]
 
 
 def _write(data: bytes, output: str) -> None:

@@ -11,13 +11,14 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from ..media.formats import DEFAULT_FORMAT, FORMAT_NAMES, OutputFormatName
 from .errors import ParameterError
 
 MODEL = "chatterbox-tts"
-OUTPUT_FORMATS = ("mp3", "wav", "flac", "ogg")
-OutputFormat = Literal["mp3", "wav", "flac", "ogg"]
+OUTPUT_FORMATS = FORMAT_NAMES        # ("mp3", "wav", "flac", "ogg"): the table is media/formats.py (no dependencies)
+OutputFormat = OutputFormatName
 AudioSource = str | bytes | os.PathLike   # URL / data: URI / base64 string, raw bytes, or a local file
 
 # name -> (low, high) inclusive; the API contract's ranges.
@@ -47,7 +48,7 @@ class TTSParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.2
     seed: int = 42
-    output_format: OutputFormat = "mp3"
+    output_format: OutputFormat = DEFAULT_FORMAT
 
     def to_payload(self) -> dict[str, Any]:
         body = {k: v for k, v in asdict(self).items() if v is not None}

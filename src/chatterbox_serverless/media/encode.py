@@ -12,14 +12,9 @@ import numpy as np
 import soundfile as sf
 
 from chatterbox_serverless.media import MediaError
+from chatterbox_serverless.media.formats import DEFAULT_FORMAT, MEDIA_TYPES
 
-FORMATS: dict[str, str] = {          # output_format -> media type
-    "mp3": "audio/mpeg",
-    "wav": "audio/wav",
-    "flac": "audio/flac",
-    "ogg": "audio/ogg",              # Ogg Opus
-}
-DEFAULT_FORMAT = "mp3"
+FORMATS: dict[str, str] = MEDIA_TYPES      # output_format -> media type (the table is in formats.py)
 
 _MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 _OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
@@ -33,6 +28,8 @@ _WRITE_ARGS: dict[str, tuple[str, str, dict]] = {
     "flac": ("FLAC", "PCM_16", {}),
     "ogg": ("OGG", "OPUS", {"compression_level": 0.75}),
 }
+if set(_WRITE_ARGS) != set(FORMATS):
+    raise RuntimeError("media/encode.py: every output format in formats.py needs its encoder settings")
 
 
 class EncodeError(MediaError):
