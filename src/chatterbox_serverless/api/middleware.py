@@ -187,7 +187,8 @@ class RequestContext:
             if closed_early:
                 status = CLIENT_CLOSED
             seconds = time.perf_counter() - start
-            endpoint = getattr(scope.get("endpoint"), "__name__", "unmatched")
+            handler = scope.get("endpoint")      # a function, or an app mounted under a path (e.g. StaticFiles)
+            endpoint = "unmatched" if handler is None else getattr(handler, "__name__", type(handler).__name__)
             self.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.latency.labels(endpoint).observe(seconds)
             extra = {"status": status, "ms": round(seconds * 1000, 2), "endpoint": endpoint, "job_id": job_id}

@@ -11,6 +11,7 @@ import anyio
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import BaseModel
@@ -154,10 +155,13 @@ def test_request_id_is_made_echoed_and_set_for_the_request(caplog):
 def test_unmatched_and_crashing_requests_are_counted(caplog):
     caplog.set_level(logging.INFO)
     app, registry = make_app()
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent))
     with TestClient(app, raise_server_exceptions=False) as c:
         assert c.get("/nope").status_code == 404
         assert c.get("/boom").status_code == 500
+        assert c.get(f"/static/{Path(__file__).name}").status_code == 200
     assert samples(registry)[("unmatched", "GET", "404")] == 1
+    assert samples(registry)[("StaticFiles", "GET", "200")] == 1
     assert samples(registry)[("boom", "GET", "500")] == 1
     assert any(r.exc_info for r in caplog.records if r.getMessage() == "unhandled error")   # real errors keep theirs
 
