@@ -2,12 +2,17 @@
 
 Types are strict: a number given as a string, or a float seed, is a 400 naming the parameter (JSON integers are
 accepted where a number is expected). Parameters this API does not know are ignored, as the hosted API does.
+`text` must hold something to speak: control characters other than tab, line feed and carriage return (NUL
+included) are refused, and so is text made only of whitespace and invisible format characters (zero-width
+spaces and joiners, bidi marks: Unicode category Cf).
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from ..engine.types import SynthesisParams
 from ..media.formats import DEFAULT_FORMAT, MEDIA_TYPES, OutputFormatName, describe_formats
@@ -33,6 +38,18 @@ class TTSRequest(BaseModel):
     repetition_penalty: float = Field(1.2, ge=1, le=2, description="Penalty on repeated speech tokens.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Same input and seed give the same audio.")
     output_format: OutputFormatName = Field(DEFAULT_FORMAT, description=f"Audio container: {describe_formats()}.")
+
+    @field_validator("text")
+    @classmethod
+    def _speakable_text(cls, text: str) -> str:
+        for i, ch in enumerate(text):
+            if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r":
+                raise PydanticCustomError("text_control_character",
+                                          "must not contain control characters other than tab and line breaks "
+                                          f"(U+{ord(ch):04X} at position {i})")
+        if all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text):
+            raise PydanticCustomError("text_empty", "must not be empty")
+        return text
 
     def synthesis_params(self) -> SynthesisParams:
         return SynthesisParams(exaggeration=self.exaggeration, cfg_weight=self.cfg_weight,
