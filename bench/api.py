@@ -2,9 +2,9 @@
 
     python bench/api.py [--jobs 3000] [--concurrency 16]
 
-The server is the real one (`serve_app`: FastAPI + uvicorn + SQLite WAL store with synchronous=FULL + the
-in-process worker) in a subprocess; the engine is `InstantEngineForBench`, a benchmark double returning 0.1 s of
-silence at once, so the figures measure the service, not the model. The client is a minimal asyncio HTTP/1.1
+The server is the real one (`serve`: FastAPI + uvicorn + SQLite WAL store with synchronous=FULL + the
+in-process worker) in a subprocess; the engine is `FakeEngineForTests` (chatterbox_serverless.testing) returning 0.1 s
+of silence at once, so the figures measure the service, not the model. The client is a minimal asyncio HTTP/1.1
 keep-alive client (cheap, so it leaves the cores to the server). Prints one table of figures.
 """
 from __future__ import annotations
@@ -13,34 +13,15 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-SERVER = r"""
-import sys, numpy as np
-from pathlib import Path
-from chatterbox_serverless.api.logs import configure_logging
-from chatterbox_serverless.api.serve import serve_app
-from chatterbox_serverless.engine.types import SynthesisResult
-from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
-from chatterbox_serverless.settings import Settings
+from chatterbox_serverless.testing import spawn
 
-class InstantEngineForBench:   # benchmark double: 0.1 s of silence per request, no compute
-    sample_rate = 24000
-    def synthesize(self, requests):
-        return [SynthesisResult(audio=np.zeros(2400, np.float32), metrics={}) for _ in requests]
-
-data, port = Path(sys.argv[1]), int(sys.argv[2])
-configure_logging(json_lines=True, level="warning")
-cfg = Settings(data_dir=data, max_queue=1_000_000, batch_size=32, batch_wait=0.0)
-store = SQLiteJobStore(data / "jobs.sqlite3")
-serve_app(cfg, store, InstantEngineForBench(), workers=1, host="127.0.0.1", port=port)
-"""
+# the real `serve` command (SQLite, in-process worker) with the engine double answering 0.1 s of silence at once
+SERVER_ENGINE = {"seconds_per_char": 0.0, "base_seconds": 0.1, "amplitude": 0.0}
 
 
 class Conn:
@@ -131,21 +112,11 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=3000)
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([sys.executable, "-c", SERVER, tmp, str(port)])
+        proc, url = spawn("serve", ["--data-dir", tmp, "--no-auth", "--max-queue", "1000000", "--batch-size", "32",
+                                    "--batch-wait", "0", "--log-level", "warning"], fake=SERVER_ENGINE, stderr=None)
+        port = int(url.rsplit(":", 1)[1])
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or proc.poll() is not None:
-                        raise SystemExit("the server did not start")
-                    time.sleep(0.1)
             rows = asyncio.run(bench(port, args.jobs, args.concurrency))
         finally:
             proc.terminate()

@@ -5,7 +5,7 @@ latency compared with the embedded SQLite store.
     python bench/fleet.py --jobs 400 --cost 0.25 --batch-size 8
 
 1. Scaling: N jobs queued in Redis, then 1 (or 2) `worker` processes drain them. The engine is the test double
-   (tests/conftest.py FakeEngineForTests) with a fixed cost per batch (`--cost` seconds, a sleep: it stands
+   (chatterbox_serverless.testing.FakeEngineForTests, run by `python -m chatterbox_serverless.testing worker`) with a fixed cost per batch (`--cost` seconds, a sleep: it stands
    for a GPU, so two workers on one small CPU still scale the way two GPUs would). Jobs/s and speed-up.
 2. Latency: store operations (submit, status read, claim+complete) p50/p99 on SQLite vs Redis, and a full
    /v1 request over HTTP (submit, batch, engine with zero cost, encode, result) on the single-machine setup
@@ -17,8 +17,6 @@ import argparse
 import os
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,24 +24,14 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
-sys.path.insert(0, str(TESTS))
+import httpx
 
-import httpx  # noqa: E402
+from chatterbox_serverless.jobs.redis_store import RedisJobStore
+from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
+from chatterbox_serverless.jobs.store import Job, JobState
+from chatterbox_serverless.testing import free_port
 
-from chatterbox_serverless.jobs.redis_store import RedisJobStore  # noqa: E402
-from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore  # noqa: E402
-from chatterbox_serverless.jobs.store import Job, JobState  # noqa: E402
-
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-       "CHATTERBOX_URL_SECRET": "bench-secret"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+ENV = {**os.environ, "CHATTERBOX_URL_SECRET": "bench-secret"}
 
 
 def pct(values: list[float], p: float) -> float:
@@ -61,7 +49,7 @@ class Procs:
 
     def spawn(self, name: str, argv: list[str], **env: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")
-        p = subprocess.Popen(argv, cwd=TESTS, env={**ENV, **env}, stdout=log, stderr=log)
+        p = subprocess.Popen(argv, env={**ENV, **env}, stdout=log, stderr=log)
         self.procs.append(p)
         return p
 
@@ -99,7 +87,7 @@ def start_redis(tmp: Path, appendfsync: str) -> tuple[subprocess.Popen, str]:
 
 
 def worker_argv(url: str, prefix: str, name: str, batch: int, tmp: Path) -> list[str]:
-    return [sys.executable, "-c", "import test_redis_fleet as t; t.worker_process_main()", "--store", url,
+    return [sys.executable, "-m", "chatterbox_serverless.testing", "worker", "--store", url,
             "--redis-prefix", prefix, "--worker-id", name, "--batch-size", str(batch), "--batch-wait", "0.01",
             "--data-dir", str(tmp / name), "--log-format", "plain", "--log-level", "warning"]
 
@@ -115,7 +103,7 @@ def wait_for(pred, timeout: float = 60.0, interval: float = 0.05) -> None:
 def scaling(url: str, procs: Procs, tmp: Path, n_workers: int, jobs: int, cost: float, batch: int) -> float:
     prefix = f"bench-{uuid.uuid4().hex[:6]}:"
     store = RedisJobStore(url, prefix=prefix)
-    workers = [procs.spawn(f"w{n_workers}-{i}", worker_argv(url, prefix, f"w{i}", batch, tmp), FAKE_DELAY=str(cost))
+    workers = [procs.spawn(f"w{n_workers}-{i}", worker_argv(url, prefix, f"w{i}", batch, tmp), CHATTERBOX_FAKE_ENGINE=repr({"delay": cost}))
                for i in range(n_workers)]
     wait_for(lambda: len(store.stats().workers) == n_workers)
     ids = []
@@ -207,8 +195,10 @@ def main() -> None:
 
         print(f"\n3. Latency of a /v1 request end to end, {args.requests} sequential, engine cost 0")
         port = free_port()
-        single = procs.spawn("serve-sqlite", [sys.executable, "-c", "import conftest; conftest.serve_fake_main()",
-                                              str(tmp / "sqlite-data"), str(port), "0"], LOG_LEVEL="warning")
+        single = procs.spawn("serve-sqlite", [sys.executable, "-m", "chatterbox_serverless.testing", "serve",
+                                              "--data-dir", str(tmp / "sqlite-data"), "--port", str(port), "--no-auth",
+                                              "--batch-size", "4", "--max-queue", "10000", "--log-level", "warning"],
+                             CHATTERBOX_FAKE_ENGINE=repr({"delay": 0.0}))
         wait_http(f"http://127.0.0.1:{port}", [single])
         v1_sqlite = v1_latency(f"http://127.0.0.1:{port}", args.requests)
         procs.stop([single])
@@ -217,7 +207,7 @@ def main() -> None:
                                           "--redis-prefix", "bench-v1:", "--workers", "0", "--no-auth", "--port", str(port),
                                           "--data-dir", str(tmp / "api"), "--log-level", "warning"])
         worker = procs.spawn("worker-redis", worker_argv(url, "bench-v1:", "w-v1", args.batch_size, tmp),
-                             FAKE_DELAY="0")
+                             CHATTERBOX_FAKE_ENGINE=repr({"delay": 0.0}))
         wait_http(f"http://127.0.0.1:{port}", [api, worker])
         v1_redis = v1_latency(f"http://127.0.0.1:{port}", args.requests)
         procs.stop([api, worker])

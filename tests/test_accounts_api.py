@@ -9,66 +9,47 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
-import uvicorn
 
 from chatterbox_serverless.accounts import open_account_store
 from chatterbox_serverless.accounts.service import Accounts, Pricing
-from chatterbox_serverless.accounts.web import AccountGate, is_loopback, prepare
-from chatterbox_serverless.api.app import create_app
-from chatterbox_serverless.engine.types import SynthesisResult
+from chatterbox_serverless.service import announce_auth, is_loopback
 from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
 from chatterbox_serverless.jobs.store import Job
 from chatterbox_serverless.settings import Settings
+from chatterbox_serverless.testing import FakeEngineForTests, spawn, start_server
 
 RATE = 16000
 TEXT = "x" * 40            # hold: 40/10 + 2 = 6 s -> 6 credits; audio: 40/20 = 2 s -> 2 credits
 
 
-class SilentEngineForTests:
+def SilentEngineForTests(delay: float = 0.0, max_seconds: float = 1e9) -> FakeEngineForTests:
     """Speaks silence lasting len(text)/20 seconds; fails any text containing "fail"."""
-    sample_rate = RATE
-
-    def __init__(self, delay: float = 0.0, max_seconds: float = 1e9):
-        self.delay = delay
-        self.max_seconds = max_seconds
-
-    def synthesize(self, requests):
-        time.sleep(self.delay)
-        return [SynthesisResult(error="engine said no") if "fail" in r.text else
-                SynthesisResult(audio=np.zeros(int(RATE * min(self.max_seconds, len(r.text) / 20)), np.float32))
-                for r in requests]
+    return FakeEngineForTests(sample_rate=RATE, delay=delay, fail_marker="fail", seconds_per_char=1 / 20,
+                              base_seconds=0.0, max_seconds=max_seconds, amplitude=0.0)
 
 
 class Server:
-    def __init__(self, data_dir, *, auth: bool = True, engine=None, workers: int = 1, app_kwargs: dict | None = None):
-        self.settings = Settings(data_dir=data_dir, batch_wait=0.0, sync_timeout=10.0)
-        self.store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-        self.accounts = Accounts(open_account_store(data_dir), Pricing(credits_per_second=1.0, minimum=1)) \
+    """The shared harness (start_server) with keys on, plus helpers for the account tests."""
+
+    def __init__(self, data_dir, *, auth: bool = True, engine=None, workers: int = 1, fetcher=None):
+        self.data_dir = Path(data_dir)
+        self.store = SQLiteJobStore(self.data_dir / "jobs.sqlite3")
+        self.accounts = Accounts(open_account_store(self.data_dir), Pricing(credits_per_second=1.0, minimum=1)) \
             if auth else None
-        gate = AccountGate(self.accounts)
-        self.app = create_app(self.settings, self.store, engine if engine is not None else SilentEngineForTests(),
-                              workers=workers, accounts=gate, **(app_kwargs or {}))
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._context = start_server(self.data_dir.parent, engine if engine is not None else SilentEngineForTests(),
+                                     workers=workers, store=self.store, accounts=self.accounts, fetcher=fetcher,
+                                     data_dir=self.data_dir, batch_wait=0.0, sync_timeout=10.0)
 
     def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        running = self._context.__enter__()
+        self.url, self.app, self.service = running.url, running.app, running.service
         self.http = httpx.Client(base_url=self.url, timeout=20)
         return self
 
     def __exit__(self, *exc) -> None:
         self.http.close()
-        self.server.should_exit = True
-        self.thread.join(20)
+        self._context.__exit__(*exc)
         self.store.close()
         if self.accounts is not None:
             self.accounts.store.close()
@@ -178,7 +159,7 @@ def test_settle_on_completion_release_on_failure(server):
     done = server.http.get(f"/v2/requests/{r.json()['request_id']}", headers={"x-api-key": key})
     assert done.headers["x-remaining-credits"] == "98"
     failed = server.wait(key, server.submit(key, "please fail " + TEXT).json()["request_id"])
-    assert failed.status_code == 422 and failed.json()["error"] == "engine said no"
+    assert failed.status_code == 422 and failed.json()["error"] == "fake engine: this text cannot be spoken"
     acc = server.settled(key)
     assert (acc["balance"], acc["held"], acc["available"]) == (98, 0, 98), "failed jobs are not billed"
     assert acc["usage"]["completed"] == 1 and acc["usage"]["failed"] == 1
@@ -216,7 +197,9 @@ def test_admin_api(server):
     assert_error(server.http.post(f"/v1/admin/keys/{acc['id']}/credits", json={"amount": -26}, headers=h), 406)
     assert_error(server.http.post(f"/v1/admin/keys/{acc['id']}/credits", json={"amount": "5"}, headers=h), 400,
                  "amount")
-    assert_error(server.http.post("/v1/admin/keys", content=b"{oops", headers=h), 400)
+    assert_error(server.http.post("/v1/admin/keys", content=b"{oops", headers={**h, "content-type": "application/json"}),
+                 400)
+    assert_error(server.http.post("/v1/admin/keys", content=b"{}", headers=h), 415, "application/json")
     assert_error(server.http.post("/v1/admin/keys/acc_missing/revoke", headers=h), 404)
     server.wait(new_key, server.submit(new_key).json()["request_id"])
     server.settled(new_key)
@@ -280,7 +263,7 @@ def test_crash_between_hold_and_settle_is_repaired_on_restart(tmp_path):
     jobs = {j.id: j for j in store.claim("crashing-worker", 10, 30.0)}
     assert set(jobs) == {ok, bad}
     store.complete(ok, "crashing-worker", b"RIFF", "audio/wav", {"audio_seconds": 2.0})
-    store.fail(bad, "crashing-worker", "engine said no")
+    store.fail(bad, "crashing-worker", "fake engine: this text cannot be spoken")
     store.close()
     # 3) restart: the start-up reconcile settles the completed job and releases the failed and the lost one
     with Server(data) as s:
@@ -301,24 +284,30 @@ def test_no_auth_mode(tmp_path, caplog):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("example.com")
     with caplog.at_level("WARNING"):
-        prepare(None, "0.0.0.0")
+        announce_auth(starting(None, tmp_path, "0.0.0.0"))
     assert "OFF" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        prepare(None, "127.0.0.1")
+        announce_auth(starting(None, tmp_path, "127.0.0.1"))
     assert "OFF" not in caplog.text
+
+
+def starting(accounts, data_dir, host: str = "127.0.0.1"):
+    """What announce_auth reads of a service about to serve."""
+    from types import SimpleNamespace
+    return SimpleNamespace(accounts=accounts, settings=Settings(data_dir=data_dir, host=host))
 
 
 def test_first_start_makes_one_admin_key(tmp_path, capsys):
     store = open_account_store(tmp_path)
     accounts = Accounts(store)
     try:
-        notice = prepare(accounts, "127.0.0.1", f"--data-dir {tmp_path}")
+        admin_key = announce_auth(starting(accounts, tmp_path))
         err = capsys.readouterr().err
-        assert notice.admin_key and notice.admin_key in err and f"keys create --data-dir {tmp_path}" in err
-        assert accounts.authenticate(notice.admin_key, admin=True).admin
-        assert prepare(accounts, "127.0.0.1").admin_key is None
-        assert notice.admin_key not in capsys.readouterr().err
+        assert admin_key and admin_key in err and f"keys create --data-dir {tmp_path}" in err
+        assert accounts.authenticate(admin_key, admin=True).admin
+        assert announce_auth(starting(accounts, tmp_path)) is None
+        assert admin_key not in capsys.readouterr().err
     finally:
         store.close()
 
@@ -330,72 +319,34 @@ def test_job_owner_is_the_account(server):
     assert job.owner == server.account(key)["id"]
 
 
-def test_serve_opens_accounts_beside_the_job_store(tmp_path, capsys):
-    from argparse import Namespace
+def test_serve_opens_accounts_beside_the_job_store(tmp_path):
+    from chatterbox_serverless.service import ServiceError, open_accounts
 
-    from chatterbox_serverless.api.serve import open_accounts
-
-    args = Namespace(no_auth=False, host="127.0.0.1", data_dir=str(tmp_path), store="", price_per_second=2.0,
-                     min_price=3)
+    settings = Settings(data_dir=tmp_path, price_per_second=2.0, min_price=3)
     store = SQLiteJobStore(tmp_path / "jobs.sqlite3")
     try:
-        gate = open_accounts(args, store)
-        assert gate.enabled and gate.accounts.pricing.cost(1.0) == 3
-        assert gate.accounts.store.count() == 1 and "cbx_" in capsys.readouterr().err   # the first admin key
-        gate.accounts.store.close()
-        assert open_accounts(Namespace(**{**vars(args), "no_auth": True}), store).enabled is False
-        assert open_accounts(Namespace(**{**vars(args), "price_per_second": -1.0}), store) is None
+        accounts = open_accounts(settings, store)
+        assert accounts is not None and accounts.pricing.cost(1.0) == 3 and accounts.store.count() == 0
+        accounts.store.close()
+        assert open_accounts(Settings(data_dir=tmp_path, no_auth=True), store) is None
     finally:
         store.close()
-    # a job store with no account store beside it: refuse to start without --no-auth
-    class JobStoreWithoutAccountsForTests:
+    with pytest.raises(ValueError, match="--price-per-second"):
+        Settings(data_dir=tmp_path, price_per_second=-1.0)
+
+    class JobStoreWithoutAccountsForTests:      # a job store with no account store beside it: refuse to start
         pass
-    assert open_accounts(args, JobStoreWithoutAccountsForTests()) is None
-    assert "--no-auth" in capsys.readouterr().err
+    with pytest.raises(ServiceError, match="--no-auth"):
+        open_accounts(settings, JobStoreWithoutAccountsForTests())
 
 
 # --- a real crash: SIGKILL the server process while jobs are held, restart it ------------------------------------
-def serve_main() -> None:
-    """Entry point of a server SUBPROCESS: the real serve path (serve_app) with accounts and SilentEngineForTests.
-    python -c 'import test_accounts_api as t; t.serve_main()' DATA_DIR PORT DELAY"""
-    import sys
-
-    from chatterbox_serverless.api.serve import serve_app
-
-    data_dir, port, delay = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-    cfg = Settings(data_dir=data_dir, lease_seconds=1.0, batch_size=4, batch_wait=0.0, shutdown_grace=2)
-    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
-    accounts = Accounts(open_account_store(data_dir), Pricing(credits_per_second=1.0, minimum=1))
-    serve_app(cfg, store, SilentEngineForTests(delay=delay), workers=1, host="127.0.0.1", port=port,
-              accounts=AccountGate(accounts))
-
-
 def spawn_server(data_dir: Path, delay: float):
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": str(tests) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", "import test_accounts_api as t; t.serve_main()", str(data_dir),
-                             str(port), str(delay)], cwd=tests, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("server did not start")
+    """The real `serve` command (keys on) in a subprocess, with SilentEngineForTests' behaviour."""
+    return spawn("serve", ["--data-dir", str(data_dir), "--lease-seconds", "1", "--batch-size", "4",
+                           "--batch-wait", "0", "--shutdown-grace", "2", "--log-level", "warning"],
+                 fake={"delay": delay, "sample_rate": RATE, "fail_marker": "fail", "seconds_per_char": 1 / 20,
+                       "base_seconds": 0.0, "max_seconds": 1e9, "amplitude": 0.0})
 
 
 def test_sigkill_while_jobs_are_held_then_restart(tmp_path):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import FakeEngineForTests, start_server, wait_until
-from chatterbox_serverless.api.app import NO_WORKER_GRACE_S
+from chatterbox_serverless.testing import FakeEngineForTests, start_server, wait_until
+from chatterbox_serverless.api.routers.hosted import NO_WORKER_GRACE_S
 
 V1 = "/v1/chatterbox-tts"
 V2 = "/v2/chatterbox-tts"
@@ -185,11 +185,18 @@ def test_inline_reference_audio_reaches_the_engine(server, client):
     assert r.content != plain.content      # the fake engine shifts its tone when it got a voice
 
 
-def test_reference_url_to_a_private_address_fails_the_job(client):
+def test_reference_url_to_a_private_address_fails_the_job(tmp_path, client):
+    # an address literal is known private at submit: 400
     r = client.post(V2, json={"text": "hi", "reference_audio": "http://127.0.0.1:9/voice.wav"})
-    assert r.status_code == 200
-    s = poll(client, r.json()["status_url"])
-    assert s.status_code == 422 and s.json()["error"].startswith("reference_audio")
+    assert r.status_code == 400 and "reference_audio" in r.json()["error"]
+    # a name is only known private once resolved, in the worker: FAILED
+    from chatterbox_serverless.media import SafeFetcher
+    loopback_dns = SafeFetcher(resolver=lambda host, port: ["127.0.0.1"])
+    with start_server(tmp_path, engine=FakeEngineForTests(), fetcher=loopback_dns) as srv:
+        r = httpx.post(srv.url + V2, json={"text": "hi", "reference_audio": "http://voice.example/voice.wav"})
+        assert r.status_code == 200
+        s = poll(httpx.Client(), r.json()["status_url"])
+        assert s.status_code == 422 and s.json()["error"].startswith("reference_audio")
 
 
 def test_public_url_is_used_for_absolute_urls(tmp_path):

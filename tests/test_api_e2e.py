@@ -8,7 +8,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from conftest import start_server
+from chatterbox_serverless.testing import start_server
 
 pipeline = pytest.importorskip("chatterbox_serverless.engine.pipeline")
 segmind = pytest.importorskip("segmind")

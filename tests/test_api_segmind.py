@@ -7,7 +7,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from conftest import FakeEngineForTests, start_server
+from chatterbox_serverless.testing import FakeEngineForTests, start_server
 
 segmind = pytest.importorskip("segmind")
 from segmind.exceptions import SegmindError  # noqa: E402

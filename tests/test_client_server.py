@@ -13,7 +13,7 @@ import chatterbox_serverless.client as cbc
 from chatterbox_serverless.cli import main
 from chatterbox_serverless.client import (AsyncClient, ChatterboxError, Client, InferenceFailed, InferenceTimeout,
                                           ParameterError)
-from conftest import FakeEngineForTests, start_server
+from chatterbox_serverless.testing import FakeEngineForTests, start_server
 
 
 @pytest.fixture
@@ -98,14 +98,13 @@ def test_server_side_refusals_are_clear_errors(server):
 def test_api_key_from_the_environment_and_clear_account_errors(tmp_path, monkeypatch):
     from chatterbox_serverless.accounts import open_account_store
     from chatterbox_serverless.accounts.service import Accounts, Pricing
-    from chatterbox_serverless.accounts.web import AccountGate
 
     accounts = Accounts(open_account_store(tmp_path / "accounts"), Pricing(credits_per_second=1.0, minimum=1))
     key, _ = accounts.create_key("sdk", 1000, 0, False)
     poor, _ = accounts.create_key("poor", 0, 0, False)
     try:
         with start_server(tmp_path, engine=FakeEngineForTests(), batch_wait=0.01,
-                          app_kwargs={"accounts": AccountGate(accounts)}) as s:
+                          accounts=accounts) as s:
             monkeypatch.delenv("CHATTERBOX_API_KEY", raising=False)
             monkeypatch.setenv("SEGMIND_API_KEY", key)             # the hosted SDK's variable works too
             with Client(base_url=s.url) as c:

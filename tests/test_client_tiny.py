@@ -10,7 +10,7 @@ import torch
 from chatterbox_serverless.cli import main
 from chatterbox_serverless.client import Client
 from chatterbox_serverless.engine.pipeline import load_engine
-from conftest import start_server
+from chatterbox_serverless.testing import start_server
 
 
 @pytest.fixture(scope="module")

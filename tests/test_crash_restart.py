@@ -3,41 +3,25 @@ restarted on the same data dir: every accepted job still ends terminal, each com
 stops gracefully: in-flight work finishes or goes back to the queue, nothing is left PROCESSING."""
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import TESTS_DIR, free_port
+from chatterbox_serverless import testing
 
 V2 = "/v2/chatterbox-tts"
 
 
 def spawn(data_dir: Path, delay: float, lease: float = 1.5) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-c", "import conftest; conftest.serve_fake_main()", str(data_dir),
-                             str(port), str(delay), str(lease)], cwd=TESTS_DIR, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    """The real `serve` command in a subprocess (FakeEngineForTests as its engine), on `data_dir`."""
+    return testing.spawn("serve", ["--data-dir", str(data_dir), "--no-auth", "--lease-seconds", str(lease),
+                                   "--batch-size", "4", "--max-queue", "10000", "--shutdown-grace", "5",
+                                   "--log-level", "warning"], fake_delay=delay)
 
 
 def states(data_dir: Path) -> dict[str, str]:

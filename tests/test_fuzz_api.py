@@ -27,7 +27,7 @@ class RefusingFetcherForTests:
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("fuzz") / "data", engine=SilentEngineForTests(max_seconds=0.2),
-               app_kwargs={"fetcher": RefusingFetcherForTests()})
+               fetcher=RefusingFetcherForTests())
     with s:
         s.admin_key = s.key(credits=10**9, rate=0, admin=True)
         yield s

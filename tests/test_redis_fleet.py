@@ -8,7 +8,6 @@ worker and every job completes exactly once, and Redis SIGKILLed and restarted l
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import signal
@@ -23,63 +22,41 @@ import pytest
 from chatterbox_serverless.jobs.redis_store import RedisJobStore
 from chatterbox_serverless.jobs.store import JobState, StoreUnavailable
 
-from conftest import wait_until
+from chatterbox_serverless.testing import wait_until
 from redis_server import RedisProcess, free_port
 
-TESTS = Path(__file__).resolve().parent
 PREFIX = "fleet:"
 LEASE = 1.5
-
-
-def worker_process_main() -> None:
-    """A worker process: `worker`'s own options and run loop, with the engine double instead of a model.
-    python -c 'import test_redis_fleet as t; t.worker_process_main()' --store URL ... (FAKE_DELAY in env)."""
-    from chatterbox_serverless.api.logs import configure_logging
-    from chatterbox_serverless.jobs.worker_main import add_arguments, open_store, run_worker
-    from conftest import FakeEngineForTests
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(sys.argv[1:])
-    configure_logging(json_lines=False, level=args.log_level)
-    store = open_store(args.store, Path(args.data_dir), args.retention, args.redis_prefix, args.audio_dir,
-                       args.audio_inline_max)
-    try:
-        run_worker(store, FakeEngineForTests(delay=float(os.environ.get("FAKE_DELAY", "0.2"))), args,
-                   model_name="fake")
-    finally:
-        store.close()
 
 
 class Fleet:
     def __init__(self, tmp: Path, redis_url: str):
         self.tmp, self.redis_url = tmp, redis_url
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                    "CHATTERBOX_URL_SECRET": "fleet-test-secret-shared-by-every-replica"}
+        self.env = {**os.environ, "CHATTERBOX_URL_SECRET": "fleet-test-secret-shared-by-every-replica"}
         self.store = RedisJobStore(redis_url, prefix=PREFIX, timeout=1.0)
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, cwd=TESTS, env={**self.env, **(env or {})}, stdout=log, stderr=log)
+        proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, stdout=log, stderr=log)
         self.procs[name] = proc
         return proc
 
     def start_api(self, name: str) -> str:
         port = free_port()
-        self._spawn(name, [sys.executable, "-m", "chatterbox_serverless.cli", "serve", "--store", self.redis_url, "--no-auth",
+        self._spawn(name, [sys.executable, "-m", "chatterbox_serverless.cli", "serve", "--store", self.redis_url,
                            "--redis-prefix", PREFIX, "--workers", "0", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
                            "--data-dir", str(self.tmp / name), "--lease-seconds", str(LEASE),
                            "--log-format", "plain", "--log-level", "warning"])
         return f"http://127.0.0.1:{port}"
 
     def start_worker(self, name: str, delay: float) -> None:
-        self._spawn(name, [sys.executable, "-c", "import test_redis_fleet as t; t.worker_process_main()",
-                           "--store", self.redis_url, "--redis-prefix", PREFIX, "--worker-id", name,
+        # the real `worker` command with FakeEngineForTests as its engine
+        self._spawn(name, [sys.executable, "-m", "chatterbox_serverless.testing", "worker", "--store", self.redis_url, "--redis-prefix", PREFIX, "--worker-id", name,
                            "--data-dir", str(self.tmp / name), "--batch-size", "4", "--batch-wait", "0.05",
                            "--lease-seconds", str(LEASE), "--max-attempts", "5", "--shutdown-grace", "5",
                            "--log-format", "plain", "--log-level", "warning"],
-                    env={"FAKE_DELAY": str(delay)})
+                    env={"CHATTERBOX_FAKE_ENGINE": repr({"delay": delay})})
 
     def wait_up(self, url: str, timeout: float = 60) -> None:
         def up():

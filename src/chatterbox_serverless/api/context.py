@@ -1,0 +1,170 @@
+"""What every router shares: the service it serves, the account gate, URL building and signing, reading JSON
+bodies, submitting a job, finding a caller's job. One `ApiContext` per app; routers are built over it
+(`routers/*.py: router(ctx) -> APIRouter`)."""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+
+from ..jobs.store import Job, JobState, QueueFull
+from ..media import FORMATS
+from ..service import Service
+from .auth import AccountGate
+from .errors import ApiError, echo
+from .middleware import SAFE_ID
+from .schemas import TTSRequest, describe_validation_error
+from .signing import UrlSigner
+
+log = logging.getLogger("chatterbox_serverless.api")
+
+MAX_BODY_BYTES = 16 * 1024 * 1024     # a 10 MB reference clip in base64 fits
+EXT_BY_TYPE = {media_type: name for name, media_type in FORMATS.items()}
+
+
+@dataclass
+class ApiMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("chatterbox_http_requests", "HTTP requests", ["endpoint", "method", "status"],
+                                registry=r)
+        self.latency = Histogram("chatterbox_http_request_seconds", "HTTP request latency", ["endpoint"], registry=r,
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5, 30))
+        self.submitted = Counter("chatterbox_jobs_submitted", "Jobs accepted", ["mode"], registry=r)
+        self.rejected = Counter("chatterbox_jobs_rejected", "Submissions refused because the queue was full",
+                                registry=r)
+
+
+class ApiContext:
+    def __init__(self, service: Service):
+        self.service = service
+        self.settings = service.settings
+        self.store = service.store
+        self.worker = service.worker
+        self.gate = AccountGate(service.accounts)
+        self.auth = self.gate.dependency
+        self.signer = UrlSigner(self.settings.load_url_secret())
+        self.metrics = ApiMetrics()
+
+    # --- URLs ------------------------------------------------------------------------------------------------
+    def base_url(self, request: Request) -> str:
+        return self.settings.public_url or str(request.base_url).rstrip("/")
+
+    def job_urls(self, request: Request, job_id: str) -> dict[str, str]:
+        base = self.base_url(request)
+        return {"status_url": f"{base}/v2/requests/{job_id}/status", "response_url": f"{base}/v2/requests/{job_id}"}
+
+    def output_url(self, request: Request, job: Job) -> str | None:
+        if job.state != JobState.COMPLETED or job.finished_at is None:
+            return None
+        ext = EXT_BY_TYPE.get(job.media_type or "", "bin")
+        expires = int(job.finished_at + self.settings.retention_seconds)
+        name = f"{job.id}.{ext}"
+        return f"{self.base_url(request)}/files/{name}?{self.signer.query(name, expires)}"
+
+    # --- bodies ----------------------------------------------------------------------------------------------
+    async def read_json_body(self, request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+        """The raw body of a JSON request. 415 unless the content type is application/json (a browser's
+        "simple request" cannot send that cross-origin without CORS approval), 413 over `limit`."""
+        ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
+            raise ApiError(415, "the request body must be JSON, sent with the header content-type: application/json"
+                                + (f" (got {echo(ctype)!r})" if ctype else ""))
+        too_large = f"request body too large (limit {limit // (1024 * 1024)} MiB)"
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, too_large)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, too_large)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def parse_tts(self, request: Request) -> TTSRequest:
+        """The hosted contract's parameters, validated: 400 naming the parameter, 415/413 for the body."""
+        body = await self.read_json_body(request)
+        if not body.strip():
+            raise ApiError(400, "empty request body: send a JSON object of parameters, at least {\"text\": ...}")
+        try:
+            params = TTSRequest.model_validate_json(body)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            if err.get("type") == "json_invalid":
+                raise ApiError(400, f"malformed JSON body: {err.get('msg', '').removeprefix('Invalid JSON: ')}")
+            raise ApiError(400, describe_validation_error(e))
+        text = params.text.strip()
+        if not text:
+            raise ApiError(400, "parameter 'text': must not be empty")
+        if len(text) > self.settings.max_text_chars:
+            raise ApiError(400, f"parameter 'text': {len(text)} characters is more than this server's limit of "
+                                f"{self.settings.max_text_chars}")
+        if params.reference_audio is not None:
+            from ..media import ReferenceAudioError, parse_reference
+            try:
+                await run_in_threadpool(lambda: parse_reference(params.reference_audio,
+                                                                allow_hosts=self.settings.allow_fetch_hosts))
+            except ReferenceAudioError as e:
+                raise ApiError(400, str(e))
+        return params.model_copy(update={"text": text})
+
+    # --- jobs ------------------------------------------------------------------------------------------------
+    def submit(self, request: Request, params: TTSRequest, owner: str, mode: str) -> Job:
+        """Hold the credits and queue the job (blocking: call in a thread). 429 when the queue is full."""
+        job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json"))
+        max_queue = self.settings.max_queue
+        if self.gate.enabled and self.store.stats().by_state.get("QUEUED", 0) >= max_queue:
+            self._queue_full(f"{max_queue} jobs are waiting")      # refused before any hold: no ledger entry
+        self.gate.charge_submission(request, job.id, params.text)     # 429 over the key's rate, 406 unpaid
+        try:
+            self.store.submit(job, max_queue)
+        except QueueFull as e:
+            self.gate.cancel_submission(request, job.id, "queue full: not queued")
+            self._queue_full(str(e))
+        except BaseException:
+            self.gate.cancel_submission(request, job.id, "not queued: store error")
+            raise
+        self.metrics.submitted.labels(mode).inc()
+        if self.worker is not None:
+            self.worker.notify()
+        log.info("job queued", extra={"request_id": job.id, "mode": mode, "owner": owner or None,
+                                      "chars": len(params.text)})
+        return job
+
+    def _queue_full(self, why: str) -> None:
+        self.metrics.rejected.inc()
+        raise ApiError(429, f"the queue is full ({why}); retry later", {"Retry-After": "5"})
+
+    def find(self, job_id: str, owner: str) -> Job:
+        """The caller's job, or 404 (another key's job is not found, not forbidden)."""
+        job = self.store.get(job_id) if SAFE_ID.match(job_id) else None
+        if job is None or job.owner != owner:
+            raise ApiError(404, f"request {echo(job_id)} not found (unknown, or expired after "
+                                f"{self.settings.retention_seconds:g} s)")
+        return job
+
+    def no_worker_reason(self) -> str | None:
+        if self.worker is not None:
+            return None if self.worker.alive else "the worker is not running"
+        if not self.store.stats().workers:
+            return "no worker is running to serve this request"
+        return None
+
+    def job_body(self, request: Request, job: Job, with_output: bool) -> tuple[dict[str, Any], int]:
+        """A job's status (or result) body and its HTTP status (422 when FAILED, as the hosted contract)."""
+        body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
+        if with_output:
+            body["output"] = self.output_url(request, job)
+        body["metrics"] = job.metrics or {}
+        if job.state == JobState.FAILED:
+            body["error"] = job.error or "failed"
+        return body, 422 if job.state == JobState.FAILED else 200

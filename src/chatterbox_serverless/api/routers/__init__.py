@@ -1,0 +1,1 @@
+"""One router per surface of the API, each `router(ctx: ApiContext) -> APIRouter` (listed in api/app.py)."""

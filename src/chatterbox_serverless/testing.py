@@ -1,0 +1,220 @@
+"""Test doubles and server harnesses, for the test suite and `bench/` (never used by the product's commands).
+
+    with start_server(tmp_path, engine=FakeEngineForTests(delay=0.1), max_queue=5) as server:
+        httpx.post(server.url + "/v2/chatterbox-tts", json={"text": "hi"})
+
+    proc, url = spawn("serve", ["--data-dir", str(d), "--no-auth"], fake_delay=0.1)   # the real `serve` command
+                                                                                      # in a subprocess
+`FakeEngineForTests` is a TEST DOUBLE: deterministic tones (or silence), never loaded by `serve` or `worker`;
+only `python -m chatterbox_serverless.testing serve|worker ...` (the real commands with this double as the
+engine) and tests use it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .engine.types import SynthesisRequest, SynthesisResult
+
+
+class FakeEngineForTests:
+    """Engine double: a sine tone per request (frequency from the seed, +50 Hz with a reference voice; silence
+    with amplitude=0) lasting base_seconds + seconds_per_char * len(text) (at most max_seconds), after `delay`
+    seconds per batch. Texts containing `fail_marker` fail alone; `raise_marker` makes the whole batch raise."""
+
+    def __init__(self, sample_rate: int = 24000, delay: float = 0.0, fail_marker: str = "FAIL-ME",
+                 raise_marker: str = "CRASH-ME", seconds_per_char: float = 0.01, max_seconds: float = 2.0,
+                 base_seconds: float = 0.1, amplitude: float = 0.3):
+        self.sample_rate = sample_rate
+        self.delay = delay
+        self.fail_marker = fail_marker
+        self.raise_marker = raise_marker
+        self.seconds_per_char = seconds_per_char
+        self.max_seconds = max_seconds
+        self.base_seconds = base_seconds
+        self.amplitude = amplitude
+        self.batches: list[list[str]] = []       # request ids per call, for assertions
+        self.lock = threading.Lock()
+
+    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
+        with self.lock:
+            self.batches.append([r.request_id for r in requests])
+        if any(self.raise_marker in r.text for r in requests):
+            raise RuntimeError("fake engine crash")
+        if self.delay:
+            time.sleep(self.delay)
+        out = []
+        for r in requests:
+            if self.fail_marker in r.text:
+                out.append(SynthesisResult(error="fake engine: this text cannot be spoken"))
+                continue
+            seconds = min(self.max_seconds, self.base_seconds + self.seconds_per_char * len(r.text))
+            t = np.arange(int(seconds * self.sample_rate), dtype=np.float32) / self.sample_rate
+            freq = 200.0 + (r.params.seed % 50) * 10 + (50.0 if r.voice is not None else 0.0)
+            audio = (self.amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+            out.append(SynthesisResult(audio=audio, metrics={"audio_seconds": len(audio) / self.sample_rate}))
+        return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+# --- a server in this process ------------------------------------------------------------------------------------
+@dataclass
+class RunningServer:
+    url: str                 # http://127.0.0.1:PORT
+    store: Any
+    app: Any
+    engine: Any
+    settings: Any
+    service: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def accounts(self):
+        return self.service.accounts
+
+
+@contextlib.contextmanager
+def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, store: Any = None,
+                 accounts: Any = None, fetcher: Any = None, **settings: Any) -> Iterator[RunningServer]:
+    """Run the real app under uvicorn in a thread on a free loopback port; stop it (gracefully) on exit.
+    `settings` are `Settings` fields (data_dir defaults to tmp_path/"data"). `accounts`: None (no keys), True
+    (open them beside the store) or an `Accounts`."""
+    import uvicorn
+
+    from .api.app import create_app
+    from .service import build_service
+    from .settings import Settings
+
+    settings.setdefault("data_dir", tmp_path / "data")
+    settings.setdefault("shutdown_grace", 5.0)
+    settings.setdefault("no_auth", accounts is None)
+    cfg = Settings(workers=workers, **settings)
+    service = build_service(cfg, engine=engine, store=store, accounts=accounts if accounts is not None else False,
+                            fetcher=fetcher, model_name="fake")
+    app = create_app(service)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # no 40 ms delayed-ACK stalls on reused connections
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        yield RunningServer(url=f"http://127.0.0.1:{port}", store=service.store, app=app, engine=engine,
+                            settings=cfg, service=service)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        service.close()
+
+
+# --- the real commands in a subprocess, with the engine double ---------------------------------------------------
+def spawn(command: str, argv: list[str], *, fake_delay: float = 0.0, fake: dict | None = None,
+          env: dict | None = None, stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.PIPE,
+          wait_ready: bool = True) -> tuple[subprocess.Popen, str | None]:
+    """Start `serve` or `worker` (their real options and code paths) in a subprocess with FakeEngineForTests
+    (`fake`: its constructor arguments). For `serve`, a free port is chosen unless argv has --port, and this
+    returns once /health answers: (process, base URL). For `worker`: (process, None)."""
+    import httpx
+
+    argv = list(argv)
+    url = None
+    if command == "serve":
+        if "--port" not in argv:
+            argv += ["--port", str(free_port())]
+        port = argv[argv.index("--port") + 1]
+        if "--host" not in argv:
+            argv += ["--host", "127.0.0.1"]
+        url = f"http://127.0.0.1:{port}"
+    spec = {"delay": fake_delay, **(fake or {})}
+    full_env = {**os.environ, "CHATTERBOX_FAKE_ENGINE": repr(spec), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "chatterbox_serverless.testing", command, *argv], env=full_env,
+                            stdout=stdout, stderr=stderr)
+    if url is None or not wait_ready:
+        return proc, url
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            raise AssertionError(f"the {command} process exited: {err}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the {command} process did not start")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m chatterbox_serverless.testing serve|worker OPTIONS`: the real command with FakeEngineForTests
+    (its arguments from $CHATTERBOX_FAKE_ENGINE, a Python dict literal)."""
+    import ast
+
+    from .api.logs import configure_logging
+    from .service import build_service
+    from .settings import SERVE, WORKER, add_arguments, from_args
+
+    argv = sys.argv[1:] if argv is None else argv
+    command, rest = argv[0], argv[1:]
+    parser = argparse.ArgumentParser(prog=f"testing {command}")
+    add_arguments(parser, SERVE if command == "serve" else WORKER)
+    settings = from_args(parser.parse_args(rest))
+    configure_logging(json_lines=settings.log_json, level=os.environ.get("LOG_LEVEL", settings.log_level))
+    engine = FakeEngineForTests(**ast.literal_eval(os.environ.get("CHATTERBOX_FAKE_ENGINE", "{}")))
+    if command == "serve":
+        from .api.serve import serve
+        service = build_service(settings, engine=engine if settings.workers else None, model_name="fake")
+        try:
+            serve(service, announce=True)
+        finally:
+            service.close()
+    elif command == "worker":
+        from .jobs.worker_main import run_worker
+        service = build_service(settings, engine=engine, with_worker=True, model_name="fake")
+        try:
+            run_worker(service)
+        finally:
+            service.close()
+    else:
+        raise SystemExit(f"unknown command {command!r}: serve or worker")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
