@@ -38,7 +38,7 @@ class Server:
         self.accounts = Accounts(open_account_store(self.data_dir), Pricing(credits_per_second=1.0, minimum=1)) \
             if auth else None
         self._context = start_server(self.data_dir.parent, engine if engine is not None else SilentEngineForTests(),
-                                     workers=workers, store=self.store, accounts=self.accounts, fetcher=fetcher,
+                                     workers=workers, job_store=self.store, accounts=self.accounts, fetcher=fetcher,
                                      data_dir=self.data_dir, batch_wait=0.0, sync_timeout=10.0)
 
     def __enter__(self) -> "Server":

@@ -100,10 +100,11 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, store: Any = None,
+def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, job_store: Any = None,
                  accounts: Any = None, fetcher: Any = None, **settings: Any) -> Iterator[RunningServer]:
     """Run the real app under uvicorn in a thread on a free loopback port; stop it (gracefully) on exit.
-    `settings` are `Settings` fields (data_dir defaults to tmp_path/"data"). `accounts`: None (no keys), True
+    `settings` are `Settings` fields (data_dir defaults to tmp_path/"data"; `store="redis://..."` for Redis).
+    `job_store`: an open store to serve (default: the one the settings name). `accounts`: None (no keys), True
     (open them beside the store) or an `Accounts`."""
     import uvicorn
 
@@ -115,7 +116,7 @@ def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, store:
     settings.setdefault("shutdown_grace", 5.0)
     settings.setdefault("no_auth", accounts is None)
     cfg = Settings(workers=workers, **settings)
-    service = build_service(cfg, engine=engine, store=store, accounts=accounts if accounts is not None else False,
+    service = build_service(cfg, engine=engine, store=job_store, accounts=accounts if accounts is not None else False,
                             fetcher=fetcher, model_name="fake")
     app = create_app(service)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
