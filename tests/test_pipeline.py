@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from chatterbox_serverless.engine.checkpoint import CheckpointError, resolve_checkpoint
+from chatterbox_serverless.engine.checkpoint import CheckpointError
+from chatterbox_serverless.engine.resolve import resolve_checkpoint
 from chatterbox_serverless.engine.pipeline import ChatterboxEngine, chunk_seed
 from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest, VoiceAudio
 

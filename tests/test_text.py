@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from chatterbox_serverless.engine.checkpoint import CheckpointError
 from chatterbox_serverless.engine.text import EMPTY_TEXT_REPLACEMENT, TextTokenizer, normalize_text
 
 
@@ -64,10 +65,13 @@ def test_tokenizer_encodes_spaces_as_space_token(tmp_path):
 
 def test_tokenizer_rejects_files_without_special_tokens(tmp_path):
     _write_char_tokenizer(tmp_path / "tokenizer.json", specials=("[STOP]", "[UNK]"))
-    with pytest.raises(ValueError, match=r"\[SPACE\]"):
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is not a Chatterbox text tokenizer.*\[SPACE\]"):
         TextTokenizer(tmp_path / "tokenizer.json")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="absent.json is missing"):
         TextTokenizer(tmp_path / "absent.json")
+    (tmp_path / "garbage.json").write_text("not json {")
+    with pytest.raises(CheckpointError, match="garbage.json is not a tokenizers file"):
+        TextTokenizer(tmp_path / "garbage.json")
 
 
 def test_tokenizer_on_reference_layout_file(tmp_path):

@@ -1,21 +1,27 @@
-"""Finding a checkpoint (local directory, Hugging Face repo id, or `tiny-random`) and loading weights strictly.
+"""Reading checkpoint files: safetensors weights, torch-saved data, the engine's own configuration, and strict
+loading into modules. A leaf module: it imports nothing from the engine (finding a checkpoint from a model name,
+`tiny-random` included, is `engine/resolve.py`).
 
 The official layout (ResembleAI/chatterbox): ve.safetensors, t3_cfg.safetensors, s3gen.safetensors,
 tokenizer.json, conds.pt. Loading is strict: every learned tensor of a module must be in the file with its
 shape, and every tensor in the file must belong to the module. Only buffers that a module can compute itself
-(mel filters, windows; listed in the module's `computable_buffers`) may be absent.
+(mel filters, windows; listed in the module's `computable_buffers`) may be absent. Any file that cannot be read
+as what it should be (not safetensors, not torch data, keys missing or misshapen) raises `CheckpointError`
+naming the file.
 """
 from __future__ import annotations
 
-import os
+import contextlib
+import json
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import nn
 
 CHECKPOINT_FILES = ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt")
-DEFAULT_REPO = "ResembleAI/chatterbox"
-TINY = "tiny-random"
+CONFIG_FILE = "serverless_config.json"   # optional: sizes tensor shapes cannot tell (tiny-random writes one)
+C = TypeVar("C")
 
 
 class CheckpointError(Exception):
@@ -48,44 +54,71 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     module.load_state_dict({k: v for k, v in state.items()}, strict=False)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: a Chatterbox checkpoint needs {', '.join(CHECKPOINT_FILES)}.")
-    return load_file(str(path), device="cpu")
-
-
-def resolve_checkpoint(model: str, data_dir: str | os.PathLike | None = None) -> Path:
-    """A directory holding the checkpoint files for `model`: a local directory, `tiny-random` (generated under
-    `data_dir` on first use), or a Hugging Face repo id (downloaded once; HF_HUB_OFFLINE / the cache honoured)."""
-    if model == TINY:
-        base = Path(data_dir) if data_dir else Path.home() / ".cache" / "chatterbox-serverless"
-        target = base / "tiny-random"
-        if not all((target / f).is_file() for f in CHECKPOINT_FILES):
-            from .tiny import write_tiny_checkpoint
-            write_tiny_checkpoint(target)
-        return target
-    path = Path(model).expanduser()
-    if path.is_dir():
-        absent = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
-        if absent:
-            raise CheckpointError(f"{path} is not a Chatterbox checkpoint: {', '.join(absent)} missing.")
-        return path
-    if model.startswith(("/", ".", "~")) or path.exists():
-        raise CheckpointError(f"checkpoint directory {model!r} does not exist; pass --model DIR with the files "
-                              f"{', '.join(CHECKPOINT_FILES)}, a Hugging Face repo id, or --model {TINY}.")
-    if model.count("/") != 1:
-        raise CheckpointError(f"model {model!r} is neither a checkpoint directory nor a Hugging Face repo id "
-                              f"(like {DEFAULT_REPO}); pass --model DIR, --model REPO_ID or --model {TINY}.")
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def naming(path: str | Path):
+    """CheckpointErrors raised inside the block name the file `path` (prefixed unless they already do)."""
     try:
-        return Path(snapshot_download(repo_id=model, allow_patterns=list(CHECKPOINT_FILES)))
-    except Exception as e:  # network down, repo missing, gated, offline mode without a cache
-        try:
-            return Path(snapshot_download(repo_id=model, allow_patterns=list(CHECKPOINT_FILES), local_files_only=True))
-        except Exception:
-            pass
-        raise CheckpointError(
-            f"could not download {model!r} from Hugging Face ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            f"connect to the internet once, or copy the checkpoint files into a directory and pass --model DIR "
-            f"(or --model {TINY} to try the service offline).") from None
+        yield
+    except CheckpointError as e:
+        if Path(path).name in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _missing(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path} is missing: a Chatterbox checkpoint needs {', '.join(CHECKPOINT_FILES)}.")
+
+
+def read_safetensors(path: str | Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (on the CPU); with `prefixes`, only those whose keys start with one of
+    them (keys kept whole; the others are not read)."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if prefixes is None or k.startswith(prefixes)}
+    except Exception as e:   # SafetensorError (not safetensors, truncated), OSError
+        raise CheckpointError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
+
+
+def read_torch(path: str | Path) -> Any:
+    """What a torch-saved file holds, loaded with weights_only=True (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:   # not a torch file, truncated, or unpickling refused
+        raise CheckpointError(f"{path} is not readable torch data ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+
+
+def read_config(ckpt_dir: str | Path) -> dict:
+    """The checkpoint's `serverless_config.json` (sections "t3", "voice_encoder", "s3tokenizer", "campplus", "flow",
+    "hift"), or {} when the directory has none (the official checkpoint). The only place that file is read."""
+    path = Path(ckpt_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for v in config.values()):
+        raise CheckpointError(f"{path} must hold an object of sections, each an object")
+    return config
+
+
+def config_from_state_dict(from_state_dict: Callable[..., C], sd: dict[str, torch.Tensor], overrides: dict | None,
+                           what: str) -> C:
+    """`from_state_dict(sd, overrides)` (a config class's reader of sizes from tensor shapes), with a tensor it
+    needs absent or of the wrong rank reported as a CheckpointError naming `what` (the file)."""
+    try:
+        return from_state_dict(sd, overrides)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{what}: 1 missing key(s): {e.args[0]}") from None
+    except (IndexError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{what}: not the expected tensors ({type(e).__name__}: {e})") from None

@@ -11,7 +11,6 @@ Official pipeline (chatterbox-tts 0.1.7), reproduced step by step in `VoiceFront
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ import numpy as np
 import torch
 
 from . import audio
-from .checkpoint import CheckpointError, load_strict, read_safetensors
+from .checkpoint import (CheckpointError, config_from_state_dict, load_strict, read_config, read_safetensors,
+                         read_torch)
 from .models.campplus import CAMPPlus, CAMPPlusConfig
 from .models.s3tokenizer import S3TokenizerConfig, S3TokenizerV2
 from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
@@ -61,8 +61,8 @@ class VoiceConditionals:
 
 def load_builtin_voice(path: str | Path, device: torch.device | str = "cpu") -> VoiceConditionals:
     """Read an official `conds.pt` ({'t3': T3Cond fields, 'gen': S3Gen ref dict}) with weights_only loading."""
+    data = read_torch(path)
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
         t3, gen = data["t3"], data["gen"]
         emotion = t3.get("emotion_adv", 0.5)
         emotion = float(emotion.reshape(-1)[0]) if torch.is_tensor(emotion) else float(emotion)
@@ -73,9 +73,7 @@ def load_builtin_voice(path: str | Path, device: torch.device | str = "cpu") -> 
             gen_prompt_feat=gen["prompt_feat"].float(),
             gen_embedding=gen["embedding"].float().reshape(1, -1),
             emotion_adv=emotion)
-    except CheckpointError:
-        raise
-    except Exception as e:   # unreadable, unpickling refused, or keys missing
+    except Exception as e:   # keys missing, not tensors
         raise CheckpointError(f"{path} is not a Chatterbox conds.pt ({type(e).__name__}: {e})") from None
     n_tok = conds.gen_prompt_token.shape[1]
     if conds.gen_prompt_feat.dim() != 3 or conds.gen_prompt_feat.shape[1] not in (2 * n_tok, 2 * n_tok + 1):
@@ -97,56 +95,44 @@ def save_builtin_voice(conds: VoiceConditionals, path: str | Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ front end
 
-def _read_overrides(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / "serverless_config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-
-
 def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def read_prefixed(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Only the tensors of a safetensors file whose keys start with one of `prefixes` (keys kept whole)."""
-    from safetensors import safe_open
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
-
-
-def _config(config_cls, sd: dict[str, torch.Tensor], overrides: dict | None, what: str):
-    try:
-        return config_cls.from_state_dict(sd, overrides)
-    except KeyError as e:
-        raise CheckpointError(f"{what}: 1 missing key(s): {e.args[0]}") from None
+def load_voice_encoder(ckpt_dir: str | Path, config: dict | None = None) -> VoiceEncoder:
+    """The voice encoder from `ve.safetensors`, loaded strictly (on the CPU, eval mode); sizes from tensor shapes,
+    the rest from `config` (the checkpoint's configuration, section "voice_encoder"; read when not given)."""
+    ckpt_dir = Path(ckpt_dir)
+    config = read_config(ckpt_dir) if config is None else config
+    path = ckpt_dir / "ve.safetensors"
+    sd = read_safetensors(path)
+    ve = VoiceEncoder(config_from_state_dict(VoiceEncoderConfig.from_state_dict, sd, config.get("voice_encoder"),
+                                             str(path)))
+    load_strict(ve, sd, what=str(path))
+    return ve.eval()
 
 
 def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
-                       s3gen_state: dict[str, torch.Tensor] | None = None
+                       s3gen_state: dict[str, torch.Tensor] | None = None, config: dict | None = None
                        ) -> tuple[VoiceEncoder, S3TokenizerV2, CAMPPlus]:
     """The three front-end networks, loaded strictly: VE from ve.safetensors, the tokenizer and speaker encoder
     from the `tokenizer.` / `speaker_encoder.` parts of s3gen.safetensors (pass `s3gen_state` to reuse an
     already-read file; otherwise only those parts are read). Sizes come from tensor shapes; what shapes cannot
-    say from serverless_config.json, sections "voice_encoder", "s3tokenizer" and "campplus" (as S3Gen reads)."""
+    say from `config` (the checkpoint's configuration, read when not given; sections "voice_encoder",
+    "s3tokenizer" and "campplus", as S3Gen reads them)."""
     ckpt_dir = Path(ckpt_dir)
-    overrides = _read_overrides(ckpt_dir)
-    ve_sd = read_safetensors(ckpt_dir / "ve.safetensors")
-    ve = VoiceEncoder(_config(VoiceEncoderConfig, ve_sd, overrides.get("voice_encoder"), "ve.safetensors"))
-    load_strict(ve, ve_sd, what="ve.safetensors")
-    s3 = s3gen_state if s3gen_state is not None else read_prefixed(ckpt_dir / "s3gen.safetensors",
-                                                                    ("tokenizer.", "speaker_encoder."))
+    overrides = read_config(ckpt_dir) if config is None else config
+    ve = load_voice_encoder(ckpt_dir, overrides)
+    s3 = s3gen_state if s3gen_state is not None else read_safetensors(ckpt_dir / "s3gen.safetensors",
+                                                                       ("tokenizer.", "speaker_encoder."))
     tok_sd, spk_sd = _prefixed(s3, "tokenizer."), _prefixed(s3, "speaker_encoder.")
     if not tok_sd or not spk_sd:
         raise CheckpointError("s3gen.safetensors has no tokenizer.* or speaker_encoder.* weights")
-    tok = S3TokenizerV2(_config(S3TokenizerConfig, tok_sd, overrides.get("s3tokenizer"),
-                                "s3gen.safetensors (tokenizer.*)"))
+    tok = S3TokenizerV2(config_from_state_dict(S3TokenizerConfig.from_state_dict, tok_sd, overrides.get("s3tokenizer"),
+                                               "s3gen.safetensors (tokenizer.*)"))
     load_strict(tok, tok_sd, what="s3gen.safetensors (tokenizer.*)")
-    spk = CAMPPlus(_config(CAMPPlusConfig, spk_sd, overrides.get("campplus"),
-                           "s3gen.safetensors (speaker_encoder.*)"))
+    spk = CAMPPlus(config_from_state_dict(CAMPPlusConfig.from_state_dict, spk_sd, overrides.get("campplus"),
+                                          "s3gen.safetensors (speaker_encoder.*)"))
     load_strict(spk, spk_sd, what="s3gen.safetensors (speaker_encoder.*)")
     return ve.to(device).eval(), tok.to(device).eval(), spk.to(device).eval()
 

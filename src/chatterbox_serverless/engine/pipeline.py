@@ -22,13 +22,12 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .checkpoint import load_strict, read_safetensors, resolve_checkpoint
+from .checkpoint import read_config
 from .chunking import crossfade_join, max_speech_tokens, split_text
-from .conditioning import VoiceCache, VoiceConditionals, VoiceFrontEnd, load_builtin_voice, _read_overrides
+from .conditioning import VoiceCache, VoiceConditionals, VoiceFrontEnd, load_builtin_voice, load_voice_encoder
 from .models.flow_decoder import pick_attention
 from .models.s3gen import S3Gen
 from .models.t3 import T3
-from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
 from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
 from .t3_decoder import T3Decoder, T3Request
 from .text import TextTokenizer, normalize_text
@@ -86,17 +85,16 @@ class ChatterboxEngine:
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is for CUDA; on the CPU use float32 (exact) or bfloat16 (fast on CPUs with AMX or AVX512-BF16)")
         self.dtype = dtype
-        self.t3 = T3.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype)
-        self.s3gen = S3Gen.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype)
+        config = read_config(ckpt_dir)
+        self.t3 = T3.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype, config=config)
+        self.s3gen = S3Gen.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype, config=config)
         estimator = self.s3gen.flow.decoder.estimator
         if flow_attention == "auto":
             c = estimator.config
             flow_attention = pick_attention(c.num_heads, c.attention_head_dim, self.device, dtype)
         estimator.attention = flow_attention
         log.info("flow estimator attention: %s", flow_attention)
-        ve_sd = read_safetensors(ckpt_dir / "ve.safetensors")
-        ve = VoiceEncoder(VoiceEncoderConfig.from_state_dict(ve_sd, _read_overrides(ckpt_dir).get("voice_encoder")))
-        load_strict(ve, ve_sd, what="ve.safetensors")
+        ve = load_voice_encoder(ckpt_dir, config)
         front_end = VoiceFrontEnd(ve.to(self.device).eval(), self.s3gen.tokenizer, self.s3gen.speaker_encoder)
         self.voices = VoiceCache(front_end, max_entries=voice_cache_size)
         self.builtin_voice = load_builtin_voice(ckpt_dir / "conds.pt", device=self.device)
@@ -233,6 +231,8 @@ def _reason(e: Exception) -> str:
 
 def load_engine(model: str, data_dir: str | Path | None = None, device: str | None = None,
                 dtype: str | None = None, watermark: bool = True, **options) -> ChatterboxEngine:
-    """Resolve `model` (HF repo id, checkpoint dir, or tiny-random) and load the engine on `device`."""
+    """Resolve `model` (HF repo id, checkpoint dir, or tiny-random: engine/resolve.py) and load the engine on
+    `device`."""
+    from .resolve import resolve_checkpoint
     return ChatterboxEngine(resolve_checkpoint(model, data_dir), device=device, dtype=dtype,
                             watermark=watermark, **options)

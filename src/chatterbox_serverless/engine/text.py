@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint import CheckpointError
+
 START = "[START]"
 STOP = "[STOP]"
 UNK = "[UNK]"
@@ -56,12 +58,15 @@ class TextTokenizer:
         from tokenizers import Tokenizer
         path = Path(path_to_tokenizer_json)
         if not path.is_file():
-            raise FileNotFoundError(f"text tokenizer file {path} is missing")
-        self.tokenizer = Tokenizer.from_file(str(path))
+            raise CheckpointError(f"text tokenizer file {path} is missing")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:   # not JSON, not a tokenizers file
+            raise CheckpointError(f"{path} is not a tokenizers file ({type(e).__name__}: {e})") from None
         vocab = self.tokenizer.get_vocab()
         missing = [t for t in (START, STOP, SPACE) if t not in vocab]
         if missing:
-            raise ValueError(f"{path} is not a Chatterbox text tokenizer: no {', '.join(missing)} token")
+            raise CheckpointError(f"{path} is not a Chatterbox text tokenizer: no {', '.join(missing)} token")
         self.start_id: int = vocab[START]
         self.stop_id: int = vocab[STOP]
         self.space_id: int = vocab[SPACE]

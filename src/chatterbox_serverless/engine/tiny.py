@@ -2,7 +2,9 @@
 
 It exercises exactly the loading and inference code the real checkpoint does (same files, same keys, strict
 loading), at a size that runs in a fraction of a second on a CPU. Its weights are random, so it speaks noise.
-Sizes that tensor shapes cannot tell (head counts, upsampling rates) go into `serverless_config.json`.
+Sizes that tensor shapes cannot tell (head counts, upsampling rates) go into `serverless_config.json`
+(checkpoint.CONFIG_FILE, read by checkpoint.read_config). `engine/resolve.py` writes it on first use of
+`--model tiny-random`.
 """
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ def synthetic_voice(sample_rate: int = 24000, seconds: float = 4.0, seed: int = 
 
 
 def _jsonable(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return dataclasses.asdict(cfg)      # tuples become JSON lists when written
 
 
 def write_tiny_checkpoint(target: str | os.PathLike, seed: int = 0) -> Path:
     """Write a complete tiny random checkpoint to `target` (atomically: a half-written one is never seen)."""
     from safetensors.torch import save_file
+    from .checkpoint import CONFIG_FILE
     from .conditioning import VoiceFrontEnd, save_builtin_voice
     from .models.s3gen import S3Gen, S3GenConfig
     from .models.t3 import T3, T3Config
@@ -75,7 +78,7 @@ def write_tiny_checkpoint(target: str | os.PathLike, seed: int = 0) -> Path:
         config = {"voice_encoder": _jsonable(ve_cfg), "t3": _jsonable(t3_cfg),
                   "s3tokenizer": _jsonable(s3_cfg.tokenizer), "campplus": _jsonable(s3_cfg.speaker_encoder),
                   "flow": _jsonable(s3_cfg.flow), "hift": _jsonable(s3_cfg.mel2wav)}
-        (tmp / "serverless_config.json").write_text(json.dumps(config, indent=1))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         # The built-in voice: conditionals of a synthetic clip, computed by the checkpoint's own front-end.
         front_end = VoiceFrontEnd.load(tmp, device="cpu")
         with torch.inference_mode():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .audio import soxr_resample
-from .checkpoint import CheckpointError, load_strict
+from .checkpoint import CheckpointError, load_strict, read_torch
 
 PERTH_SR = 32000
 N_FFT = 2048
@@ -154,7 +154,7 @@ class Watermarker:
 
     def __init__(self, weights: str | Path | None = None, device: torch.device | str = "cpu"):
         path = Path(weights) if weights else perth_weights_path()
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_torch(path)
         self.net = PerthNet()
         load_strict(self.net, ckpt["model"] if "model" in ckpt else ckpt, what=f"Perth watermark ({path.name})")
         self.net = self.net.to(device).eval()

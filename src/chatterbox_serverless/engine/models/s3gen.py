@@ -8,14 +8,13 @@ batched path the pipeline calls is engine/speech_to_wav.py.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_strict, read_safetensors
+from ..checkpoint import CheckpointError, load_strict, naming, read_config, read_safetensors
 from .campplus import CAMPPlus, CAMPPlusConfig
 from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator
@@ -46,15 +45,20 @@ class S3GenConfig:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None) -> "S3GenConfig":
-        """Sizes from the tensors of s3gen.safetensors; `overrides` is the whole serverless_config.json (its
-        sections "s3tokenizer", "campplus", "flow", "hift" are used)."""
+        """Sizes from the tensors of s3gen.safetensors; `overrides` is the whole checkpoint configuration
+        (`checkpoint.read_config`; its sections "s3tokenizer", "campplus", "flow", "hift" are used)."""
         o = overrides or {}
 
         def part(config_cls, prefix: str, section: str):
             try:
                 return config_cls.from_state_dict(_prefixed(sd, prefix), o.get(section))
+            except CheckpointError:
+                raise
             except KeyError as e:   # a tensor the sizes are read from is absent
                 raise CheckpointError(f"S3Gen (s3gen.safetensors): 1 missing key(s): {prefix}{e.args[0]}") from None
+            except (IndexError, ValueError, TypeError) as e:   # a tensor of the wrong rank, an impossible size
+                raise CheckpointError(f"S3Gen (s3gen.safetensors), {prefix}*: not the expected tensors "
+                                      f"({type(e).__name__}: {e})") from None
 
         return cls(part(S3TokenizerConfig, "tokenizer.", "s3tokenizer"),
                    part(CAMPPlusConfig, "speaker_encoder.", "campplus"),
@@ -92,12 +96,15 @@ class S3Gen(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "S3Gen":
-        """Load `s3gen.safetensors` from a checkpoint directory (with its optional serverless_config.json).
+                        dtype: torch.dtype = torch.float32, config: dict | None = None) -> "S3Gen":
+        """Load `s3gen.safetensors` from a checkpoint directory. `config`: the checkpoint's configuration
+        (`checkpoint.read_config`, read here when not given).
         `dtype` applies to the flow; the tokenizer, speaker encoder and vocoder stay in float32."""
         ckpt_dir = Path(ckpt_dir)
-        conf = ckpt_dir / "serverless_config.json"
-        overrides = json.loads(conf.read_text()) if conf.is_file() else {}
-        model = cls.from_state_dict(read_safetensors(ckpt_dir / "s3gen.safetensors"), overrides).to(device)
+        overrides = read_config(ckpt_dir) if config is None else config
+        path = ckpt_dir / "s3gen.safetensors"
+        with naming(path):
+            model = cls.from_state_dict(read_safetensors(path), overrides)
+        model = model.to(device)
         model.flow.to(dtype)
         return model

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import audio
-from ..checkpoint import CheckpointError
+from ..checkpoint import CONFIG_FILE, CheckpointError
 
 MAX_MEL_FRAMES = 3000   # 30 s; longer audio needs s3tokenizer's sliding windows, which Chatterbox never uses
 
@@ -49,7 +49,7 @@ class S3TokenizerConfig:
         config = cls(**cfg)
         if config.n_state % config.n_head or (config.n_state // config.n_head) % 2:
             raise CheckpointError(f"S3 tokenizer width {config.n_state} does not split into {config.n_head} heads; "
-                             f"set n_head in serverless_config.json")
+                             f"set n_head in {CONFIG_FILE}")
         return config
 
 

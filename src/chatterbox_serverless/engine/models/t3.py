@@ -12,7 +12,6 @@ i+1; the unconditional CFG row has zeroed text-token embeddings (its text positi
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import CheckpointError, load_strict, read_safetensors
+from ..checkpoint import (CONFIG_FILE, CheckpointError, config_from_state_dict, load_strict, naming, read_config,
+                          read_safetensors)
 from .llama import LlamaConfig, LlamaModel
 from .perceiver import Perceiver
 
@@ -91,7 +91,7 @@ class T3Config:
         inner = sd["tfmr.layers.0.self_attn.q_proj.weight"].shape[0]
         if inner % num_heads:
             raise CheckpointError(f"T3: attention width {inner} is not divisible by {num_heads} heads; "
-                                  f"set num_heads in serverless_config.json")
+                                  f"set num_heads in {CONFIG_FILE}")
         found = dict(
             hidden_size=hidden,
             intermediate_size=sd["tfmr.layers.0.mlp.gate_proj.weight"].shape[0],
@@ -168,21 +168,21 @@ class T3(nn.Module):
     @classmethod
     def from_state_dict(cls, sd: dict[str, Tensor], overrides: dict[str, Any] | None = None) -> "T3":
         sd = cls.unwrap_state_dict(sd)
-        model = cls(T3Config.from_state_dict(sd, overrides))
+        model = cls(config_from_state_dict(T3Config.from_state_dict, sd, overrides, "T3 (t3_cfg.safetensors)"))
         load_strict(model, sd, what="T3 (t3_cfg.safetensors)")
         return model.eval()
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, prepack: bool = True) -> "T3":
-        """Load `t3_cfg.safetensors` from a checkpoint directory (with its optional serverless_config.json).
+                        dtype: torch.dtype = torch.float32, prepack: bool = True, config: dict | None = None) -> "T3":
+        """Load `t3_cfg.safetensors` from a checkpoint directory. `config`: the checkpoint's configuration
+        (`checkpoint.read_config`, read here when not given), section "t3".
         `prepack`: on CPU, keep a oneDNN-packed copy of the backbone weights (faster; twice the memory)."""
         ckpt_dir = Path(ckpt_dir)
-        overrides = {}
-        conf = ckpt_dir / "serverless_config.json"
-        if conf.is_file():
-            overrides = json.loads(conf.read_text()).get("t3", {})
-        model = cls.from_state_dict(read_safetensors(ckpt_dir / "t3_cfg.safetensors"), overrides)
+        overrides = (read_config(ckpt_dir) if config is None else config).get("t3", {})
+        path = ckpt_dir / "t3_cfg.safetensors"
+        with naming(path):
+            model = cls.from_state_dict(read_safetensors(path), overrides)
         model = model.to(device=device, dtype=dtype)
         model.tfmr.set_prepacked_weights(prepack)
         return model
