@@ -236,7 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 
 def from_args(args: argparse.Namespace) -> Settings:
-    """Settings from parsed options (raises ValueError naming the option when one is invalid)."""
+    """Settings from parsed options (raises ValueError naming the option when one is invalid). Defaults read from
+    the environment are strings that argparse converts like the command line's, so a bad one is argparse's
+    one-line usage error naming the option."""
     values: dict[str, Any] = {}
     for o in OPTIONS:
         if not hasattr(args, o.field):
@@ -244,11 +246,6 @@ def from_args(args: argparse.Namespace) -> Settings:
         value = getattr(args, o.field)
         if o.field == "log_json":
             value = value == "json" if isinstance(value, str) else bool(value)
-        elif isinstance(value, str) and o.type is not str:
-            try:
-                value = o.type(value)       # a default read from the environment
-            except ValueError:
-                raise ValueError(f"{o.flag} (from CHATTERBOX_ environment): {value!r} is not valid") from None
         if value in ("", None) and o.field in ("audio_dir", "public_url", "worker_id", "blocked_terms_file"):
             value = None
         values[o.field] = value
