@@ -20,12 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (modname, help_) in COMMANDS.items():
-        try:
-            modules[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
+        modules[name] = importlib.import_module(modname)
         modules[name].add_arguments(sub.add_parser(name, help=help_, description=help_))
     args = parser.parse_args(argv)
     return int(modules[args.command].run(args) or 0)
