@@ -12,7 +12,11 @@ import uuid
 
 import pytest
 
+from chatterbox_serverless.accounts import account_store_for
+from chatterbox_serverless.accounts.service import Accounts, Pricing
 from chatterbox_serverless.jobs.store import Job, JobState, QueueFull, StoreStats
+from chatterbox_serverless.jobs.worker import STORAGE_REASON, scrub_paths
+from test_accounts import assert_explainable
 
 from redis_server import delete_prefix, new_prefix, redis_url  # noqa: F401  (fixture)
 
@@ -66,6 +70,22 @@ def store(backend):
 @pytest.fixture
 def reopen(backend):
     return backend
+
+
+@pytest.fixture
+def billed():
+    """`billed(store)`: attach billing to `store` the way the service assembly does, with the account store of the
+    same backend (same database file / same Redis server and prefix); returns that account store."""
+    opened = []
+
+    def attach(store):
+        accounts = account_store_for(store)
+        store.attach_billing(accounts)
+        opened.append(accounts)
+        return accounts
+    yield attach
+    for a in opened:
+        a.close()
 
 
 def new_job(owner: str = "acct-a", **params) -> Job:
@@ -438,3 +458,272 @@ def test_many_jobs_many_owners_all_finish_exactly_once(store, reopen):
     assert sorted(completed) == sorted(ids)
     for job_id in list(ids)[:5]:
         assert store.get_audio(job_id) == (job_id.encode(), "audio/wav")
+
+
+# --- billing: holds closed with the terminal transition ---------------------------------------------------------
+SUBMITTER = Pricing(credits_per_second=2.0, minimum=3)      # "hello world": hold 7; 4.2 s of audio: 9
+
+
+def held_job(store, accounts: Accounts, acc, text: str = "hello world") -> Job:
+    """What the API does: hold the estimate (recording its price), then submit."""
+    job = Job(id=str(uuid.uuid4()), owner=acc.id, params={"text": text})
+    accounts.hold_for(acc, job.id, text)
+    store.submit(job, 1000)
+    return job
+
+
+def test_complete_settles_the_hold_with_the_transition(store, reopen, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job = held_job(store, accounts, acc)
+    assert acct.get(acc.id).held == 7
+    store.claim("w1", 1, LEASE)
+    assert acct.get(acc.id).held == 7                         # claiming is not billing
+    assert store.complete(job.id, "w1", b"audio", "audio/wav", {"audio_seconds": 4.2, "inference_time": 1})
+    a = acct.get(acc.id)                                      # nothing else ran: the store settled it
+    assert (a.balance, a.held) == (100 - 9, 0) and acct.get_hold(job.id) is None
+    other = account_store_for(reopen())                       # another process's view
+    try:
+        u = other.usage(acc.id)
+        assert (u.completed, u.failed, u.credits_spent, u.open_holds) == (1, 0, 9, 0)
+        assert u.audio_seconds == pytest.approx(4.2)
+        [settle] = [e for e in other.ledger(acc.id) if e.kind == "settle"]
+        assert (settle.job_id, settle.delta, settle.hold_delta) == (job.id, -9, -7)
+    finally:
+        other.close()
+    assert_explainable(acct, acc.id)
+
+
+def test_a_reader_that_sees_completed_sees_the_settled_balance(store, reopen, billed):
+    """Another instance polls the jobs; the first time it reads COMPLETED, the account is already settled."""
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=1000)
+    jobs = [held_job(store, accounts, acc) for _ in range(40)]
+    assert len(store.claim("w1", 40, LEASE)) == 40
+    reader_store = reopen()
+    reader_acct = account_store_for(reader_store)
+    problems: list[str] = []
+    seen: list[str] = []
+    live = threading.Event()
+
+    def reader() -> None:
+        pending = [j.id for j in jobs]
+        deadline = time.monotonic() + 30
+        while pending and time.monotonic() < deadline:
+            live.set()
+            for job_id in list(pending):
+                if reader_store.get(job_id).state is JobState.COMPLETED:
+                    a = reader_acct.get(acc.id)
+                    seen.append(job_id)
+                    if reader_acct.get_hold(job_id) is not None:
+                        problems.append(f"{job_id}: COMPLETED but its hold is open")
+                    if a.balance > 1000 - 9 * len(seen):
+                        problems.append(f"{len(seen)} COMPLETED seen, balance {a.balance}")
+                    pending.remove(job_id)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        assert live.wait(10)
+        for j in jobs:
+            assert store.complete(j.id, "w1", b"a", "audio/wav", {"audio_seconds": 4.2})
+    finally:
+        t.join(40)
+        reader_acct.close()
+    assert not problems, problems[:5]
+    assert sorted(seen) == sorted(j.id for j in jobs)
+    a = acct.get(acc.id)
+    assert (a.balance, a.held) == (1000 - 40 * 9, 0)
+    assert_explainable(acct, acc.id)
+
+
+def test_failing_releases_the_hold(store, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    held, queued, interrupted, released, deferred = (held_job(store, accounts, acc) for _ in range(5))
+    store.claim("w1", 1, LEASE)                              # held
+    assert store.fail(held.id, "w1", "engine said no")
+    assert store.fail(queued.id, None, "content policy")     # a QUEUED job, failed by anyone
+    assert acct.get_hold(held.id) is None and acct.get_hold(queued.id) is None
+    assert acct.get(acc.id).held == 3 * 7
+    # recover_expired: re-queueing keeps the hold; giving up at max attempts releases it
+    for attempt in (1, 2):
+        claimed = store.claim("w1", 1, 0.05)
+        assert [j.id for j in claimed] == [interrupted.id]
+        time.sleep(0.15)
+        assert store.recover_expired(2) == 1
+        assert (acct.get_hold(interrupted.id) is None) == (attempt == 2)
+    assert store.get(interrupted.id).state is JobState.FAILED
+    # handing a job back (graceful stop, storage trouble) is not the end of it: the hold stays
+    store.claim("w1", 2, LEASE)                              # released, deferred
+    assert store.release(released.id, "w1") and store.retry_later(deferred.id, "w1", STORAGE_REASON, 30)
+    assert acct.get_hold(released.id) is not None and acct.get_hold(deferred.id) is not None
+    a = acct.get(acc.id)
+    assert (a.balance, a.held) == (100, 2 * 7)
+    u = acct.usage(acc.id)
+    assert (u.failed, u.completed, u.open_holds) == (3, 0, 2)
+    notes = {e.job_id: e.note for e in acct.ledger(acc.id) if e.kind == "release"}
+    assert notes[held.id] == "engine said no" and notes[queued.id] == "content policy"
+    assert notes[interrupted.id] == store.get(interrupted.id).error
+    assert_explainable(acct, acc.id)
+
+
+def test_the_price_is_the_submitters_wherever_the_job_completes(store, reopen, billed):
+    """A store instance in a process whose Accounts price differently completes the job: the submitter's
+    recorded price is charged, by the store's billing and by another process's repair alike."""
+    acct = billed(store)
+    submitter = Accounts(acct, SUBMITTER)
+    _, acc = submitter.create_key(credits=1000)
+    j1, j2 = held_job(store, submitter, acc), held_job(store, submitter, acc)
+    elsewhere = reopen()
+    completer = Accounts(billed(elsewhere), Pricing(credits_per_second=10.0, minimum=50))
+    assert [j.id for j in elsewhere.claim("w9", 1, LEASE)] == [j1.id]
+    assert elsewhere.complete(j1.id, "w9", b"a", "audio/wav", {"audio_seconds": 4.2})
+    assert acct.get(acc.id).balance == 1000 - 9                 # not 50 (the completer's 42, at least 50)
+    unbilled = reopen()                                         # a store with no billing attached
+    unbilled.claim("w8", 1, LEASE)
+    assert unbilled.complete(j2.id, "w8", b"a", "audio/wav", {"audio_seconds": 4.2})
+    assert acct.get_hold(j2.id) is not None                     # nothing closed it...
+    assert completer.reconcile(elsewhere.get)["settled"] == 1   # ...until the repair, at the submitter's price
+    assert acct.get(acc.id).balance == 1000 - 18
+    assert_explainable(acct, acc.id)
+
+
+def test_settling_twice_charges_once(store, reopen, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job = held_job(store, accounts, acc)
+    store.claim("w1", 1, LEASE)
+    assert store.complete(job.id, "w1", b"a", "audio/wav", {"audio_seconds": 4.2})
+    assert store.complete(job.id, "w1", b"a", "audio/wav", {"audio_seconds": 4.2}) is False
+    assert reopen().complete(job.id, "w1", b"a", "audio/wav", {"audio_seconds": 4.2}) is False
+    assert store.fail(job.id, None, "late") is False
+    assert accounts.settle(job.id, 4.2) is None and accounts.release(job.id) is None
+    assert accounts.reconcile(store.get) == {"settled": 0, "released": 0, "open": 0}
+    a = acct.get(acc.id)
+    assert (a.balance, a.held) == (100 - 9, 0)
+    assert [e.kind for e in acct.ledger(acc.id)] == ["grant", "hold", "settle"]
+    assert_explainable(acct, acc.id)
+
+
+def test_unknown_audio_length_is_charged_the_hold(store, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job = held_job(store, accounts, acc)
+    store.claim("w1", 1, LEASE)
+    assert store.complete(job.id, "w1", b"a", "audio/wav", {"audio_seconds": "4.2", "inference_time": 1})
+    assert acct.get(acc.id).balance == 100 - 7
+    assert "length unknown" in acct.ledger(acc.id, 1)[0].note
+    assert_explainable(acct, acc.id)
+
+
+def test_jobs_without_a_hold_transition_as_before(store, billed):
+    acct = billed(store)
+    a, b, c = submit(store, owner=""), submit(store, owner=""), submit(store, owner="")
+    store.claim("w1", 2, LEASE)
+    assert store.complete(a.id, "w1", b"x", "audio/wav", {"audio_seconds": 1.0})
+    assert store.fail(b.id, "w1", "x")
+    store.claim("w1", 1, 0.05)
+    time.sleep(0.15)
+    assert store.recover_expired(1) == 1
+    assert [store.get(j.id).state for j in (a, b, c)] == [JobState.COMPLETED, JobState.FAILED, JobState.FAILED]
+    assert acct.holds() == [] and acct.count() == 0
+
+
+def test_attach_billing_wants_the_account_store_of_the_same_backend(store, reopen, billed, tmp_path, request):
+    if request.node.callspec.params["backend"] == "sqlite":
+        from chatterbox_serverless.accounts.sqlite_store import SQLiteAccountStore
+        elsewhere = SQLiteAccountStore(tmp_path / "other" / "jobs.sqlite3")
+    else:
+        from chatterbox_serverless.accounts.redis_store import RedisAccountStore
+        elsewhere = RedisAccountStore(prefix=store.prefix + "other:", client=store.r)
+    try:
+        with pytest.raises(ValueError):
+            store.attach_billing(elsewhere)
+        with pytest.raises(ValueError):
+            store.attach_billing(object())
+    finally:
+        elsewhere.close()
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job = held_job(store, accounts, acc)
+    store.attach_billing(None)                                  # detached: transitions bill nothing
+    store.claim("w1", 1, LEASE)
+    assert store.complete(job.id, "w1", b"x", "audio/wav", {"audio_seconds": 1.0})
+    assert acct.get_hold(job.id) is not None
+
+
+# --- storage trouble: retry_later, writable ---------------------------------------------------------------------
+
+def test_retry_later_hands_the_job_back_after_its_delay(store, reopen):
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    assert store.retry_later(job.id, "w2", STORAGE_REASON, 0.3) is False       # not the holder
+    assert store.retry_later(job.id, "w1", STORAGE_REASON, 0.3) is True
+    got = reopen().get(job.id)
+    assert got.state is JobState.PROCESSING and got.worker_id is None and got.attempts == 1 and got.error is None
+    assert store.retry_later(job.id, "w1", STORAGE_REASON, 0.3) is False       # given up already
+    assert store.complete(job.id, "w1", b"late", "audio/wav", {}) is False     # the old holder gave it up
+    store.heartbeat("w1", [job.id], 30.0)                                       # and cannot keep it
+    assert store.recover_expired(3) == 0 and store.claim("w2", 1, LEASE) == []  # not before its delay
+    time.sleep(0.45)
+    assert store.recover_expired(3) == 1
+    got = store.get(job.id)
+    assert got.state is JobState.QUEUED and got.error is None
+    again = store.claim("w2", 1, LEASE)
+    assert [j.attempts for j in again] == [2]
+    assert store.complete(job.id, "w2", b"fresh", "audio/wav", {})
+    assert store.get_audio(job.id) == (b"fresh", "audio/wav")
+
+
+def test_retry_later_at_the_last_attempt_fails_with_its_reason(store, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job = held_job(store, accounts, acc)
+    for attempt in (1, 2):
+        assert [j.attempts for j in store.claim("w1", 1, LEASE)] == [attempt]
+        assert store.retry_later(job.id, "w1", STORAGE_REASON, 0.05)
+        time.sleep(0.15)
+        assert store.recover_expired(2) == 1
+    got = store.get(job.id)
+    assert got.state is JobState.FAILED and got.error == STORAGE_REASON
+    assert acct.get(acc.id).held == 0 and acct.usage(acc.id).failed == 1
+
+
+def test_a_later_attempt_that_dies_fails_as_interrupted(store):
+    """The reason given to retry_later belongs to its attempt: the next claim clears it."""
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    assert store.retry_later(job.id, "w1", STORAGE_REASON, 0.05)
+    time.sleep(0.15)
+    assert store.recover_expired(2) == 1
+    store.claim("w2", 1, 0.05)                                   # attempt 2: its worker dies
+    time.sleep(0.15)
+    assert store.recover_expired(2) == 1
+    got = store.get(job.id)
+    assert got.state is JobState.FAILED and got.error != STORAGE_REASON and "2 times" in got.error
+
+
+def test_error_texts_name_no_path(store):
+    """What recover_expired writes is shown to clients: no server path in it."""
+    job = submit(store)
+    store.claim("w1", 1, 0.05)
+    time.sleep(0.15)
+    store.recover_expired(1)
+    error = store.get(job.id).error
+    assert error and scrub_paths(error) == error and "/" not in error
+
+
+def test_writable_probes_a_write(store):
+    assert store.writable() is None
+    assert store.writable() is None                              # repeatable, leaves nothing behind
+    job = submit(store)                                          # and the store works as before
+    store.claim("w1", 1, LEASE)
+    assert store.complete(job.id, "w1", b"x", "audio/wav", {})

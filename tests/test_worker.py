@@ -112,18 +112,26 @@ def test_stop_releases_jobs_it_could_not_finish(store):
     assert all(store.get(i).state == JobState.QUEUED for i in ids)
 
 
-def test_a_full_disk_fails_the_job_with_a_reason(store, monkeypatch):
+def test_a_full_disk_hands_the_job_back_without_its_path(store, monkeypatch):
+    """Storing the result fails: the jobs go back for a later attempt (after a backoff), nothing of the server
+    (the OS error, its path) is written in them, no partial file is left, and the worker stops claiming until
+    storage works again."""
     ids = add(store, 2)
 
     def no_space(path, data):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
     monkeypatch.setattr(store, "_write_file_atomically", no_space)
     w = make_worker(store, FakeEngineForTests(), batch_size=2)
     w.process(store.claim(w.worker_id, 2, 30))
     for i in ids:
         job = store.get(i)
-        assert job.state == JobState.FAILED and "No space left on device" in job.error
+        assert job.state == JobState.PROCESSING and job.worker_id is None and job.error is None
+        assert job.lease_until >= time.time() + 25              # its backoff: the lease length (30 s) at attempt 1
     assert not list(store.audio_dir.iterdir())
+    assert w.storage_problem is not None and w.metrics.storage_errors._value.get() == 2
+    assert w.retry_delay(1) == 30 and w.retry_delay(2) == 60 and w.retry_delay(30) == 600
+    monkeypatch.undo()
+    assert w._storage_ready() and w.storage_problem is None     # writable again: claims resume
 
 
 def test_when_nothing_can_be_written_the_job_is_retried_later(store, monkeypatch):
@@ -135,12 +143,24 @@ def test_when_nothing_can_be_written_the_job_is_retried_later(store, monkeypatch
     def broken(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(store, "complete", broken)
+    monkeypatch.setattr(store, "retry_later", broken)
     monkeypatch.setattr(store, "fail", broken)
     w.process(jobs)
     monkeypatch.undo()
     assert store.get(ids[0]).state == JobState.PROCESSING
     time.sleep(0.3)
     assert store.recover_expired(3) == 1 and store.get(ids[0]).state == JobState.QUEUED
+
+
+def test_worker_takes_no_accounts(store):
+    """Billing is the store's (attach_billing): the worker has no accounts parameter, only a repair hook."""
+    import inspect
+    assert "accounts" not in inspect.signature(Worker).parameters
+    w = make_worker(store, FakeEngineForTests())
+    calls = []
+    w.reconcile_with(type("Repair", (), {"maybe_reconcile": lambda self, lookup: calls.append(lookup)})())
+    w.maintain(force=True)
+    assert calls == [store.get]
 
 
 def test_fair_turns_across_owners(store):

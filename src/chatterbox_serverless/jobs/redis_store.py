@@ -37,7 +37,12 @@ large or retention is long. Files are named `<id>.<nonce>` so that two workers t
 reclaimed job never write the same file; only the one whose completion wins is referenced.
 
 Redis unreachable (or still loading its data after a restart): every method raises `StoreUnavailable`, and the
-next call after Redis returns works again (connections are re-established by the pool).
+next call after Redis returns works again (connections are re-established by the pool). `writable()` probes a
+write (a key with a TTL, and a file in `audio_dir` when there is one) for /ready.
+
+Billing (`attach_billing(account_store)`): the account store's `BILLING_LUA` (same server, same prefix) is
+composed into the complete/fail/recover scripts, so a job's credit hold is closed by the same atomic script as
+its terminal transition. Without it, the scripts carry no-op billing functions.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable
+from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, probe_directory
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,9 @@ local function dequeue(id, owner)
   local q = P .. 'q:' .. owner
   redis.call('ZREM', q, id)
   if redis.call('ZCARD', q) == 0 then redis.call('ZREM', P .. 'owners', owner) end
+end
+local function fmt_time(t)
+  return string.format('%.6f', t)
 end
 local function finish(id, k, state, t, retention_ms, worker)
   redis.call('HSET', k, 'state', state, 'finished_at', string.format('%.6f', t), 'lease_until', '')
@@ -129,7 +137,7 @@ while #out < limit and guard < limit + 1000 do
     end
     local k = P .. 'job:' .. id
     if redis.call('HGET', k, 'state') == 'QUEUED' then
-      redis.call('HSET', k, 'state', 'PROCESSING', 'worker_id', worker, 'lease_until', until_)
+      redis.call('HSET', k, 'state', 'PROCESSING', 'worker_id', worker, 'lease_until', until_, 'retry_reason', '')
       redis.call('HINCRBY', k, 'attempts', 1)
       if (redis.call('HGET', k, 'started_at') or '') == '' then
         redis.call('HSET', k, 'started_at', string.format('%.6f', t))
@@ -175,11 +183,14 @@ if ARGV[8] == 'file' then
 else
   redis.call('SET', P .. 'audio:' .. id, ARGV[9], 'PX', retention_ms)
 end
-finish(id, k, 'COMPLETED', now(), retention_ms, worker)
+local t = now()
+redis.call('HSET', k, 'retry_reason', '')
+finish(id, k, 'COMPLETED', t, retention_ms, worker)
+billing_settle(id, ARGV[6], fmt_time(t))
 return 1
 """
 
-# ARGV: P, maxlen, id, worker ('' = any), error, metrics_json ('' = keep), retention_ms
+# ARGV: P, maxlen, id, worker ('' = any), error, metrics_json ('' = keep), retention_ms, billing note
 _FAIL = _LUA_COMMON + r"""
 local id, worker = ARGV[3], ARGV[4]
 local k = P .. 'job:' .. id
@@ -189,7 +200,9 @@ if worker ~= '' and (h[1] ~= 'PROCESSING' or h[2] ~= worker) then return 0 end
 if h[1] == 'QUEUED' then dequeue(id, h[3]) end
 redis.call('HSET', k, 'error', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', k, 'metrics', ARGV[6]) end
-finish(id, k, 'FAILED', now(), ARGV[7], worker)
+local t = now()
+finish(id, k, 'FAILED', t, ARGV[7], worker)
+billing_release(id, ARGV[8], fmt_time(t))
 return 1
 """
 
@@ -207,6 +220,18 @@ enqueue(id, h[3], h[4])
 return 1
 """
 
+# ARGV: P, maxlen, id, worker, delay_seconds, reason
+_RETRY_LATER = _LUA_COMMON + r"""
+local id, worker = ARGV[3], ARGV[4]
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'state', 'worker_id')
+if h[1] ~= 'PROCESSING' or h[2] ~= worker then return 0 end
+local until_ = now() + math.max(0, tonumber(ARGV[5]))
+redis.call('HSET', k, 'worker_id', '', 'lease_until', fmt_time(until_), 'retry_reason', ARGV[6])
+redis.call('ZADD', P .. 'leases', until_, id)
+return 1
+"""
+
 # ARGV: P, maxlen, max_attempts, retention_ms, batch
 _RECOVER = _LUA_COMMON + r"""
 local max_attempts = tonumber(ARGV[3])
@@ -221,9 +246,13 @@ for _, id in ipairs(ids) do
   else
     local attempts = tonumber(h[5]) or 0
     if attempts >= max_attempts then
-      redis.call('HSET', k, 'error',
-        'the worker processing this job stopped responding (lease expired) ' .. attempts .. ' times; giving up')
+      local reason = redis.call('HGET', k, 'retry_reason')
+      if not reason or reason == '' then
+        reason = 'the worker processing this job stopped responding (lease expired) ' .. attempts .. ' times; giving up'
+      end
+      redis.call('HSET', k, 'error', reason)
       finish(id, k, 'FAILED', t, ARGV[4], '')
+      billing_release(id, reason, fmt_time(t))
     else
       redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '')
       redis.call('ZREM', P .. 'leases', id)
@@ -255,6 +284,16 @@ end
 return out
 """
 
+# What the scripts carry when no billing is attached (RedisJobStore.attach_billing composes the account store's
+# BILLING_LUA in its place).
+_NO_BILLING = r"""
+local function billing_settle(job_id, metrics_json, at) end
+local function billing_release(job_id, note, at) end
+"""
+
+_ERROR_CODES = {redis.exceptions.OutOfMemoryError: "OOM", redis.exceptions.ReadOnlyError: "READONLY",
+                redis.exceptions.NoPermissionError: "NOPERM"}   # redis-py strips these codes from the message
+
 # --- (de)serialisation ---------------------------------------------------------------------------------------
 
 def _num(v: str) -> float | None:
@@ -268,7 +307,7 @@ def _job_fields(job: Job) -> list[str]:
     return ["id", job.id, "owner", job.owner, "params", json.dumps(job.params), "state", JobState.QUEUED.value,
             "created_at", s(float(job.created_at)), "started_at", "", "finished_at", "", "attempts", "0",
             "error", "", "metrics", json.dumps(job.metrics or {}), "media_type", "", "worker_id", "",
-            "lease_until", "", "audio_path", ""]
+            "lease_until", "", "audio_path", "", "retry_reason", ""]
 
 
 def _job_from_hash(h: dict[str, str]) -> Job:
@@ -307,9 +346,7 @@ class RedisJobStore(JobStore):
         self.r = redis.Redis.from_url(url, socket_timeout=timeout, **common)
         # Blocking reads (`wait`) get their own connections, with a read timeout longer than the block time.
         self._blocking = redis.Redis.from_url(url, socket_timeout=timeout + 5.0, **common)
-        self._scripts = {name: self.r.register_script(src) for name, src in (
-            ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("complete", _COMPLETE),
-            ("fail", _FAIL), ("release", _RELEASE), ("recover", _RECOVER), ("purge", _PURGE))}
+        self._register_scripts(None)
         self._waiters: dict[str, list[threading.Event]] = {}
         self._waiters_lock = threading.Lock()
         self._listener_lock = threading.Lock()
@@ -317,6 +354,42 @@ class RedisJobStore(JobStore):
         self._closed = threading.Event()
 
     # --- plumbing -----------------------------------------------------------------------------------------
+    def _register_scripts(self, billing_lua: str | None) -> None:
+        billing = _NO_BILLING if billing_lua is None else billing_lua
+
+        def compose(src: str) -> str:
+            assert src.startswith(_LUA_COMMON)
+            return _LUA_COMMON + billing + src[len(_LUA_COMMON):]
+        self._scripts = {name: self.r.register_script(compose(src)) for name, src in (
+            ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("complete", _COMPLETE),
+            ("fail", _FAIL), ("release", _RELEASE), ("retry_later", _RETRY_LATER), ("recover", _RECOVER),
+            ("purge", _PURGE))}
+
+    def attach_billing(self, account_store) -> None:
+        """Bill jobs with their terminal transitions: `account_store` is the Redis account store on this server
+        under this prefix (accounts.account_store_for(store)); its BILLING_LUA joins our scripts."""
+        if account_store is None:
+            self._register_scripts(None)
+            return
+        lua = getattr(account_store, "billing_lua", None)
+        if not isinstance(lua, str):
+            raise ValueError("Redis jobs are billed by the Redis account store beside them")
+        if getattr(account_store, "prefix", None) != self.prefix:
+            raise ValueError(f"the account store's prefix {account_store.prefix!r} is not the job store's "
+                             f"{self.prefix!r}")
+        if not self._same_server(getattr(account_store, "r", None)):
+            raise ValueError("the account store is not on the job store's Redis server and database")
+        self._register_scripts(lua)
+
+    def _same_server(self, client: Any) -> bool:
+        if client is self.r:
+            return True
+        if client is None or not hasattr(client, "connection_pool"):
+            return False
+        keys = ("host", "port", "db", "path", "username")
+        mine, theirs = self.r.connection_pool.connection_kwargs, client.connection_pool.connection_kwargs
+        return all(mine.get(k) == theirs.get(k) for k in keys)
+
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
@@ -498,8 +571,15 @@ class RedisJobStore(JobStore):
         if self.audio_dir is not None and len(audio) > self.inline_max_bytes:
             path = self.audio_dir / f"{job_id}.{uuid.uuid4().hex[:12]}"
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(audio)
-            os.replace(tmp, path)
+            try:
+                tmp.write_bytes(audio)
+                os.replace(tmp, path)
+            except BaseException:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+                raise
             try:
                 ok = self._run("complete", job_id, worker_id, media_type, json.dumps(metrics), retention_ms,
                                "file", str(path))
@@ -514,10 +594,31 @@ class RedisJobStore(JobStore):
 
     def fail(self, job_id: str, worker_id: str | None, error: str, metrics: dict | None = None) -> bool:
         return bool(self._run("fail", job_id, worker_id or "", error,
-                              "" if metrics is None else json.dumps(metrics), self._ms(self.retention)))
+                              "" if metrics is None else json.dumps(metrics), self._ms(self.retention),
+                              error[:200]))
 
     def release(self, job_id: str, worker_id: str) -> bool:
         return bool(self._run("release", job_id, worker_id))
+
+    def retry_later(self, job_id: str, worker_id: str, reason: str, delay: float) -> bool:
+        return bool(self._run("retry_later", job_id, worker_id, repr(max(0.0, float(delay))), reason))
+
+    def writable(self) -> str | None:
+        try:
+            self.r.set(self._k("probe"), repr(time.time()), px=10_000)
+        except redis.exceptions.BusyLoadingError:
+            return "Redis is loading its data"
+        except (redis.ConnectionError, redis.TimeoutError):
+            return "Redis cannot be reached"
+        except redis.ResponseError as e:    # OOM (maxmemory), READONLY (a replica), MISCONF (cannot persist), ...
+            code = (getattr(e, "status_code", None) or _ERROR_CODES.get(type(e))
+                    or (str(e).split() or ["error"])[0])
+            return f"Redis refuses writes ({code})"
+        if self.audio_dir is not None:
+            problem = probe_directory(self.audio_dir)
+            if problem is not None:
+                return f"audio files cannot be written ({problem})"
+        return None
 
     # --- maintenance --------------------------------------------------------------------------------------
     def recover_expired(self, max_attempts: int) -> int:
@@ -536,7 +637,10 @@ class RedisJobStore(JobStore):
             if self.audio_dir is not None:
                 for job_id in ids:
                     for f in self.audio_dir.glob(f"{job_id}.*"):
-                        f.unlink(missing_ok=True)
+                        try:
+                            f.unlink(missing_ok=True)
+                        except OSError:     # left to the orphan sweep
+                            pass
             if len(ids) < BATCH:
                 break
         if self.audio_dir is not None:
@@ -546,11 +650,15 @@ class RedisJobStore(JobStore):
     def _sweep_orphan_files(self, retention_seconds: float) -> None:
         """Files left by a worker that died between writing the audio and completing the job."""
         cutoff = time.time() - max(retention_seconds, self.retention) - 600
-        for f in self.audio_dir.iterdir():
+        try:
+            entries = list(self.audio_dir.iterdir())
+        except OSError:         # the directory is away (a broken mount): nothing to sweep now
+            return
+        for f in entries:
             try:
                 if f.stat().st_mtime < cutoff:
                     f.unlink(missing_ok=True)
-            except FileNotFoundError:
+            except OSError:     # gone meanwhile, or the disk refuses: the next sweep tries again
                 pass
 
     def events(self, count: int = EVENTS_MAXLEN) -> list[dict[str, str]]:

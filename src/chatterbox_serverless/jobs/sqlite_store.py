@@ -11,9 +11,15 @@ for the writer), so status polls stay fast while jobs are being written.
 Fairness: `claim` serves owners round-robin (the owner served least recently first, `owner_turns`), oldest job
 first within one owner.
 
-A full disk: `submit` raises (nothing was accepted); `complete` raises OSError/sqlite3.Error after removing its
-partial file, and the job stays PROCESSING under its lease, so the worker can mark it FAILED, or, if even that
-cannot be written, the lease runs out and `recover_expired` retries it (bounded attempts).
+A full disk, a read-only data dir: `submit` raises (nothing was accepted); `complete` raises OSError or
+StoreUnavailable after removing its partial file, and the job stays PROCESSING under its lease, so the worker
+hands it back with `retry_later` for a later attempt, or, if even that cannot be written, the lease runs out and
+`recover_expired` retries it once the database is writable again (bounded attempts). `writable()` probes both
+the database and the audio directory (for /ready).
+
+Billing (`attach_billing(account_store)`): the account tables live in this database file; closing a job's
+credit hold is SQL run by the account store on this store's writer connection, inside the transaction that
+marks the job COMPLETED or FAILED.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable
+from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, probe_directory
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,11 @@ CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until) WHERE state = 'PROCE
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS owner_turns (owner TEXT PRIMARY KEY, turn INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
+# columns added after the first release, added at open when missing: (column, declaration)
+_JOB_MIGRATIONS = (("retry_reason", "TEXT"),)   # why the job was handed back by `retry_later` (its FAILED
+                                                # reason if it runs out of attempts); cleared at the next claim
 
 _COLUMNS = ("id, owner, params, state, created_at, started_at, finished_at, attempts, error, metrics, "
             "media_type, worker_id, lease_until")
@@ -114,9 +124,31 @@ class SQLiteJobStore(JobStore):
         self._readers_lock = threading.Lock()
         self._changed = threading.Condition()
         self._closed = False
+        self._billing = None            # the account store closing holds with terminal transitions
         self._writer = self._connect()
         with self._write_lock:
             self._writer.executescript(_SCHEMA)
+            self._transaction(self._migrate)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        have = {r[1] for r in conn.execute("PRAGMA table_info(jobs)")}
+        for column, decl in _JOB_MIGRATIONS:
+            if column not in have:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+
+    def attach_billing(self, account_store) -> None:
+        """Bill jobs with their terminal transitions: `account_store` is the SQLite account store of this
+        database file (accounts.account_store_for(store)); its `settle_in`/`release_in` run in our transactions."""
+        if account_store is None:
+            self._billing = None
+            return
+        path = getattr(account_store, "path", None)
+        if path is None or not all(callable(getattr(account_store, m, None)) for m in ("settle_in", "release_in")):
+            raise ValueError("SQLite jobs are billed by the SQLite account store of the same database file")
+        if Path(path).resolve() != self.path.resolve():
+            raise ValueError(f"the account store ({path}) is not in the job database ({self.path})")
+        self._billing = account_store
 
     # --- connections ------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -294,7 +326,7 @@ class SQLiteJobStore(JobStore):
                              "ON CONFLICT(owner) DO UPDATE SET turn = excluded.turn", (owner, turn))
                 conn.execute(
                     "UPDATE jobs SET state = 'PROCESSING', worker_id = ?, lease_until = ?, attempts = attempts + 1, "
-                    "started_at = COALESCE(started_at, ?) WHERE id = ?",
+                    "started_at = COALESCE(started_at, ?), retry_reason = NULL WHERE id = ?",
                     (worker_id, now + lease_seconds, now, job_id))
             marks = ",".join("?" * len(picked))
             rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", [p[0] for p in picked])
@@ -324,12 +356,17 @@ class SQLiteJobStore(JobStore):
         self._write_file_atomically(self.audio_dir / name, audio)
 
         def tx(conn: sqlite3.Connection) -> bool:
+            now = time.time()
             cur = conn.execute(
                 "UPDATE jobs SET state = 'COMPLETED', finished_at = ?, metrics = ?, media_type = ?, audio_file = ?, "
-                "worker_id = NULL, lease_until = NULL, error = NULL "
+                "worker_id = NULL, lease_until = NULL, error = NULL, retry_reason = NULL "
                 "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?",
-                (time.time(), json.dumps(metrics or {}), media_type, name, job_id, worker_id))
-            return cur.rowcount == 1
+                (now, json.dumps(metrics or {}), media_type, name, job_id, worker_id))
+            if cur.rowcount != 1:
+                return False
+            if self._billing is not None:
+                self._billing.settle_in(conn, job_id, metrics, now)
+            return True
         try:
             done = self._write(tx)
         except BaseException:
@@ -344,29 +381,38 @@ class SQLiteJobStore(JobStore):
     def _write_file_atomically(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         try:
+            path.parent.mkdir(exist_ok=True)    # removed by hand meanwhile: make it again
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise
         _fsync_dir(path.parent)
 
     def fail(self, job_id: str, worker_id: str | None, error: str, metrics: dict | None = None) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:
+            now = time.time()
             sql = ("UPDATE jobs SET state = 'FAILED', error = ?, finished_at = ?, worker_id = NULL, lease_until = NULL"
                    + (", metrics = ?" if metrics is not None else "")
                    + " WHERE id = ? AND state IN ('QUEUED', 'PROCESSING')")
-            args: list = [error, time.time()]
+            args: list = [error, now]
             if metrics is not None:
                 args.append(json.dumps(metrics))
             args.append(job_id)
             if worker_id is not None:
                 sql += " AND state = 'PROCESSING' AND worker_id = ?"
                 args.append(worker_id)
-            return conn.execute(sql, args).rowcount == 1
+            if conn.execute(sql, args).rowcount != 1:
+                return False
+            if self._billing is not None:
+                self._billing.release_in(conn, job_id, error, now)
+            return True
         done = self._write(tx)
         if done:
             self._notify()
@@ -383,18 +429,43 @@ class SQLiteJobStore(JobStore):
             self._notify()
         return done
 
+    def retry_later(self, job_id: str, worker_id: str, reason: str, delay: float) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
+                "UPDATE jobs SET worker_id = NULL, lease_until = ?, retry_reason = ? "
+                "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?",
+                (time.time() + max(0.0, delay), reason, job_id, worker_id)).rowcount == 1
+        return self._write(tx)
+
+    def writable(self) -> str | None:
+        def probe(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO store_probe (id, at) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET at = excluded.at",
+                         (time.time(),))
+        try:
+            self._write(probe)
+        except (StoreUnavailable, sqlite3.Error) as e:
+            cause = e.__cause__ if isinstance(e.__cause__, sqlite3.Error) else None
+            return "the job database cannot be written" + (f" ({cause})" if cause is not None else "")
+        problem = probe_directory(self.audio_dir)
+        return None if problem is None else f"audio files cannot be written ({problem})"
+
     # --- maintenance ------------------------------------------------------------------------------------------
     def recover_expired(self, max_attempts: int) -> int:
         def tx(conn: sqlite3.Connection) -> int:
             now = time.time()
-            failed = conn.execute(
-                "UPDATE jobs SET state = 'FAILED', finished_at = ?, worker_id = NULL, lease_until = NULL, error = "
-                "'the job was interrupted ' || attempts || ' times (its worker stopped); giving up' "
-                "WHERE state = 'PROCESSING' AND lease_until < ? AND attempts >= ?", (now, now, max_attempts)).rowcount
+            giving_up = conn.execute(
+                "SELECT id, COALESCE(retry_reason, 'the job was interrupted ' || attempts || "
+                "' times (its worker stopped); giving up') FROM jobs "
+                "WHERE state = 'PROCESSING' AND lease_until < ? AND attempts >= ?", (now, max_attempts)).fetchall()
+            for job_id, reason in giving_up:
+                conn.execute("UPDATE jobs SET state = 'FAILED', finished_at = ?, worker_id = NULL, lease_until = NULL, "
+                             "error = ? WHERE id = ?", (now, reason, job_id))
+                if self._billing is not None:
+                    self._billing.release_in(conn, job_id, reason, now)
             requeued = conn.execute(
                 "UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL "
                 "WHERE state = 'PROCESSING' AND lease_until < ?", (now,)).rowcount
-            return failed + requeued
+            return len(giving_up) + requeued
         n = self._write(tx)
         if n:
             self._notify()
@@ -413,7 +484,10 @@ class SQLiteJobStore(JobStore):
         files = self._write(tx)
         for name in files:
             if name:
-                (self.audio_dir / name).unlink(missing_ok=True)
+                try:
+                    (self.audio_dir / name).unlink(missing_ok=True)
+                except OSError:     # the disk refuses now: an orphan, removed by a later sweep
+                    pass
         self._remove_orphan_audio(now)
         return len(files)
 
@@ -429,7 +503,10 @@ class SQLiteJobStore(JobStore):
         known = {r[0] for r in self._reader().execute("SELECT audio_file FROM jobs WHERE audio_file IS NOT NULL")}
         for e in old:
             if e.name not in known:
-                Path(e.path).unlink(missing_ok=True)
+                try:
+                    Path(e.path).unlink(missing_ok=True)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         with self._write_lock:

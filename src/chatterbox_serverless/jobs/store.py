@@ -3,15 +3,30 @@ SQLite (jobs/sqlite_store.py, the embedded single-machine default) and Redis (jo
 
 Life of a job:  submit -> QUEUED -> claim (lease) -> PROCESSING -> complete | fail
 A PROCESSING job whose lease runs out (worker died) goes back to QUEUED by `recover_expired`, or to FAILED
-once it has used `max_attempts`. `release` hands a job back without counting the attempt (graceful stop).
+once it has used `max_attempts`. `release` hands a job back without counting the attempt (graceful stop);
+`retry_later` hands it back for a later attempt that counts (the server could not store its result).
 Terminal jobs and their audio are deleted `retention` seconds after they finished.
+
+Billing: after `attach_billing(account_store)` (the account store living in the same backend), the store closes
+a job's credit hold in the same transaction / script as its terminal transition: COMPLETED settles it (at the
+price recorded with the hold, for the metrics' `audio_seconds`), FAILED releases it (`fail`, and
+`recover_expired` giving up). A reader that sees COMPLETED sees the settled balance. Jobs without a hold
+transition as before. The job store knows nothing of prices or keys: the hold-closing code is the account
+store's, run on the job store's connection (SQLite) or composed into its scripts (Redis).
+
+Errors stored in a job (`error`) are shown to its client: they never contain a server path.
 """
 from __future__ import annotations
 
+import os
+import secrets
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
+
+MIN_FREE_BYTES = 1 << 20        # `writable` reports a full disk below this much free space
 
 
 class JobState(str, Enum):
@@ -101,14 +116,58 @@ class JobStore(ABC):
     def release(self, job_id: str, worker_id: str) -> bool:
         """Give a held job back to the queue without counting the attempt (graceful shutdown)."""
 
+    @abstractmethod
+    def retry_later(self, job_id: str, worker_id: str, reason: str, delay: float) -> bool:
+        """The holder could not finish the job for a reason of the server's (its result could not be stored):
+        give it up for `delay` seconds. The job stays PROCESSING, held by no worker (a late `complete` from the
+        old holder is refused), until `recover_expired` queues it again once `delay` has passed (the attempt
+        counts), or FAILs it with `reason` if it has used `max_attempts`. False when not held by `worker_id`."""
+
     # --- maintenance ----------------------------------------------------------------------------------------
     @abstractmethod
     def recover_expired(self, max_attempts: int) -> int:
-        """Expired leases: back to QUEUED, or FAILED once `max_attempts` are used. Returns how many."""
+        """Expired leases: back to QUEUED, or FAILED once `max_attempts` are used (with the reason given to
+        `retry_later`, if it was, else one saying the worker stopped). Returns how many."""
 
     @abstractmethod
     def purge_expired(self, retention_seconds: float) -> int:
         """Delete terminal jobs (and their audio) finished more than `retention_seconds` ago."""
 
+    @abstractmethod
+    def writable(self) -> str | None:
+        """Health probe (/ready): None when jobs and audio can be written now, else a short reason naming no
+        path. It really writes (a tiny transaction or key, a file in the audio directory), so it is cheap but
+        not free: call it per readiness check, not per request."""
+
+    def attach_billing(self, account_store) -> None:
+        """Close credit holds with the jobs' terminal transitions, atomically (see the module docstring).
+        `account_store`: the account store of the same backend (same database file / Redis server and
+        prefix): ValueError otherwise. None detaches."""
+        raise NotImplementedError(f"{type(self).__name__} cannot bill jobs")
+
     def close(self) -> None:
         pass
+
+
+def probe_directory(directory: Path) -> str | None:
+    """None when a file can be created, written, synced and deleted in `directory` and the disk has room; else
+    a short reason (an OS error's text, never the path)."""
+    probe = directory / f".probe-{secrets.token_hex(6)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+        st = os.statvfs(directory)
+    except OSError as e:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return e.strerror or type(e).__name__
+    if st.f_bavail * st.f_frsize < MIN_FREE_BYTES:
+        return "the disk is full"
+    return None

@@ -6,11 +6,22 @@ encoding, `complete` — a failure at any step fails that job alone, with a reas
 leases of the jobs in hand and advertises the worker; a janitor recovers expired leases and purges expired
 results. `stop()` (SIGTERM) stops claiming, finishes the batch in hand within the grace time, and otherwise hands
 its jobs back to the queue.
+
+Billing is not the worker's: the store settles or releases a job's credit hold with its terminal transition
+(`JobStore.attach_billing`). The worker's maintenance may repair holds (`reconcile_with(accounts)`), nothing more.
+
+Storage failures are the server's, not the job's: when the result cannot be stored (read-only or full disk, the
+store unreachable), the job is handed back with `store.retry_later` for a later attempt, after a backoff that
+doubles from the lease length, and the worker stops claiming until `store.writable()` says storage works again.
+Only a job that has used `max_attempts` FAILs, with a reason naming nothing of the server. No error text stored
+in a job carries a server path (`public_reason`).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -31,6 +42,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STORAGE_REASON = "the server could not store the result; try again later"
+MAX_RETRY_DELAY = 600.0         # seconds: the longest backoff before a job whose result could not be stored is retried
+STORAGE_CHECK_INTERVAL = 0.5    # seconds between `store.writable()` checks while storage is broken
+# OS errors that say the server's storage is broken (not the job's input)
+STORAGE_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO})
+
+# Filesystem paths inside error texts: absolute (/srv/data/x, ./x, ~/x) or relative with 3+ parts (data/audio/x);
+# never the path part of a URL (preceded by "/", ":" or a host name's characters).
+_PATH = re.compile(r"(?<![\w:/.~@%+-])(?:(?:~|\.{1,2})?/[\w.@+~%-]+(?:/[\w.@+~%-]*)*|[\w.@+~%-]+(?:/[\w.@+~%-]+){2,})")
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with every filesystem path replaced by "<path>"."""
+    return _PATH.sub("<path>", text)
+
+
+def public_reason(e: BaseException) -> str:
+    """An exception as a client may read it: an OS error's text without its file name, no path anywhere."""
+    if isinstance(e, OSError) and (e.filename is not None or e.filename2 is not None):
+        text = e.strerror or type(e).__name__
+    else:
+        text = str(e) or type(e).__name__
+    return scrub_paths(text)
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """An OS error of the server's storage (read-only, full, failing disk), wherever it was raised."""
+    return isinstance(e, OSError) and e.errno in STORAGE_ERRNOS
+
 ResolveReference = Callable[[str], VoiceAudio]          # reference_audio value -> decoded clip; raises with a reason
 EncodeAudio = Callable[[np.ndarray, int, str], tuple[bytes, str]]   # (samples, rate, format) -> (bytes, media type)
 
@@ -48,6 +88,9 @@ class WorkerMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64))
         self.jobs_finished = Counter("chatterbox_worker_jobs", "Jobs finished by this worker", ["state"],
                                      registry=self.registry)
+        self.storage_errors = Counter("chatterbox_worker_storage_errors",
+                                      "Results that could not be stored (their job is retried later)",
+                                      registry=self.registry)
         self.busy = Gauge("chatterbox_worker_busy", "1 while the engine runs a batch", registry=self.registry)
 
 
@@ -66,9 +109,9 @@ class Worker:
                  worker_id: str | None = None, batch_size: int = 8, batch_wait: float = 0.02,
                  lease_seconds: float = 30.0, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, poll_interval: float = 0.1, maintenance_interval: float = 5.0,
-                 metrics: WorkerMetrics | None = None, info: dict | None = None, accounts: Accounts | None = None):
+                 metrics: WorkerMetrics | None = None, info: dict | None = None):
         self.store = store
-        self.accounts = accounts        # bills jobs: settle on COMPLETED, release on FAILED
+        self._repair: Accounts | None = None    # reconcile_with(): holds left open, repaired in maintenance
         self.engine = engine
         self.encode = encode
         self.resolve_reference = resolve_reference or _no_reference_support
@@ -93,6 +136,13 @@ class Worker:
         self._fetch_pool = ThreadPoolExecutor(4, thread_name_prefix="reference-fetch")
         self._last_maintenance = 0.0
         self.batches_done = 0
+        self.storage_problem: str | None = None     # why storage failed; no claims until store.writable()
+        self._next_storage_check = 0.0
+
+    def reconcile_with(self, accounts: Accounts | None) -> None:
+        """Let this worker's maintenance repair credit holds (`accounts.maybe_reconcile(store.get)`): holds whose
+        job ended in a store without billing attached, or whose job vanished. Billing itself is the store's."""
+        self._repair = accounts
 
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,6 +187,9 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self.maintain()
+                if not self._storage_ready():
+                    self._stop.wait(STORAGE_CHECK_INTERVAL)
+                    continue
                 jobs = self.scheduler.next_batch(self._stop)
                 if not jobs:
                     continue
@@ -162,8 +215,30 @@ class Worker:
             self.store.purge_expired(self.retention_seconds)
         except Exception:
             log.exception("maintenance failed")
-        if self.accounts is not None:   # holds of jobs that ended without billing (crash, recover_expired)
-            self.accounts.maybe_reconcile(self.store.get)
+        if self._repair is not None:    # holds whose job ended unbilled or vanished
+            self._repair.maybe_reconcile(self.store.get)
+
+    def _storage_ready(self) -> bool:
+        """False while the store reported a storage failure and `store.writable()` still reports a problem
+        (checked every STORAGE_CHECK_INTERVAL): claiming then would only burn the attempts of queued jobs."""
+        if self.storage_problem is None:
+            return True
+        now = time.monotonic()
+        if now < self._next_storage_check:
+            return False
+        self._next_storage_check = now + STORAGE_CHECK_INTERVAL
+        try:
+            problem = self.store.writable()
+        except Exception as e:  # noqa: BLE001 - a probe that cannot run is a problem
+            problem = f"the store cannot be probed ({type(e).__name__})"
+        if problem is None:
+            log.warning("storage is writable again; claiming jobs")
+            self.storage_problem = None
+            return True
+        if problem != self.storage_problem:
+            log.error("storage is not writable: %s; not claiming jobs until it is", problem)
+        self.storage_problem = problem
+        return False
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.05, min(5.0, self.lease_seconds / 3))
@@ -198,7 +273,10 @@ class Worker:
                 try:
                     voice = voices[job.id].result()
                 except Exception as e:
-                    reason = str(e) or type(e).__name__
+                    if is_storage_error(e):
+                        self._retry_later(job, e)
+                        continue
+                    reason = public_reason(e)
                     self._fail(job, reason if reason.startswith("reference_audio") else f"reference_audio: {reason}")
                     continue
             try:
@@ -251,21 +329,20 @@ class Worker:
             data, media_type = self.encode(audio, rate, fmt)
         except Exception as e:
             log.exception("encoding failed", extra={"request_id": job.id})
-            self._fail(job, f"encoding the audio as {fmt} failed: {e}", metrics)
+            if is_storage_error(e):
+                self._retry_later(job, e)
+            else:
+                self._fail(job, f"encoding the audio as {fmt} failed: {public_reason(e)}", metrics)
             return
         metrics["audio_seconds"] = round(len(audio) / rate, 3)
         metrics["total_time"] = round(max(0.0, time.time() - job.created_at), 4)
         try:
             done = self.store.complete(job.id, self.worker_id, data, media_type, metrics)
-        except Exception as e:      # disk full, store down: fail with the reason, or leave it to the lease
-            log.error("storing the result of %s failed: %s", job.id, e, extra={"request_id": job.id})
-            self._fail(job, f"the result could not be stored ({e})", metrics)
+        except Exception as e:      # read-only or full disk, store down: the server's problem, retried later
+            self._retry_later(job, e)
             return
-        finally:
-            self._drop(job)
+        self._drop(job)
         if done:
-            if self.accounts is not None:
-                self.accounts.finish(job.id, True, metrics)
             self.metrics.audio_seconds.inc(metrics["audio_seconds"])
             self.metrics.jobs_finished.labels("COMPLETED").inc()
             log.info("job completed", extra={"request_id": job.id, "inference_time": metrics["inference_time"],
@@ -274,7 +351,33 @@ class Worker:
             log.warning("job %s was taken from this worker (lease lost); result dropped", job.id,
                         extra={"request_id": job.id})
 
+    def retry_delay(self, attempts: int) -> float:
+        """Backoff before a job whose result could not be stored is tried again: the lease length, doubling
+        with each attempt used, at most MAX_RETRY_DELAY."""
+        return min(MAX_RETRY_DELAY, self.lease_seconds * 2 ** max(0, attempts - 1))
+
+    def _retry_later(self, job: Job, cause: BaseException) -> None:
+        """A storage failure while finishing `job`: hand it back for a later attempt (bounded by max_attempts),
+        stop claiming until storage works again. The cause is logged, never stored in the job."""
+        log.error("storing the result of %s failed (%s: %s); the job will be retried", job.id,
+                  type(cause).__name__, cause, extra={"request_id": job.id})
+        self.metrics.storage_errors.inc()
+        self.storage_problem = self.storage_problem or "a result could not be stored"
+        self._drop(job)                 # no more heartbeats for it, whatever happens next
+        if job.attempts >= self.max_attempts:
+            self._fail(job, STORAGE_REASON)
+            return
+        delay = self.retry_delay(job.attempts)
+        try:
+            if self.store.retry_later(job.id, self.worker_id, STORAGE_REASON, delay):
+                log.warning("job %s handed back; retried in %.0f s at the earliest", job.id, delay,
+                            extra={"request_id": job.id})
+        except Exception as e:  # nothing can be written: its lease runs out and recover_expired requeues it
+            log.error("could not hand %s back (%s); it will be retried after its lease", job.id, e,
+                      extra={"request_id": job.id})
+
     def _fail(self, job: Job, reason: str, metrics: dict | None = None) -> None:
+        reason = scrub_paths(reason)
         try:
             done = self.store.fail(job.id, self.worker_id, reason, metrics)
         except Exception as e:   # cannot even write the failure: the lease runs out and the job is retried
@@ -285,8 +388,6 @@ class Worker:
             return
         self._drop(job)
         if done:
-            if self.accounts is not None:
-                self.accounts.finish(job.id, False, error=reason)
             self.metrics.jobs_finished.labels("FAILED").inc()
             log.info("job failed: %s", reason, extra={"request_id": job.id})
 
@@ -296,7 +397,8 @@ class Worker:
 
 
 class Janitor:
-    """Maintenance without a worker (an API with `--workers 0` on its own store): recover leases, purge results."""
+    """Maintenance without a worker (an API with `--workers 0` on its own store): recover leases, purge results,
+    and, given `accounts`, repair credit holds left open (`Accounts.maybe_reconcile`); billing is the store's."""
 
     def __init__(self, store: JobStore, *, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  interval: float = 10.0, accounts: Accounts | None = None):
