@@ -75,3 +75,30 @@ def test_redis_away_is_store_unavailable():
     with pytest.raises(StoreUnavailable):
         store.hold("acc_1", "job", 1)
     store.close()
+
+
+def test_billing_attaches_the_account_store_of_the_same_server_and_prefix(redis_url):
+    """attach_billing takes the account store on the job store's server, database and prefix, whichever client
+    it uses; another database or prefix is refused (the scripts would close holds that are not there)."""
+    prefix = new_prefix()
+    jobs = RedisJobStore(redis_url, prefix=prefix)
+    own_client = RedisAccountStore(redis_url, prefix=prefix)
+    other_db = RedisAccountStore(redis_url.rsplit("/", 1)[0] + "/15", prefix=prefix)
+    other_prefix = RedisAccountStore(redis_url, prefix=prefix + "x:")
+    try:
+        jobs.attach_billing(own_client)
+        for wrong in (other_db, other_prefix):
+            with pytest.raises(ValueError):
+                jobs.attach_billing(wrong)
+        acc = own_client.create(Account(id="acc_1", name="n", key_hash="h1", key_prefix="cbx_", balance=50))
+        from chatterbox_serverless.jobs.store import Job
+        jobs.submit(Job(id="j1", owner=acc.id, params={"text": "x"}), 10)
+        own_client.hold(acc.id, "j1", 10, per_second=1.0, minimum=2)
+        jobs.claim("w", 1, 30)
+        assert jobs.complete("j1", "w", b"a", "audio/wav", {"audio_seconds": 5.5})
+        assert own_client.get(acc.id).balance == 50 - 6 and own_client.get_hold("j1") is None
+    finally:
+        for s in (own_client, other_db, other_prefix):
+            s.close()
+        jobs.close()
+        delete_prefix(redis_url, prefix)

@@ -113,3 +113,50 @@ def test_concurrent_submissions_are_group_committed_and_bounded_exactly(tmp_path
         reopened.submit(Job(id="j-dup", owner="", params={}), 1000) or reopened.submit(
             Job(id="j-dup", owner="", params={}), 1000)
     reopened.close()
+
+
+def test_a_database_from_before_retry_later_is_migrated(tmp_path):
+    """A jobs table without `retry_reason` (and no probe table): both added at open; old rows work on."""
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+            error TEXT, metrics TEXT NOT NULL DEFAULT '{}', media_type TEXT, audio_file TEXT, worker_id TEXT,
+            lease_until REAL);
+        INSERT INTO jobs (id, owner, params, state, created_at) VALUES ('old', '', '{"text": "x"}', 'QUEUED', 1.0);
+    """)
+    db.close()
+    s = SQLiteJobStore(path)
+    again = SQLiteJobStore(path)
+    try:
+        assert [j.id for j in s.claim("w", 1, 30)] == ["old"]
+        assert s.retry_later("old", "w", "could not store", 0.05)
+        time.sleep(0.1)
+        assert again.recover_expired(1) == 1
+        assert s.get("old").error == "could not store"
+        assert s.writable() is None
+    finally:
+        s.close()
+        again.close()
+
+
+def test_writable_names_the_broken_part_without_its_path(tmp_path, monkeypatch):
+    s = SQLiteJobStore(tmp_path / "data" / "jobs.sqlite3")
+    try:
+        assert s.writable() is None
+        monkeypatch.setattr(sqlite_store.os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255)))
+        assert s.writable() == "audio files cannot be written (the disk is full)"
+        monkeypatch.undo()
+        blocker = sqlite3.connect(s.path, isolation_level=None)      # another process holds the write lock
+        s._writer.execute("PRAGMA busy_timeout=50")
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            problem = s.writable()
+            assert problem.startswith("the job database cannot be written") and str(tmp_path) not in problem
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert s.writable() is None
+    finally:
+        s.close()

@@ -1,6 +1,13 @@
 """Accounts: API keys (stored hashed), credits (hold at submit, settle at completion, release on failure, with
 a ledger), per-key submission rate limits. The store sits behind `AccountStore` (accounts/store.py): SQLite in
-the job store's database file, Redis later.
+the job store's database file, or Redis on the job store's server under its prefix.
+
+Billing is done by the job store, with each job's terminal transition, once the assembly attached the account
+store living beside it:
+
+    account_store = account_store_for(job_store)
+    job_store.attach_billing(account_store)        # every process that completes or fails jobs, workers too
+    accounts = Accounts(account_store, pricing)    # API side: keys, holds (recording `pricing`), repair
 
 Cheap to import: no FastAPI, no torch."""
 from __future__ import annotations
@@ -36,7 +43,8 @@ def open_account_store(data_dir: str | Path | None = None, url: str | None = Non
 
 def account_store_for(job_store: object) -> AccountStore | None:
     """The account store living beside a job store, in the same backend: the SQLite job store's database file,
-    or (once accounts/redis_store.py exists) the Redis store's server. None when there is none for this store."""
+    or the Redis store's server, prefix and connection pool. None when there is none for this store. This is
+    the one `job_store.attach_billing` accepts."""
     from ..jobs.sqlite_store import SQLiteJobStore
     if isinstance(job_store, SQLiteJobStore):
         from .sqlite_store import SQLiteAccountStore
