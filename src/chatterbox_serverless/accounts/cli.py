@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_DATA_DIR = os.environ.get("CHATTERBOX_DATA_DIR", "./data")   # as `serve`
 
@@ -91,15 +92,70 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
+def _sqlite_file(args: argparse.Namespace) -> Path | None:
+    """The SQLite file the command would open, or None for a Redis store."""
+    from . import DB_FILENAME
+    if args.store:
+        if args.store.startswith(("redis://", "rediss://", "unix://")):
+            return None
+        return Path(args.store.removeprefix("sqlite://"))
+    return Path(args.data_dir) / DB_FILENAME
+
+
+def _error(message: str) -> None:
+    """One line on stderr (messages from a store or the OS may hold line breaks)."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    """The `keys` command: every failure is one line on stderr and a non-zero exit status, never a traceback
+    (2: the store cannot be opened as given; 1: the command failed)."""
+    import sqlite3
+
+    from ..jobs.store import StoreUnavailable
+
+    try:
+        return _run(args)
+    except _StoreMissing as e:
+        _error(str(e))
+        return 2
+    except (StoreUnavailable, sqlite3.Error, ValueError) as e:
+        _error(str(e))
+        return 1
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _error(f"{e.strerror or e}{where}")
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the command's promise: one line, never a traceback
+        _error(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        return 1
+
+
+class _StoreMissing(Exception):
+    """The data dir or store file given does not exist (only `create` makes one)."""
+
+
+def _run(args: argparse.Namespace) -> int:
     from . import open_account_store
     from .service import Accounts
     from .store import InsufficientCredits
 
+    db = _sqlite_file(args)
+    if db is not None:
+        where = f"--store {args.store}" if args.store else f"--data-dir {args.data_dir}"
+        if db.exists() and not db.is_file():
+            raise _StoreMissing(f"{db} is not a database file ({where})")
+        if args.keys_command != "create" and not db.exists():
+            raise _StoreMissing(f"no account store at {db} (check {where}; `keys create` or `serve` make one)")
+        if args.keys_command == "create" and db.parent.exists() and not db.parent.is_dir():
+            raise _StoreMissing(f"{db.parent} is not a directory ({where})")
     try:
         store = open_account_store(args.data_dir, args.store, args.redis_prefix)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     accounts = Accounts(store)
     try:

@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -58,6 +59,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class _Usage(Exception):
     """A mistake in the command line: reported with exit status 2."""
+
+
+class _WriteFailed(Exception):
+    """The audio was made but could not be written: reported with exit status 1, naming the requests."""
+
+
+def _os_reason(e: OSError) -> str:
+    """"No such file or directory" (the reason, without Python's "[Errno 2]" decoration)."""
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _check_output(output: str) -> None:
+    """Refuse, before anything is submitted (and billed), an output the audio could not be written to."""
+    if output == "-":
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise _Usage(f"the output {output} is a directory; name a file in it, e.g. {path / 'speech.mp3'}")
+    if path.exists() and not path.is_file():
+        raise _Usage(f"the output {output} exists and is not a regular file (use '-o -' for standard output)")
+    parent = path.parent
+    if not parent.exists():
+        raise _Usage(f"cannot write {output}: the directory {parent} does not exist")
+    if not parent.is_dir():
+        raise _Usage(f"cannot write {output}: {parent} is not a directory")
+    try:
+        # The audio is written to a temporary file beside the output, then renamed: try exactly that.
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise _Usage(f"cannot write {output}: {_os_reason(e)} (in {parent})") from None
 
 
 def _read_text(args: argparse.Namespace) -> str:
@@ -244,6 +276,9 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
     output, fmt = _output_and_format(args)
     if args.max_chars < 1:
         raise _Usage("--max-chars must be positive")
+    if not args.timeout > 0:
+        raise _Usage("--timeout must be positive")
+    _check_output(output)
     pieces = split_text(text, args.max_chars)
     # One request: ask for the final format. Several: ask for wav, join here, encode once.
     params = _params(args, text, fmt if len(pieces) == 1 else "wav")
@@ -266,14 +301,20 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
     finally:
         progress.finish()
     inference = sum(float((r.get("metrics") or {}).get("inference_time") or 0.0) for r in results)
-    if len(results) == 1 and output != "-":
-        client.download(results[0], output)
-        size = Path(output).stat().st_size
-    else:
-        audio = [client.fetch_audio(r) for r in results]
-        data = audio[0] if len(audio) == 1 else _join_audio(audio, fmt)
-        _write(data, output)
-        size = len(data)
+    try:
+        if len(results) == 1 and output != "-":
+            client.download(results[0], output)
+            size = Path(output).stat().st_size
+        else:
+            audio = [client.fetch_audio(r) for r in results]
+            data = audio[0] if len(audio) == 1 else _join_audio(audio, fmt)
+            _write(data, output)
+            size = len(data)
+    except OSError as e:
+        where = "standard output" if output == "-" else output
+        ids = ", ".join(j.request_id for j in jobs)
+        raise _WriteFailed(f"could not write {where} ({_os_reason(e)}); the audio stays on the server until "
+                           f"it expires: request{'s' if len(jobs) > 1 else ''} {ids}") from None
     if not args.quiet:
         where = "standard output" if output == "-" else output
         stderr.write(f"wrote {where} ({size / 1024:.1f} KiB, {fmt}) in {time.monotonic() - progress.start:.1f}s "
@@ -282,6 +323,8 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`say`, with every failure reported as one line on stderr and a non-zero exit status (never a traceback):
+    2 for a mistake in the command line, 1 for everything else, 130 when interrupted."""
     from . import Client
     from .errors import ChatterboxError
 
@@ -289,11 +332,27 @@ def run(args: argparse.Namespace) -> int:
         with Client(api_key=args.key, base_url=args.server) as client:
             return say(args, client, sys.stderr)
     except _Usage as e:
-        sys.stderr.write(f"chatterbox-serverless say: error: {e}\n")
+        _error(f"chatterbox-serverless say: error: {e}")
         return 2
-    except (ChatterboxError, ValueError) as e:
-        sys.stderr.write(f"error: {e}\n")
+    except (ChatterboxError, _WriteFailed, ValueError) as e:
+        _error(f"error: {e}")
+        return 1
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _error(f"error: {_os_reason(e)}{where}")
         return 1
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        _error("interrupted")
         return 130
+    except Exception as e:  # noqa: BLE001 - the command's promise: one line, never a traceback
+        _error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}")
+        return 1
+
+
+def _error(line: str) -> None:
+    """One line on stderr, whatever the message held (server messages may contain line breaks)."""
+    try:
+        sys.stderr.write(" ".join(line.split()) + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass
