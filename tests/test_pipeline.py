@@ -33,7 +33,7 @@ def test_batch_gives_what_each_request_gives_alone(engine):
         assert res.error is None and alone.error is None
         assert res.metrics["speech_tokens"] == alone.metrics["speech_tokens"]
         assert res.audio.shape == alone.audio.shape
-        np.testing.assert_allclose(res.audio, alone.audio, atol=1e-5)
+        np.testing.assert_array_equal(res.audio, alone.audio)      # bit-identical on CPU (S3Gen per request)
         assert res.audio.dtype == np.float32 and len(res.audio) > 0
 
 

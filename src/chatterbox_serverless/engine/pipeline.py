@@ -2,12 +2,15 @@
 
     requests ─► voice conditionals (cached per clip; conds.pt when none) ─► text normalised, split into chunks
              ─► T3: every chunk of every request in one continuously batched decoding loop ─► speech tokens
-             ─► S3Gen flow: all chunks batched ─► mel ─► HiFT ─► waveform (+ official fade-in)
+             ─► S3Gen flow ─► mel ─► HiFT ─► waveform (+ official fade-in): per request on CPU, batched on CUDA
              ─► chunks joined with a short crossfade ─► Perth watermark ─► result
 
 A failure of one request (bad voice, text the model cannot take, an error in a batched stage) is reported in
 its own result; the others go on. Randomness is per request: chunk k of a request with seed s draws from
-generators seeded `chunk_seed(s, k)`, so the same request gives the same audio alone or in any batch.
+generators seeded `chunk_seed(s, k)`, so the same request gives the same audio alone or in any batch: on CPU
+bit for bit (S3Gen runs request by request there), on CUDA within the bound stated in speech_to_wav.py (S3Gen
+batched across requests). T3 draws the same tokens either way; its batched logits move by float noise, which
+could change a draw only where the generator's uniform falls within that noise of a cumulative boundary.
 """
 from __future__ import annotations
 
@@ -69,12 +72,17 @@ class ChatterboxEngine:
     def __init__(self, ckpt_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
                  watermark: bool = True, voice_cache_size: int = 64, max_chunk_chars: int = 280,
                  max_rows: int = 32, crossfade_seconds: float = 0.05, compile: bool = False,
-                 max_flow_batch: int | None | str = "auto", flow_attention: str = "auto"):
+                 max_flow_batch: int | None | str = "auto", flow_attention: str = "auto",
+                 s3gen_per_request: bool | str = "auto"):
         """`compile`: run T3's decoding step through torch.compile (see LlamaModel.compile_decoding); the
         compilation happens here, during a short warm-up, not on the first request. `max_flow_batch`: chunks per
         flow-matching call at most ("auto": 2 on CPU, where the estimator is arithmetic-bound and larger batches
         are slower per chunk; no bound on CUDA). `flow_attention`: the estimator's attention kernel, "sdpa",
-        "sliced" or "auto" (measured here, see flow_decoder.pick_attention)."""
+        "sliced" or "auto" (measured here, see flow_decoder.pick_attention). `s3gen_per_request`: run S3Gen (flow
+        and vocoder) for one request's chunks at a time, so that a request's audio is bit-identical alone or in
+        any batch ("auto": on CPU, where batching across requests is not faster; on CUDA requests are batched
+        and the audio moves within speech_to_wav.CUDA_BATCH_ATOL). A request alone is computed the same way
+        either way."""
         ckpt_dir = Path(ckpt_dir)
         self.device = _pick_device(device)
         if isinstance(dtype, str):
@@ -110,6 +118,7 @@ class ChatterboxEngine:
         self.max_new_tokens = min(1000, self.t3.cfg.max_speech_positions - 1)
         self.crossfade_seconds = crossfade_seconds
         self.max_flow_batch = (2 if self.device.type == "cpu" else None) if max_flow_batch == "auto" else max_flow_batch
+        self.s3gen_per_request = self.device.type == "cpu" if s3gen_per_request == "auto" else bool(s3gen_per_request)
         # one long-lived decoder: its per-voice prefix cache (text-independent keys/values) outlives a batch
         self.decoder = T3Decoder(self.t3, max_rows=max_rows)
         self._lock = threading.Lock()
@@ -199,6 +208,17 @@ class ChatterboxEngine:
             raise
 
     def _vocode(self, chunks: list[_Chunk]) -> list[np.ndarray]:
+        """Waveforms of the chunks, in order: S3Gen over all of them at once, or (`s3gen_per_request`) over each
+        request's chunks at a time, so that no request's numbers depend on what else is in the batch."""
+        if not self.s3gen_per_request:
+            return self._s3gen(chunks)
+        wavs: dict[int, np.ndarray] = {}
+        for r in dict.fromkeys(c.request for c in chunks):
+            mine = [c for c in chunks if c.request == r]
+            wavs.update(zip(map(id, mine), self._s3gen(mine)))
+        return [wavs[id(c)] for c in chunks]
+
+    def _s3gen(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in chunks]
         mels = tokens_to_mel(self.s3gen, [SpeechItem.from_conditionals(c.tokens, c.conds) for c in chunks],
                              generators=gens, max_batch=self.max_flow_batch)
