@@ -84,6 +84,12 @@ class Settings:
             raise ValueError("--workers must be 0 or 1")
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("a port must be between 0 and 65535")
+        if self.allow_fetch_hosts:
+            from .media.fetch import AllowList
+            try:
+                AllowList(self.allow_fetch_hosts)
+            except ValueError as e:
+                raise ValueError(f"--allow-fetch-hosts: {e}") from None
         if self.blocked_terms_file is not None and not self.blocked_terms_file.is_file():
             raise ValueError(f"--blocked-terms {self.blocked_terms_file} is not a file")
 

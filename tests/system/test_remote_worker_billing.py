@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from chatterbox_serverless.testing import spawn, start_server, wait_until
-from redis_server import delete_prefix, new_prefix, redis_url  # noqa: F401  (fixture)
+from chatterbox_serverless.testing.redis import delete_prefix, new_prefix
 
 V2 = "/v2/chatterbox-tts"
 TEXT = "x" * 40          # hold: 40/10 + 2 = 6 s -> 6 credits

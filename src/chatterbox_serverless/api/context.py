@@ -53,6 +53,8 @@ class ApiContext:
         self.auth = self.gate.dependency
         self.signer = UrlSigner(self.settings.load_url_secret())
         self.metrics = ApiMetrics()
+        from ..media.fetch import AllowList
+        self.allow_hosts = AllowList(self.settings.allow_fetch_hosts)     # what reference URLs may reach
 
     # --- URLs ------------------------------------------------------------------------------------------------
     def base_url(self, request: Request) -> str:
@@ -112,7 +114,7 @@ class ApiContext:
             from ..media import ReferenceAudioError, parse_reference
             try:
                 await run_in_threadpool(lambda: parse_reference(params.reference_audio,
-                                                                allow_hosts=self.settings.allow_fetch_hosts))
+                                                                allow_hosts=self.allow_hosts))
             except ReferenceAudioError as e:
                 raise ApiError(400, str(e))
         return params.model_copy(update={"text": text})

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from pathlib import Path
 
 import anyio
 import httpx
@@ -17,8 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from chatterbox_serverless.api.middleware import BodyTimeout, RequestContext
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_asgi_server import live_server, open_request, parse_response, read_until_closed  # noqa: E402
+from chatterbox_serverless.testing.http import live_server, open_request, parse_response, read_until_closed
 
 TIMEOUT = 0.5
 

@@ -3,7 +3,6 @@ connection mid-upload is status 499, one info line without traceback, never a 50
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from starlette.requests import ClientDisconnect
 from chatterbox_serverless.api.logs import request_id_var
 from chatterbox_serverless.api.middleware import BodyTimeout, RequestContext, client_disconnect_handler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from live_asgi_server import live_server, open_request  # noqa: E402
+from chatterbox_serverless.testing.http import live_server, open_request
 
 log = logging.getLogger("chatterbox_serverless.api")
 

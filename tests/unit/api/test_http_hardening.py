@@ -5,13 +5,12 @@ body answered 408, a client leaving mid-upload counted as 499."""
 from __future__ import annotations
 
 import re
-import socket
-import time
 
 import httpx
 import pytest
 
 from chatterbox_serverless.testing import FakeEngineForTests, start_server, wait_until
+from chatterbox_serverless.testing.http import open_request, parse_response, read_until_closed
 
 V2 = "/v2/chatterbox-tts"
 
@@ -97,26 +96,16 @@ def test_audio_url_follows_rfc_9110(tmp_path):
         assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}" and r.json()["error"]
 
 
-def _raw_request(port: int, head: bytes, body: bytes) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(head + body)
-    return sock
-
-
 def test_a_stalled_body_gets_408_and_a_client_leaving_mid_upload_is_499(tmp_path):
     with start_server(tmp_path, engine=FakeEngineForTests(), body_timeout=0.5) as s:
         port = int(s.url.rsplit(":", 1)[1])
-        head = (b"POST /v2/chatterbox-tts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n")
-        sock = _raw_request(port, head, b'{"text"')
-        t0 = time.monotonic()
-        answer = b""
-        while chunk := sock.recv(4096):
-            answer += chunk
+        head = {"Content-Type": "application/json", "Content-Length": "100"}
+        sock = open_request(port, "POST", V2, head, b'{"text"')
+        answer, closed = read_until_closed(sock, 5)
         sock.close()
-        assert answer.startswith(b"HTTP/1.1 408") and b'"error"' in answer and time.monotonic() - t0 < 5
-        gone = _raw_request(port, head, b'{"text": "half')
-        gone.close()
+        status, _, body = parse_response(answer)
+        assert (status, closed) == (408, True) and b'"error"' in body
+        open_request(port, "POST", V2, head, b'{"text": "half').close()
         def counted() -> bool:
             metrics = httpx.get(s.url + "/metrics").text
             return re.search(r'chatterbox_http_requests_total\{endpoint="submit_v2",method="POST",status="499"\}',

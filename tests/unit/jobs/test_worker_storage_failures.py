@@ -22,7 +22,7 @@ from chatterbox_serverless.jobs.worker import STORAGE_REASON, Worker
 from chatterbox_serverless.media import encode_audio
 
 from conftest import FakeEngineForTests, wait_until
-from redis_server import RedisProcess, delete_prefix, free_port, new_prefix, redis_url  # noqa: F401  (fixture)
+from chatterbox_serverless.testing.redis import RedisProcess, delete_prefix, free_port, new_prefix
 
 SERVER_PATH = "/srv/data/audio/3f2a.mp3"     # what an OS error would carry: must never reach a job
 
@@ -62,7 +62,7 @@ class Env:
         self.store.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def env(request, tmp_path):
     if request.param == "sqlite":
         store = SQLiteJobStore(tmp_path / "data" / "jobs.sqlite3")

@@ -99,7 +99,7 @@ def test_api_key_from_the_environment_and_clear_account_errors(tmp_path, monkeyp
     from chatterbox_serverless.accounts import open_account_store
     from chatterbox_serverless.accounts.service import Accounts, Pricing
 
-    accounts = Accounts(open_account_store(tmp_path / "accounts"), Pricing(credits_per_second=1.0, minimum=1))
+    accounts = Accounts(open_account_store(tmp_path / "data"), Pricing(credits_per_second=1.0, minimum=1))
     key, _ = accounts.create_key("sdk", 1000, 0, False)
     poor, _ = accounts.create_key("poor", 0, 0, False)
     try:

@@ -5,7 +5,6 @@ an API replica beside a worker), so the suite also checks that nothing lives onl
 """
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 import uuid
@@ -16,25 +15,14 @@ from chatterbox_serverless.accounts import account_store_for
 from chatterbox_serverless.accounts.service import Accounts, Pricing
 from chatterbox_serverless.jobs.store import Job, JobState, QueueFull, StoreStats
 from chatterbox_serverless.jobs.worker import STORAGE_REASON, scrub_paths
-from test_accounts import assert_explainable
+from test_account_store_contract import assert_explainable
 
-from redis_server import delete_prefix, new_prefix, redis_url  # noqa: F401  (fixture)
+from chatterbox_serverless.testing.redis import delete_prefix, new_prefix
 
 LEASE = 30.0
 
 
-def _has(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-BACKENDS = [
-    pytest.param("sqlite", marks=pytest.mark.skipif(not _has("chatterbox_serverless.jobs.sqlite_store"),
-                                                    reason="jobs/sqlite_store.py not written yet")),
-    "redis",
-]
+BACKENDS = ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(params=BACKENDS)

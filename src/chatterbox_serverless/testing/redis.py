@@ -1,4 +1,5 @@
-"""A real Redis for the tests: the one at 127.0.0.1:6379 when it answers, else a `redis-server` started here.
+"""A real Redis for tests and benchmarks: the one at 127.0.0.1:6379 when it answers, else a `redis-server` started
+here. (The pytest fixtures `redis_url` and `redis_prefix` over these live in tests/conftest.py.)
 
 Tests never clobber other data: each test gets its own key prefix in a dedicated DB number
 (`CBX_TEST_REDIS_DB`, default 9) and deletes exactly the keys under that prefix afterwards.
@@ -9,23 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-import pytest
 import redis
+
+from . import free_port
 
 TEST_DB = int(os.environ.get("CBX_TEST_REDIS_DB", "9"))
 SHARED = os.environ.get("CBX_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{TEST_DB}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reachable(url: str) -> bool:
@@ -41,6 +36,7 @@ class RedisProcess:
     def __init__(self, directory: Path, port: int | None = None, persistent: bool = True) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
+            import pytest       # only tests start a Redis of their own: skip them where none can be started
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.binary = binary
         self.directory = Path(directory)
@@ -119,17 +115,3 @@ def delete_prefix(url: str, prefix: str) -> None:
         pass
     finally:
         r.close()
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    url = shared_url(tmp_path_factory.mktemp("redis"))
-    yield url
-    stop_own_server()
-
-
-@pytest.fixture
-def redis_prefix(redis_url):
-    prefix = new_prefix()
-    yield prefix
-    delete_prefix(redis_url, prefix)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
-from test_accounts_api import SilentEngineForTests, Server  # noqa: E402
+from chatterbox_serverless.testing import ServerWithKeys, SilentEngineForTests  # noqa: E402
 
 
 class RefusingFetcherForTests:
@@ -26,7 +26,7 @@ class RefusingFetcherForTests:
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("fuzz") / "data", engine=SilentEngineForTests(max_seconds=0.2),
+    s = ServerWithKeys(tmp_path_factory.mktemp("fuzz") / "data", engine=SilentEngineForTests(max_seconds=0.2),
                fetcher=RefusingFetcherForTests())
     with s:
         s.admin_key = s.key(credits=10**9, rate=0, admin=True)

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import httpx
 import numpy as np
 
-from .engine.types import SynthesisRequest, SynthesisResult
+from ..engine.types import SynthesisRequest, SynthesisResult
+from .http import live_server
 
 
 class FakeEngineForTests:
@@ -67,6 +69,15 @@ class FakeEngineForTests:
         return out
 
 
+class SilentEngineForTests(FakeEngineForTests):
+    """Engine double: silence lasting len(text)/20 seconds at 16 kHz, after `delay` seconds per batch; a text
+    containing "fail" fails alone."""
+
+    def __init__(self, delay: float = 0.0, max_seconds: float = 1e9):
+        super().__init__(sample_rate=16000, delay=delay, fail_marker="fail", seconds_per_char=1 / 20,
+                         base_seconds=0.0, max_seconds=max_seconds, amplitude=0.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,11 +117,9 @@ def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, job_st
     `settings` are `Settings` fields (data_dir defaults to tmp_path/"data"; `store="redis://..."` for Redis).
     `job_store`: an open store to serve (default: the one the settings name). `accounts`: None (no keys), True
     (open them beside the store) or an `Accounts`."""
-    import uvicorn
-
-    from .api.app import create_app
-    from .service import build_service
-    from .settings import Settings
+    from ..api.app import create_app
+    from ..service import build_service
+    from ..settings import Settings
 
     settings.setdefault("data_dir", tmp_path / "data")
     settings.setdefault("shutdown_grace", 5.0)
@@ -119,28 +128,72 @@ def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, job_st
     service = build_service(cfg, engine=engine, store=job_store, accounts=accounts if accounts is not None else False,
                             fetcher=fetcher, model_name="fake")
     app = create_app(service)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # no 40 ms delayed-ACK stalls on reused connections
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
     try:
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        yield RunningServer(url=f"http://127.0.0.1:{port}", store=service.store, app=app, engine=engine,
-                            settings=cfg, service=service)
+        with live_server(app, lifespan="on", graceful=5) as port:
+            yield RunningServer(url=f"http://127.0.0.1:{port}", store=service.store, app=app, engine=engine,
+                                settings=cfg, service=service)
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
         service.close()
+
+
+
+
+class ServerWithKeys:
+    """`start_server` on a SQLite data dir with keys on (`auth=False`: off), and helpers for account tests:
+    `key()` makes one, `submit`, `wait`, `account`, `settled`. Prices: 1 credit per audio second, minimum 1."""
+
+    def __init__(self, data_dir, *, auth: bool = True, engine=None, workers: int = 1, fetcher=None):
+        from .. import accounts as accounts_pkg
+        from ..accounts.service import Accounts, Pricing
+        from ..jobs.sqlite_store import SQLiteJobStore
+        self.data_dir = Path(data_dir)
+        self.store = SQLiteJobStore(self.data_dir / "jobs.sqlite3")
+        self.accounts = Accounts(accounts_pkg.open_account_store(self.data_dir),
+                                 Pricing(credits_per_second=1.0, minimum=1)) if auth else None
+        self._context = start_server(self.data_dir.parent, engine if engine is not None else SilentEngineForTests(),
+                                     workers=workers, job_store=self.store, accounts=self.accounts, fetcher=fetcher,
+                                     data_dir=self.data_dir, batch_wait=0.0, sync_timeout=10.0)
+
+    def __enter__(self) -> "ServerWithKeys":
+        running = self._context.__enter__()
+        self.url, self.app, self.service = running.url, running.app, running.service
+        self.http = httpx.Client(base_url=self.url, timeout=20)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+        self._context.__exit__(*exc)
+        self.store.close()
+        if self.accounts is not None:
+            self.accounts.store.close()
+
+    def key(self, credits: int = 100, rate: int = 0, admin: bool = False, name: str = "") -> str:
+        key, _ = self.accounts.create_key(name, credits, rate, admin)
+        return key
+
+    def submit(self, key: str | None, text: str = "x" * 40, **headers) -> httpx.Response:
+        h = {"x-api-key": key} if key else {}
+        return self.http.post("/v2/chatterbox-tts", json={"text": text, "output_format": "wav"}, headers={**h, **headers})
+
+    def wait(self, key: str, request_id: str, timeout: float = 15.0) -> httpx.Response:
+        deadline = time.time() + timeout
+        while True:
+            r = self.http.get(f"/v2/requests/{request_id}/status", headers={"x-api-key": key})
+            if r.json().get("status") in ("COMPLETED", "FAILED") or time.time() > deadline:
+                return r
+            time.sleep(0.02)
+
+    def account(self, key: str) -> dict:
+        r = self.http.get("/v1/account", headers={"x-api-key": key})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def settled(self, key: str, timeout: float = 10.0) -> dict:
+        """The account once no hold is open (the worker bills a job just after storing its end)."""
+        deadline = time.time() + timeout
+        while (acc := self.account(key))["held"] and time.time() < deadline:
+            time.sleep(0.02)
+        return acc
 
 
 # --- the real commands in a subprocess, with the engine double ---------------------------------------------------
@@ -150,8 +203,6 @@ def spawn(command: str, argv: list[str], *, fake_delay: float = 0.0, fake: dict 
     """Start `serve` or `worker` (their real options and code paths) in a subprocess with FakeEngineForTests
     (`fake`: its constructor arguments). For `serve`, a free port is chosen unless argv has --port, and this
     returns once /health answers: (process, base URL). For `worker`: (process, None)."""
-    import httpx
-
     argv = list(argv)
     url = None
     if command == "serve":
@@ -187,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     (its arguments from $CHATTERBOX_FAKE_ENGINE, a Python dict literal)."""
     import ast
 
-    from .api.logs import configure_logging
-    from .service import build_service
-    from .settings import SERVE, WORKER, add_arguments, from_args
+    from ..api.logs import configure_logging
+    from ..service import build_service
+    from ..settings import SERVE, WORKER, add_arguments, from_args
 
     argv = sys.argv[1:] if argv is None else argv
     command, rest = argv[0], argv[1:]
@@ -199,14 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(json_lines=settings.log_json, level=os.environ.get("LOG_LEVEL", settings.log_level))
     engine = FakeEngineForTests(**ast.literal_eval(os.environ.get("CHATTERBOX_FAKE_ENGINE", "{}")))
     if command == "serve":
-        from .api.serve import serve
+        from ..api.serve import serve
         service = build_service(settings, engine=engine if settings.workers else None, model_name="fake")
         try:
             serve(service, announce=True)
         finally:
             service.close()
     elif command == "worker":
-        from .jobs.worker_main import run_worker
+        from ..jobs.worker_main import run_worker
         service = build_service(settings, engine=engine, with_worker=True, model_name="fake")
         try:
             run_worker(service)
@@ -216,6 +267,3 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown command {command!r}: serve or worker")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ import redis
 from chatterbox_serverless.jobs.redis_store import RedisJobStore
 from chatterbox_serverless.jobs.store import Job, JobState, StoreUnavailable
 
-from redis_server import RedisProcess, delete_prefix, free_port, new_prefix, redis_url  # noqa: F401
+from chatterbox_serverless.testing.redis import RedisProcess, delete_prefix, free_port, new_prefix
 
 
 @pytest.fixture

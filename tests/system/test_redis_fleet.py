@@ -23,7 +23,8 @@ from chatterbox_serverless.jobs.redis_store import RedisJobStore
 from chatterbox_serverless.jobs.store import JobState, StoreUnavailable
 
 from chatterbox_serverless.testing import wait_until
-from redis_server import RedisProcess, free_port
+from chatterbox_serverless.testing.redis import RedisProcess, free_port
+pytestmark = pytest.mark.redis
 
 PREFIX = "fleet:"
 LEASE = 1.5

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chatterbox_serverless.testing import FakeEngineForTests, start_server, wait_until
+from chatterbox_serverless.testing import FakeEngineForTests, start_server
 from chatterbox_serverless.api.routers.hosted import NO_WORKER_GRACE_S
 
 V1 = "/v1/chatterbox-tts"

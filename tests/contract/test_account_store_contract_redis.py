@@ -1,4 +1,4 @@
-"""The account store contract (tests/test_accounts.py) run against the Redis account store, plus what is
+"""The account store contract (tests/contract/test_account_store_contract.py) run against the Redis account store, plus what is
 Redis-specific: sharing the job store's server and prefix, and StoreUnavailable when Redis is away.
 
 Every contract test of test_accounts.py that takes `account_store` or `account_store_factory` runs here with
@@ -9,14 +9,14 @@ import inspect
 
 import pytest
 
-import test_accounts as contract
+import test_account_store_contract as contract
 from chatterbox_serverless.accounts import account_store_for, open_account_store
 from chatterbox_serverless.accounts.redis_store import RedisAccountStore
 from chatterbox_serverless.accounts.store import Account, AccountStore
 from chatterbox_serverless.jobs.redis_store import RedisJobStore
 from chatterbox_serverless.jobs.store import StoreUnavailable
 
-from redis_server import delete_prefix, free_port, new_prefix, redis_url  # noqa: F401  (fixture)
+from chatterbox_serverless.testing.redis import delete_prefix, free_port, new_prefix
 
 
 @pytest.fixture

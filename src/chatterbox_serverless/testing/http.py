@@ -1,5 +1,5 @@
-"""A real uvicorn server in a thread on 127.0.0.1 for middleware tests, and raw-socket HTTP helpers (to send a
-partial body, then stall or close)."""
+"""A real uvicorn server in a thread on 127.0.0.1 (any ASGI app: `start_server` runs ours on it), and raw-socket
+HTTP helpers (to send a partial body, then stall or close)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,27 +12,29 @@ import uvicorn
 
 
 @contextlib.contextmanager
-def live_server(app) -> Iterator[int]:
-    """Serve `app` with uvicorn (h11, as `serve` runs it) on a free loopback port; yields the port."""
+def live_server(app, *, lifespan: str = "off", graceful: float = 1) -> Iterator[int]:
+    """Serve `app` with uvicorn (h11, as `serve` runs it) on a free loopback port; yields the port. On exit the
+    server stops gracefully (in-flight requests get `graceful` seconds)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # no 40 ms delayed-ACK stalls on reused connections
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", http="h11",
-                            timeout_graceful_shutdown=1, timeout_keep_alive=5)
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan=lifespan, http="h11",
+                            timeout_graceful_shutdown=graceful, timeout_keep_alive=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
+    deadline = time.monotonic() + 20
     try:
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
         yield port
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(30)
         sock.close()
 
 

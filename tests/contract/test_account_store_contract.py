@@ -15,7 +15,6 @@ from chatterbox_serverless.accounts.service import (KEY_PREFIX, Accounts, AuthEr
                                                     hash_key, key_from_headers)
 from chatterbox_serverless.accounts.sqlite_store import SQLiteAccountStore
 from chatterbox_serverless.accounts.store import Account, AccountStore, DuplicateHold, InsufficientCredits
-from redis_server import redis_url  # noqa: F401  (fixture: a real Redis, for the `keys --store redis://` test)
 
 BACKENDS = ["sqlite"]
 
@@ -502,7 +501,7 @@ def test_keys_cli(tmp_path, capsys):
 
 def test_keys_cli_on_redis_with_a_prefix(redis_url, capsys):
     """`keys --store redis://... --redis-prefix P` reaches the accounts `serve --store ... --redis-prefix P` uses."""
-    import redis_server
+    from chatterbox_serverless.testing import redis as redis_server
     from chatterbox_serverless.cli import main
 
     url = redis_url

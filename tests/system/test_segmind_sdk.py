@@ -7,7 +7,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from chatterbox_serverless.testing import FakeEngineForTests, start_server
+from chatterbox_serverless.testing import FakeEngineForTests, ServerWithKeys, start_server
 
 segmind = pytest.importorskip("segmind")
 from segmind.exceptions import SegmindError  # noqa: E402
@@ -60,3 +60,18 @@ def test_sdk_errors_carry_the_servers_message(sdk):
     with pytest.raises(SegmindError) as e:
         sdk.submit_async("some-other-model", text="hi")
     assert e.value.status == 404 and "not found" in e.value.detail
+
+
+def test_segmind_sdk_with_keys(tmp_path):
+    """The hosted API's own SDK, unchanged: its api_key is our key; errors surface as the SDK's exceptions."""
+    with ServerWithKeys(tmp_path / "data") as server:
+        key = server.key(credits=100)
+        client = segmind.SegmindClient(api_key=key, base_url=server.url + "/v1")
+        body = client.run("chatterbox-tts", text="x" * 40, output_format="wav")
+        assert body["status"] == "COMPLETED"
+        assert server.settled(key)["balance"] == 98
+        for bad_key, status in (("cbx_wrong", 401), (server.key(credits=0), 406)):
+            with pytest.raises(SegmindError) as e:
+                segmind.SegmindClient(api_key=bad_key, base_url=server.url + "/v1").run("chatterbox-tts",
+                                                                                          text="x" * 40)
+            assert e.value.status == status and e.value.detail

@@ -4,7 +4,6 @@ last credits, and the repair of a crash between hold and settle."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,80 +11,20 @@ import httpx
 import pytest
 
 from chatterbox_serverless.accounts import open_account_store
-from chatterbox_serverless.accounts.service import Accounts, Pricing
+from chatterbox_serverless.accounts.service import Accounts
 from chatterbox_serverless.service import announce_auth, is_loopback
 from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
 from chatterbox_serverless.jobs.store import Job
 from chatterbox_serverless.settings import Settings
-from chatterbox_serverless.testing import FakeEngineForTests, spawn, start_server
+from chatterbox_serverless.testing import ServerWithKeys, SilentEngineForTests
 
 RATE = 16000
 TEXT = "x" * 40            # hold: 40/10 + 2 = 6 s -> 6 credits; audio: 40/20 = 2 s -> 2 credits
 
 
-def SilentEngineForTests(delay: float = 0.0, max_seconds: float = 1e9) -> FakeEngineForTests:
-    """Speaks silence lasting len(text)/20 seconds; fails any text containing "fail"."""
-    return FakeEngineForTests(sample_rate=RATE, delay=delay, fail_marker="fail", seconds_per_char=1 / 20,
-                              base_seconds=0.0, max_seconds=max_seconds, amplitude=0.0)
-
-
-class Server:
-    """The shared harness (start_server) with keys on, plus helpers for the account tests."""
-
-    def __init__(self, data_dir, *, auth: bool = True, engine=None, workers: int = 1, fetcher=None):
-        self.data_dir = Path(data_dir)
-        self.store = SQLiteJobStore(self.data_dir / "jobs.sqlite3")
-        self.accounts = Accounts(open_account_store(self.data_dir), Pricing(credits_per_second=1.0, minimum=1)) \
-            if auth else None
-        self._context = start_server(self.data_dir.parent, engine if engine is not None else SilentEngineForTests(),
-                                     workers=workers, job_store=self.store, accounts=self.accounts, fetcher=fetcher,
-                                     data_dir=self.data_dir, batch_wait=0.0, sync_timeout=10.0)
-
-    def __enter__(self) -> "Server":
-        running = self._context.__enter__()
-        self.url, self.app, self.service = running.url, running.app, running.service
-        self.http = httpx.Client(base_url=self.url, timeout=20)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.http.close()
-        self._context.__exit__(*exc)
-        self.store.close()
-        if self.accounts is not None:
-            self.accounts.store.close()
-
-    def key(self, credits: int = 100, rate: int = 0, admin: bool = False, name: str = "") -> str:
-        key, _ = self.accounts.create_key(name, credits, rate, admin)
-        return key
-
-    def submit(self, key: str | None, text: str = TEXT, **headers) -> httpx.Response:
-        h = {"x-api-key": key} if key else {}
-        return self.http.post("/v2/chatterbox-tts", json={"text": text, "output_format": "wav"}, headers={**h, **headers})
-
-    def wait(self, key: str, request_id: str, timeout: float = 15.0) -> httpx.Response:
-        deadline = time.time() + timeout
-        while True:
-            r = self.http.get(f"/v2/requests/{request_id}/status", headers={"x-api-key": key})
-            if r.json().get("status") in ("COMPLETED", "FAILED") or time.time() > deadline:
-                return r
-            time.sleep(0.02)
-
-    def account(self, key: str) -> dict:
-        r = self.http.get("/v1/account", headers={"x-api-key": key})
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def settled(self, key: str, timeout: float = 10.0) -> dict:
-        """The account once no hold is open (the worker bills a job just after storing its end)."""
-        deadline = time.time() + timeout
-        while (acc := self.account(key))["held"] and time.time() < deadline:
-            time.sleep(0.02)
-        return acc
-
-
 @pytest.fixture
 def server(tmp_path):
-    with Server(tmp_path / "data") as s:
+    with ServerWithKeys(tmp_path / "data") as s:
         yield s
 
 
@@ -226,7 +165,7 @@ def test_openapi_documents_the_key(server):
 def test_concurrent_submissions_race_for_the_last_credits(tmp_path):
     """20 submissions at once for credits that pay 3 holds: exactly 3 are queued, the rest get 406; the balance
     never goes negative and each job is charged once."""
-    with Server(tmp_path / "data", engine=SilentEngineForTests(delay=0.05)) as s:
+    with ServerWithKeys(tmp_path / "data", engine=SilentEngineForTests(delay=0.05)) as s:
         key = s.key(credits=18)                            # 3 x 6
         barrier = threading.Barrier(20)
 
@@ -252,7 +191,7 @@ def test_concurrent_submissions_race_for_the_last_credits(tmp_path):
 def test_crash_between_hold_and_settle_is_repaired_on_restart(tmp_path):
     data = tmp_path / "data"
     # 1) an API without a worker accepts two jobs (held); a third hold never got its job stored
-    with Server(data, workers=0) as s:
+    with ServerWithKeys(data, workers=0) as s:
         key = s.key(credits=100)
         ok, bad = (s.submit(key).json()["request_id"], s.submit(key, "fail " + TEXT).json()["request_id"])
         acc_id = s.account(key)["id"]
@@ -266,7 +205,7 @@ def test_crash_between_hold_and_settle_is_repaired_on_restart(tmp_path):
     store.fail(bad, "crashing-worker", "fake engine: this text cannot be spoken")
     store.close()
     # 3) restart: the start-up reconcile settles the completed job and releases the failed and the lost one
-    with Server(data) as s:
+    with ServerWithKeys(data) as s:
         acc = s.settled(key)
         assert (acc["balance"], acc["held"]) == (98, 0)
         notes = [e["note"] for e in acc["ledger"] if e["kind"] == "release"]
@@ -275,7 +214,7 @@ def test_crash_between_hold_and_settle_is_repaired_on_restart(tmp_path):
 
 
 def test_no_auth_mode(tmp_path, caplog):
-    with Server(tmp_path / "data", auth=False) as s:
+    with ServerWithKeys(tmp_path / "data", auth=False) as s:
         r = s.submit(None)
         assert r.status_code == 200 and "x-remaining-credits" not in r.headers
         assert s.wait("", r.json()["request_id"]).json()["status"] == "COMPLETED"
@@ -338,72 +277,3 @@ def test_serve_opens_accounts_beside_the_job_store(tmp_path):
         pass
     with pytest.raises(ServiceError, match="--no-auth"):
         open_accounts(settings, JobStoreWithoutAccountsForTests())
-
-
-# --- a real crash: SIGKILL the server process while jobs are held, restart it ------------------------------------
-def spawn_server(data_dir: Path, delay: float):
-    """The real `serve` command (keys on) in a subprocess, with SilentEngineForTests' behaviour."""
-    return spawn("serve", ["--data-dir", str(data_dir), "--lease-seconds", "1", "--batch-size", "4",
-                           "--batch-wait", "0", "--shutdown-grace", "2", "--log-level", "warning"],
-                 fake={"delay": delay, "sample_rate": RATE, "fail_marker": "fail", "seconds_per_char": 1 / 20,
-                       "base_seconds": 0.0, "max_seconds": 1e9, "amplitude": 0.0})
-
-
-def test_sigkill_while_jobs_are_held_then_restart(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    store = open_account_store(data)
-    key, acc = Accounts(store).create_key(credits=10_000, rate_per_min=0)
-    h = {"x-api-key": key}
-    proc, url = spawn_server(data, delay=0.15)
-    ids = []
-    try:
-        for i in range(24):
-            text = ("fail " if i % 5 == 0 else "") + "y" * (20 + 10 * i)
-            r = httpx.post(url + "/v2/chatterbox-tts", json={"text": text, "output_format": "wav"}, headers=h)
-            assert r.status_code == 200, r.text
-            ids.append(r.json()["request_id"])
-        deadline = time.time() + 10
-        while not store.usage(acc.id).completed and time.time() < deadline:
-            time.sleep(0.02)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert store.holds(), "the kill should leave jobs held"
-    proc, url = spawn_server(data, delay=0.0)
-    try:
-        deadline = time.time() + 30
-        while (store.holds() or any(httpx.get(f"{url}/v2/requests/{j}/status", headers=h).json()["status"]
-                                    not in ("COMPLETED", "FAILED") for j in ids)) and time.time() < deadline:
-            time.sleep(0.1)
-        jobs = [httpx.get(f"{url}/v2/requests/{j}", headers=h).json() for j in ids]
-    finally:
-        proc.terminate()
-        proc.wait(20)
-    assert not store.holds() and all(j["status"] in ("COMPLETED", "FAILED") for j in jobs)
-    expected = sum(max(1, -(-round(j["metrics"]["audio_seconds"] * 1000) // 1000)) for j in jobs
-                   if j["status"] == "COMPLETED")
-    a = store.get(acc.id)
-    assert (a.balance, a.held) == (10_000 - expected, 0)
-    entries = store.ledger(acc.id, limit=0)
-    for j in ids:       # one hold, then exactly one settle or release, per job
-        kinds = [e.kind for e in entries if e.job_id == j]
-        assert kinds in (["hold", "settle"], ["hold", "release"]), (j, kinds)
-    assert sum(e.delta for e in entries) == a.balance
-    store.close()
-
-
-def test_segmind_sdk_with_keys(server):
-    """The hosted API's own SDK, unchanged: its api_key is our key; errors surface as the SDK's exceptions."""
-    segmind = pytest.importorskip("segmind")
-    from segmind.exceptions import SegmindError
-
-    key = server.key(credits=100)
-    client = segmind.SegmindClient(api_key=key, base_url=server.url + "/v1")
-    body = client.run("chatterbox-tts", text=TEXT, output_format="wav")
-    assert body["status"] == "COMPLETED"
-    assert server.settled(key)["balance"] == 98
-    for bad_key, status in (("cbx_wrong", 401), (server.key(credits=0), 406)):
-        with pytest.raises(SegmindError) as e:
-            segmind.SegmindClient(api_key=bad_key, base_url=server.url + "/v1").run("chatterbox-tts", text=TEXT)
-        assert e.value.status == status and e.value.detail

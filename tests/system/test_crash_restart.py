@@ -13,6 +13,8 @@ import httpx
 import pytest
 
 from chatterbox_serverless import testing
+from chatterbox_serverless.accounts import open_account_store
+from chatterbox_serverless.accounts.service import Accounts
 
 V2 = "/v2/chatterbox-tts"
 
@@ -130,4 +132,57 @@ def test_attempts_are_bounded_when_a_job_keeps_killing_its_worker(tmp_path, n):
         store.recover_expired(max_attempts=n)
     job = store.get("poison")
     assert job.state == JobState.FAILED and "interrupted 3 times" in job.error
+    store.close()
+
+
+# --- a real crash: SIGKILL the server process while jobs are held, restart it ------------------------------------
+def spawn_server(data_dir: Path, delay: float):
+    """The real `serve` command (keys on) in a subprocess, with SilentEngineForTests' behaviour."""
+    return testing.spawn("serve", ["--data-dir", str(data_dir), "--lease-seconds", "1", "--batch-size", "4",
+                           "--batch-wait", "0", "--shutdown-grace", "2", "--log-level", "warning"],
+                 fake={"delay": delay, "sample_rate": 16000, "fail_marker": "fail", "seconds_per_char": 1 / 20,
+                       "base_seconds": 0.0, "max_seconds": 1e9, "amplitude": 0.0})
+
+
+def test_sigkill_while_jobs_are_held_then_restart(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    store = open_account_store(data)
+    key, acc = Accounts(store).create_key(credits=10_000, rate_per_min=0)
+    h = {"x-api-key": key}
+    proc, url = spawn_server(data, delay=0.15)
+    ids = []
+    try:
+        for i in range(24):
+            text = ("fail " if i % 5 == 0 else "") + "y" * (20 + 10 * i)
+            r = httpx.post(url + "/v2/chatterbox-tts", json={"text": text, "output_format": "wav"}, headers=h)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["request_id"])
+        deadline = time.time() + 10
+        while not store.usage(acc.id).completed and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert store.holds(), "the kill should leave jobs held"
+    proc, url = spawn_server(data, delay=0.0)
+    try:
+        deadline = time.time() + 30
+        while (store.holds() or any(httpx.get(f"{url}/v2/requests/{j}/status", headers=h).json()["status"]
+                                    not in ("COMPLETED", "FAILED") for j in ids)) and time.time() < deadline:
+            time.sleep(0.1)
+        jobs = [httpx.get(f"{url}/v2/requests/{j}", headers=h).json() for j in ids]
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert not store.holds() and all(j["status"] in ("COMPLETED", "FAILED") for j in jobs)
+    expected = sum(max(1, -(-round(j["metrics"]["audio_seconds"] * 1000) // 1000)) for j in jobs
+                   if j["status"] == "COMPLETED")
+    a = store.get(acc.id)
+    assert (a.balance, a.held) == (10_000 - expected, 0)
+    entries = store.ledger(acc.id, limit=0)
+    for j in ids:       # one hold, then exactly one settle or release, per job
+        kinds = [e.kind for e in entries if e.job_id == j]
+        assert kinds in (["hold", "settle"], ["hold", "release"]), (j, kinds)
+    assert sum(e.delta for e in entries) == a.balance
     store.close()
