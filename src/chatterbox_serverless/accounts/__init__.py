@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .store import AccountStore
 
-DB_FILENAME = "jobs.sqlite3"    # the SQLite job store's file (api/serve.py): one database per data dir
+DB_FILENAME = "jobs.sqlite3"    # the SQLite job store's file (service.open_store): one database per data dir
 
 
 def open_account_store(data_dir: str | Path | None = None, url: str | None = None,
@@ -26,12 +26,7 @@ def open_account_store(data_dir: str | Path | None = None, url: str | None = Non
     None: $CHATTERBOX_REDIS_PREFIX or the default, as `serve`)."""
     if url:
         if url.startswith(("redis://", "rediss://", "unix://")):
-            try:
-                from .redis_store import RedisAccountStore  # type: ignore[import-not-found]
-            except ModuleNotFoundError as e:
-                if e.name != f"{__name__}.redis_store":
-                    raise
-                raise ValueError("accounts on Redis are not available in this version; use --data-dir") from None
+            from .redis_store import RedisAccountStore
             return RedisAccountStore(url, prefix=redis_prefix)
         from .sqlite_store import SQLiteAccountStore
         return SQLiteAccountStore(Path(url.removeprefix("sqlite://")))
@@ -52,10 +47,5 @@ def account_store_for(job_store: object) -> AccountStore | None:
     from ..jobs.redis_store import RedisJobStore
     if not isinstance(job_store, RedisJobStore):
         return None
-    try:
-        from .redis_store import RedisAccountStore  # type: ignore[import-not-found]
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.redis_store":
-            raise
-        return None
+    from .redis_store import RedisAccountStore
     return RedisAccountStore.beside(job_store)

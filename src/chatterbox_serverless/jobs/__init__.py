@@ -1,1 +1,1 @@
-"""Jobs: the store (SQLite or Redis behind one interface), the scheduler that forms batches, the worker."""
+"""Jobs: the store (SQLite or Redis behind one interface), the batch claimer, the worker."""

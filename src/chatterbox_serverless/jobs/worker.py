@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..engine.types import Engine, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
 from .policy import ContentPolicy
-from .scheduler import Scheduler
+from .batching import BatchClaimer
 from .store import Job, JobStore
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "batch_size": batch_size,
                      "started_at": time.time(), **(info or {})}
-        self.scheduler = Scheduler(store, self.worker_id, batch_size=batch_size, batch_wait=batch_wait,
+        self.claimer = BatchClaimer(store, self.worker_id, batch_size=batch_size, batch_wait=batch_wait,
                                    lease_seconds=lease_seconds, poll_interval=poll_interval)
         self._stop = threading.Event()
         self._heartbeat_stop = threading.Event()
@@ -158,13 +158,13 @@ class Worker:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def notify(self) -> None:
-        self.scheduler.notify()
+        self.claimer.notify()
 
     def stop(self, grace: float | None = None) -> None:
         """Stop claiming; let the batch in hand finish for `grace` seconds, then give its jobs back to the queue."""
         grace = self.shutdown_grace if grace is None else grace
         self._stop.set()
-        self.scheduler.notify()
+        self.claimer.notify()
         if self._thread is not None:
             self._thread.join(grace)
         with self._in_hand_lock:
@@ -190,7 +190,7 @@ class Worker:
                 if not self._storage_ready():
                     self._stop.wait(STORAGE_CHECK_INTERVAL)
                     continue
-                jobs = self.scheduler.next_batch(self._stop)
+                jobs = self.claimer.next_batch(self._stop)
                 if not jobs:
                     continue
                 with self._in_hand_lock:

@@ -1,4 +1,4 @@
-"""The worker and scheduler without HTTP: batching, isolation, leases, graceful stop, a full disk."""
+"""The worker and its batch claimer without HTTP: batching, isolation, leases, graceful stop, a full disk."""
 from __future__ import annotations
 
 import errno
@@ -10,7 +10,7 @@ import pytest
 
 from chatterbox_serverless.engine.types import VoiceAudio
 from chatterbox_serverless.jobs.policy import ContentPolicy
-from chatterbox_serverless.jobs.scheduler import Scheduler
+from chatterbox_serverless.jobs.batching import BatchClaimer
 from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
 from chatterbox_serverless.jobs.store import Job, JobState
 from chatterbox_serverless.jobs.worker import Worker
@@ -42,9 +42,9 @@ def make_worker(store, engine, **kw) -> Worker:
     return Worker(store, engine, encode=encode_audio, **kw)
 
 
-def test_scheduler_fills_a_batch_within_the_wait(store):
+def test_claimer_fills_a_batch_within_the_wait(store):
     add(store, 2)
-    sched = Scheduler(store, "w", batch_size=4, batch_wait=0.5)
+    sched = BatchClaimer(store, "w", batch_size=4, batch_wait=0.5)
     threading.Timer(0.1, lambda: (add(store, 3), sched.notify())).start()
     t0 = time.monotonic()
     batch = sched.next_batch()

@@ -1,5 +1,6 @@
-"""Forms batches from queued jobs: claims up to `batch_size` at once and, when fewer were waiting, waits up to
-`batch_wait` seconds for more to arrive, so concurrent clients share one pass of the model.
+"""Claims queued jobs in batches, nothing more (which jobs come first is the store's `claim`): up to `batch_size`
+at once and, when fewer were waiting, waits up to `batch_wait` seconds for more to arrive, so concurrent clients
+share one pass of the model.
 
 Store-agnostic: everything goes through `JobStore.claim`. In-process submitters call `notify()` so an idle
 worker starts at once instead of at its next poll.
@@ -12,7 +13,7 @@ import time
 from .store import Job, JobStore
 
 
-class Scheduler:
+class BatchClaimer:
     def __init__(self, store: JobStore, worker_id: str, *, batch_size: int = 8, batch_wait: float = 0.02,
                  lease_seconds: float = 30.0, poll_interval: float = 0.1):
         if batch_size < 1:
