@@ -102,36 +102,16 @@ def _sqlite_file(args: argparse.Namespace) -> Path | None:
     return Path(args.data_dir) / DB_FILENAME
 
 
-def _error(message: str) -> None:
-    """One line on stderr (messages from a store or the OS may hold line breaks)."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     """The `keys` command: every failure is one line on stderr and a non-zero exit status, never a traceback
     (2: the store cannot be opened as given; 1: the command failed)."""
     import sqlite3
 
+    from ..cli import run_reporting
     from ..jobs.store import StoreUnavailable
 
-    try:
-        return _run(args)
-    except _StoreMissing as e:
-        _error(str(e))
-        return 2
-    except (StoreUnavailable, sqlite3.Error, ValueError) as e:
-        _error(str(e))
-        return 1
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        _error(f"{e.strerror or e}{where}")
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the command's promise: one line, never a traceback
-        _error(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-        return 1
+    return run_reporting(lambda: _run(args), usage=(_StoreMissing,),
+                         failures=(StoreUnavailable, sqlite3.Error, ValueError))
 
 
 class _StoreMissing(Exception):
@@ -155,8 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         store = open_account_store(args.data_dir, args.store, args.redis_prefix)
     except ValueError as e:
-        _error(str(e))
-        return 2
+        raise _StoreMissing(str(e)) from None
     accounts = Accounts(store)
     try:
         cmd = args.keys_command

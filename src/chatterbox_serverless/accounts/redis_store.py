@@ -30,7 +30,7 @@ from typing import Any
 import redis
 
 from ..jobs.store import StoreUnavailable
-from .store import (UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
+from .store import (check_hold, UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
                     InsufficientCredits, LedgerEntry, UnknownAccount, Usage)
 
 # The accounts' functions, for the scripts below and for the job store's scripts (`BILLING_LUA`): they need
@@ -329,10 +329,7 @@ class RedisAccountStore(AccountStore):
 
     def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None, *,
              per_second: float | None = None, minimum: int | None = None) -> Account:
-        if amount < 0:
-            raise ValueError("a hold is >= 0")
-        if (per_second is None) != (minimum is None):
-            raise ValueError("record both the price per second and the minimum, or neither")
+        check_hold(amount, per_second, minimum)
         at = time.time() if now is None else float(now)
         price = ("", "") if per_second is None else (repr(float(per_second)), int(minimum))
         reply = self._run("hold", account_id, job_id, int(amount), repr(at), *price)

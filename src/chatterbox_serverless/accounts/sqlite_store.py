@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..jobs.store import StoreUnavailable
-from .store import (UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
+from .store import (check_hold, UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
                     InsufficientCredits, LedgerEntry, UnknownAccount, Usage, audio_seconds_of, charge_for)
 
 SCHEMA = """
@@ -220,10 +220,7 @@ class SQLiteAccountStore(AccountStore):
 
     def hold(self, account_id: str, job_id: str, amount: int, now: float | None = None, *,
              per_second: float | None = None, minimum: int | None = None) -> Account:
-        if amount < 0:
-            raise ValueError("a hold is >= 0")
-        if (per_second is None) != (minimum is None):
-            raise ValueError("record both the price per second and the minimum, or neither")
+        check_hold(amount, per_second, minimum)
         now = time.time() if now is None else now
         with self._tx() as db:
             acc = self._get(db, account_id)

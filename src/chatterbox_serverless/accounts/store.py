@@ -130,6 +130,14 @@ class DuplicateHold(Exception):
     """A hold for this job id already exists (a job is held once)."""
 
 
+def check_hold(amount: int, per_second: float | None, minimum: int | None) -> None:
+    """The arguments of `AccountStore.hold` every implementation refuses alike."""
+    if amount < 0:
+        raise ValueError("a hold is >= 0")
+    if (per_second is None) != (minimum is None):
+        raise ValueError("record both the price per second and the minimum, or neither")
+
+
 class AccountStore(ABC):
     # --- keys -----------------------------------------------------------------------------------------------
     @abstractmethod

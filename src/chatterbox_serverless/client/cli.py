@@ -325,34 +325,12 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
 def run(args: argparse.Namespace) -> int:
     """`say`, with every failure reported as one line on stderr and a non-zero exit status (never a traceback):
     2 for a mistake in the command line, 1 for everything else, 130 when interrupted."""
+    from ..cli import run_reporting
     from . import Client
     from .errors import ChatterboxError
 
-    try:
+    def go() -> int:
         with Client(api_key=args.key, base_url=args.server) as client:
             return say(args, client, sys.stderr)
-    except _Usage as e:
-        _error(f"chatterbox-serverless say: error: {e}")
-        return 2
-    except (ChatterboxError, _WriteFailed, ValueError) as e:
-        _error(f"error: {e}")
-        return 1
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        _error(f"error: {_os_reason(e)}{where}")
-        return 1
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001 - the command's promise: one line, never a traceback
-        _error(f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unexpected failure'}")
-        return 1
-
-
-def _error(line: str) -> None:
-    """One line on stderr, whatever the message held (server messages may contain line breaks)."""
-    try:
-        sys.stderr.write(" ".join(line.split()) + "\n")
-        sys.stderr.flush()
-    except OSError:
-        pass
+    return run_reporting(go, usage=(_Usage,), failures=(ChatterboxError, _WriteFailed, ValueError),
+                         usage_prefix="chatterbox-serverless say: error: ")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -59,6 +58,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .files import write_atomically
 from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, probe_directory
 
 log = logging.getLogger(__name__)
@@ -570,16 +570,7 @@ class RedisJobStore(JobStore):
         retention_ms = self._ms(self.retention)
         if self.audio_dir is not None and len(audio) > self.inline_max_bytes:
             path = self.audio_dir / f"{job_id}.{uuid.uuid4().hex[:12]}"
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                tmp.write_bytes(audio)
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    tmp.unlink(missing_ok=True)
-                except OSError:
-                    pass
-                raise
+            write_atomically(path, audio)
             try:
                 ok = self._run("complete", job_id, worker_id, media_type, json.dumps(metrics), retention_ms,
                                "file", str(path))

@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+from .files import write_atomically
 from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, probe_directory
 
 log = logging.getLogger(__name__)
@@ -81,19 +82,6 @@ def _row_to_job(row: tuple) -> Job:
                started_at=started, finished_at=finished, attempts=attempts, error=error,
                metrics=json.loads(metrics) if metrics else {}, media_type=media_type, worker_id=worker_id,
                lease_until=lease_until)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _PendingSubmit:
@@ -353,7 +341,7 @@ class SQLiteJobStore(JobStore):
         if row is None or row[0] != JobState.PROCESSING.value or row[1] != worker_id:
             return False
         name = f"{job_id}.{secrets.token_hex(4)}.{_EXTENSIONS.get(media_type, 'bin')}"
-        self._write_file_atomically(self.audio_dir / name, audio)
+        write_atomically(self.audio_dir / name, audio)
 
         def tx(conn: sqlite3.Connection) -> bool:
             now = time.time()
@@ -377,23 +365,6 @@ class SQLiteJobStore(JobStore):
             return False
         self._notify()
         return True
-
-    def _write_file_atomically(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(exist_ok=True)    # removed by hand meanwhile: make it again
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(path.parent)
 
     def fail(self, job_id: str, worker_id: str | None, error: str, metrics: dict | None = None) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:

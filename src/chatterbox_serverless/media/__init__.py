@@ -28,7 +28,7 @@ _EXPORTS = {
     "DEFAULT_FORMAT": "formats", "OUTPUT_FORMATS": "formats", "OutputFormat": "formats",
     "AllowList": "fetch", "FetchError": "fetch", "SafeFetcher": "fetch", "ip_literal": "fetch",
     "DEFAULT_MAX_BYTES": "reference", "ReferenceAudioError": "reference", "ReferenceSource": "reference",
-    "aload_reference": "reference", "aresolve": "reference", "load_reference": "reference",
+    "load_reference": "reference",
     "parse_reference": "reference", "resolve": "reference",
 }
 
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from .encode import FORMATS, EncodeError, encode_audio
     from .fetch import AllowList, FetchError, SafeFetcher, ip_literal
     from .formats import DEFAULT_FORMAT, OUTPUT_FORMATS, OutputFormat
-    from .reference import (DEFAULT_MAX_BYTES, ReferenceAudioError, ReferenceSource, aload_reference, aresolve,
-                            load_reference, parse_reference, resolve)
+    from .reference import (DEFAULT_MAX_BYTES, ReferenceAudioError, ReferenceSource, load_reference,
+                            parse_reference, resolve)
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,6 @@ carry a signed token).
 """
 from __future__ import annotations
 
-import inspect
 import ipaddress
 import re
 import socket
@@ -34,7 +33,6 @@ import time
 import typing
 from typing import Callable, Iterable, Sequence
 
-import anyio
 import httpcore
 import httpx
 
@@ -233,7 +231,7 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 
 class _Policy:
-    """Resolution + the address check, shared by the sync and async backends. One instance per fetch."""
+    """Resolution + the address check of one fetch."""
 
     def __init__(self, allow: AllowList, resolver: Resolver, deadline: float, timeout: float):
         self.allow, self.resolver, self.deadline, self.timeout = allow, resolver, deadline, timeout
@@ -290,32 +288,8 @@ class _Policy:
             raise FetchError(f"could not resolve host {host!r}")
         return self.vet(host, port, result[0])
 
-    async def resolve_async(self, host: str, port: int) -> list[str]:
-        ip = ip_literal(host)
-        if ip is not None:
-            return self.vet(host, port, [str(ip)])
-        try:
-            with anyio.fail_after(self.remaining()):
-                addresses = await _run_in_thread(self.resolver, host, port)
-        except TimeoutError:
-            raise FetchError(f"timed out after {self.timeout:g} s (resolving {host!r})") from None
-        except FetchError:
-            raise
-        except Exception:
-            raise FetchError(f"could not resolve host {host!r}") from None
-        return self.vet(host, port, list(addresses))
 
-
-_ANYIO_ABANDON = "abandon_on_cancel" in inspect.signature(anyio.to_thread.run_sync).parameters
-
-
-async def _run_in_thread(func: Callable, *args: typing.Any) -> typing.Any:
-    """Run blocking `func` in a worker thread; on cancellation (the deadline) stop waiting for it."""
-    flag = "abandon_on_cancel" if _ANYIO_ABANDON else "cancellable"      # anyio < 4.1 names it `cancellable`
-    return await anyio.to_thread.run_sync(func, *args, **{flag: True})
-
-
-# --- sync network layer ---------------------------------------------------------------------------------------
+# --- network layer ---------------------------------------------------------------------------------------
 
 class _SyncStream(httpcore.NetworkStream):
     """Wraps a socket stream so that no wait outlasts the fetch's deadline."""
@@ -362,58 +336,12 @@ class _SyncBackend(httpcore.SyncBackend):
         raise FetchError("unix sockets are not fetched")
 
 
-# --- async network layer --------------------------------------------------------------------------------------
-
-class _AsyncStream(httpcore.AsyncNetworkStream):
-    def __init__(self, inner: httpcore.AsyncNetworkStream, policy: _Policy):
-        self._inner, self._policy = inner, policy
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, self._policy.clamp(timeout))
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, self._policy.clamp(timeout))
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        inner = await self._inner.start_tls(ssl_context, server_hostname, self._policy.clamp(timeout))
-        return _AsyncStream(inner, self._policy)
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        return self._inner.get_extra_info(info)
-
-
-class _AsyncBackend(httpcore.AnyIOBackend):
-    def __init__(self, policy: _Policy):
-        self._policy = policy
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                          local_address: str | None = None,
-                          socket_options: typing.Iterable[typing.Any] | None = None) -> httpcore.AsyncNetworkStream:
-        addresses = await self._policy.resolve_async(host, port)
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                stream = await super().connect_tcp(address, port, self._policy.clamp(timeout), local_address,
-                                                   socket_options)
-                return _AsyncStream(stream, self._policy)
-            except httpcore.ConnectError as e:
-                last = e
-        raise last if last else FetchError(f"could not connect to {host!r}")
-
-    async def connect_unix_socket(self, *args: typing.Any, **kwargs: typing.Any) -> httpcore.AsyncNetworkStream:
-        raise FetchError("unix sockets are not fetched")
-
-
 # --- the fetcher ----------------------------------------------------------------------------------------------
 
 class SafeFetcher:
     """GET a URL's body with SSRF protection, a size limit, a total time limit and bounded redirects.
 
-    `fetch` (blocking) and `afetch` (asyncio/anyio) behave the same. Thread-safe and reusable: each call gets its
+    `fetch` blocks (async callers run it in a thread). Thread-safe and reusable: each call gets its
     own connection (no pooling between fetches), so one slow fetch never holds back another."""
 
     def __init__(self, allow_hosts: Iterable[str] = (), max_bytes: int = DEFAULT_MAX_BYTES,
@@ -443,30 +371,6 @@ class SafeFetcher:
                             self._check_response(current, response)
                             body = bytearray()
                             for chunk in response.iter_raw():
-                                body += chunk
-                                self._check_size(current, len(body), policy)
-                            return self._finish(current, body)
-                except httpx.HTTPError as e:
-                    raise self._transport_error(current, e) from None
-                current = nxt
-        raise FetchError(f"too many redirects (more than {self.max_redirects})")
-
-    async def afetch(self, url: str) -> bytes:
-        policy = self._policy()
-        transport = httpx.AsyncHTTPTransport(verify=self.ssl_context, trust_env=False)
-        transport._pool = httpcore.AsyncConnectionPool(ssl_context=self.ssl_context,
-                                                       network_backend=_AsyncBackend(policy),
-                                                       max_connections=1, retries=0)
-        async with httpx.AsyncClient(transport=transport, **self._client_args()) as client:
-            current = self._check_url(url)
-            for _hop in range(self.max_redirects + 1):
-                try:
-                    async with client.stream("GET", current) as response:
-                        nxt = self._next_hop(current, response)
-                        if nxt is None:
-                            self._check_response(current, response)
-                            body = bytearray()
-                            async for chunk in response.aiter_raw():
                                 body += chunk
                                 self._check_size(current, len(body), policy)
                             return self._finish(current, body)

@@ -71,7 +71,6 @@ class ReferenceSource:
 class Fetcher(Protocol):
     """What `resolve` needs to download a URL (SafeFetcher, or a test double)."""
     def fetch(self, url: str) -> bytes: ...
-    async def afetch(self, url: str) -> bytes: ...
 
 
 def _fail(message: str) -> ReferenceAudioError:
@@ -229,14 +228,6 @@ def resolve(source: ReferenceSource, fetcher: Fetcher) -> bytes:
     return fetcher.fetch(source.url)
 
 
-async def aresolve(source: ReferenceSource, fetcher: Fetcher) -> bytes:
-    """`resolve` for async callers (`fetcher.afetch`)."""
-    if source.data is not None:
-        return source.data
-    assert source.url is not None
-    return await fetcher.afetch(source.url)
-
-
 def _as_source(value: str | ReferenceSource, max_bytes: int, max_seconds: float) -> ReferenceSource:
     if isinstance(value, ReferenceSource):
         return value
@@ -254,13 +245,4 @@ def load_reference(value: str | ReferenceSource, fetcher: Fetcher, *, max_bytes:
     name, the caller prefixes it (the worker stores "reference_audio: <message>")."""
     source = _as_source(value, max_bytes, max_seconds)
     data = resolve(source, fetcher)
-    return decode_audio(data, max_seconds=max_seconds, min_seconds=min_seconds)
-
-
-async def aload_reference(value: str | ReferenceSource, fetcher: Fetcher, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                          max_seconds: float = DEFAULT_MAX_SECONDS,
-                          min_seconds: float = DEFAULT_MIN_SECONDS) -> VoiceAudio:
-    """`load_reference` for async callers (decoding is short and CPU-bound; it runs inline)."""
-    source = _as_source(value, max_bytes, max_seconds)
-    data = await aresolve(source, fetcher)
     return decode_audio(data, max_seconds=max_seconds, min_seconds=min_seconds)

@@ -30,24 +30,21 @@ from ..engine.types import SynthesisRequest, SynthesisResult
 from .http import live_server
 
 
+@dataclass
 class FakeEngineForTests:
     """Engine double: a sine tone per request (frequency from the seed, +50 Hz with a reference voice; silence
     with amplitude=0) lasting base_seconds + seconds_per_char * len(text) (at most max_seconds), after `delay`
     seconds per batch. Texts containing `fail_marker` fail alone; `raise_marker` makes the whole batch raise."""
-
-    def __init__(self, sample_rate: int = 24000, delay: float = 0.0, fail_marker: str = "FAIL-ME",
-                 raise_marker: str = "CRASH-ME", seconds_per_char: float = 0.01, max_seconds: float = 2.0,
-                 base_seconds: float = 0.1, amplitude: float = 0.3):
-        self.sample_rate = sample_rate
-        self.delay = delay
-        self.fail_marker = fail_marker
-        self.raise_marker = raise_marker
-        self.seconds_per_char = seconds_per_char
-        self.max_seconds = max_seconds
-        self.base_seconds = base_seconds
-        self.amplitude = amplitude
-        self.batches: list[list[str]] = []       # request ids per call, for assertions
-        self.lock = threading.Lock()
+    sample_rate: int = 24000
+    delay: float = 0.0
+    fail_marker: str = "FAIL-ME"
+    raise_marker: str = "CRASH-ME"
+    seconds_per_char: float = 0.01
+    max_seconds: float = 2.0
+    base_seconds: float = 0.1
+    amplitude: float = 0.3
+    batches: list[list[str]] = field(default_factory=list)      # request ids per call, for assertions
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
         with self.lock:

@@ -120,7 +120,8 @@ def test_a_full_disk_hands_the_job_back_without_its_path(store, monkeypatch):
 
     def no_space(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(store, "_write_file_atomically", no_space)
+    import chatterbox_serverless.jobs.sqlite_store as sqlite_store
+    monkeypatch.setattr(sqlite_store, "write_atomically", no_space)
     w = make_worker(store, FakeEngineForTests(), batch_size=2)
     w.process(store.claim(w.worker_id, 2, 30))
     for i in ids:

@@ -8,7 +8,6 @@ import errno
 import shutil
 import time
 import uuid
-from types import SimpleNamespace
 
 import pytest
 
@@ -121,11 +120,9 @@ def test_a_job_that_exhausts_its_attempts_fails_with_a_path_free_reason(env, mon
     server; its hold is released."""
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", SERVER_PATH)
-    if env.kind == "sqlite":
-        monkeypatch.setattr(env.store, "_write_file_atomically", no_space)
-    else:
-        import chatterbox_serverless.jobs.redis_store as redis_store
-        monkeypatch.setattr(redis_store, "os", SimpleNamespace(replace=no_space))
+    import chatterbox_serverless.jobs.redis_store as redis_store
+    import chatterbox_serverless.jobs.sqlite_store as sqlite_store
+    monkeypatch.setattr(sqlite_store if env.kind == "sqlite" else redis_store, "write_atomically", no_space)
     job_id = env.submit()
     w = env.worker(lease_seconds=0.2)
     w.start()
@@ -176,7 +173,8 @@ def test_sqlite_read_only_data_dir_leaves_the_job_to_its_lease(tmp_path, monkeyp
 
     def break_storage():
         monkeypatch.setattr(store, "_transaction", read_only)
-        monkeypatch.setattr(store, "_write_file_atomically", no_files)
+        import chatterbox_serverless.jobs.sqlite_store as sqlite_store
+        monkeypatch.setattr(sqlite_store, "write_atomically", no_files)
     try:
         nothing_writable_then_repaired(env, break_storage, monkeypatch.undo)
     finally:

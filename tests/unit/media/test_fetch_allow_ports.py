@@ -2,7 +2,6 @@
 host (`localhost`) no longer opens its other services (Redis on 6379) to client-supplied URLs."""
 from __future__ import annotations
 
-import asyncio
 import io
 import ipaddress
 import socket
@@ -81,14 +80,7 @@ def localhost_resolver(host: str, port: int) -> list[str]:
     raise OSError("no such host")
 
 
-def both(fetcher: media.SafeFetcher, url: str) -> list:
-    out = []
-    for call in (lambda: fetcher.fetch(url), lambda: asyncio.run(fetcher.afetch(url))):
-        try:
-            out.append(call())
-        except media.FetchError as e:
-            out.append(str(e))
-    return out
+from test_media import both  # noqa: E402  (same folder)
 
 
 def test_entry_without_a_port_admits_80_and_443_only():

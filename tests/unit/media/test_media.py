@@ -4,7 +4,6 @@ Network tests talk only to an HTTP server on 127.0.0.1 started here; host names 
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import ipaddress
@@ -386,11 +385,11 @@ class CountingResolverForTests:
 
 
 def both(fetcher: media.SafeFetcher, url: str) -> list:
-    """fetch and afetch on the same URL: each result (bytes) or the FetchError message."""
+    """The result of fetching `url` twice (bytes or the FetchError message): the same both times."""
     out = []
-    for call in (lambda: fetcher.fetch(url), lambda: asyncio.run(fetcher.afetch(url))):
+    for _ in range(2):
         try:
-            out.append(call())
+            out.append(fetcher.fetch(url))
         except media.FetchError as e:
             out.append(str(e))
     return out
@@ -508,9 +507,6 @@ class FakeFetcherForTests:
             raise media.FetchError(self.error)
         return self.data
 
-    async def afetch(self, url: str) -> bytes:
-        return self.fetch(url)
-
 
 def test_resolve_inline_and_url():
     inline = media.parse_reference(base64.b64encode(WAV).decode())
@@ -518,8 +514,7 @@ def test_resolve_inline_and_url():
     assert media.resolve(inline, fake) == WAV and fake.urls == []
     url_source = media.parse_reference("https://example.com/v.wav")
     assert media.resolve(url_source, fake) == b"fetched"
-    assert asyncio.run(media.aresolve(url_source, fake)) == b"fetched"
-    assert fake.urls == ["https://example.com/v.wav"] * 2
+    assert fake.urls == ["https://example.com/v.wav"]
 
 
 def test_load_reference_end_to_end(server):
@@ -527,7 +522,7 @@ def test_load_reference_end_to_end(server):
     fetcher = media.SafeFetcher(allow_hosts=[f"127.0.0.1:{port}"])
     voice = media.load_reference(f"{base}/audio.wav", fetcher)
     assert voice.sample_rate == SR and len(voice.samples) == SR
-    voice = asyncio.run(media.aload_reference("data:audio/wav;base64," + base64.b64encode(WAV).decode(), fetcher))
+    voice = media.load_reference("data:audio/wav;base64," + base64.b64encode(WAV).decode(), fetcher)
     assert len(voice.samples) == SR
     with pytest.raises(media.FetchError, match=r"^refused"):
         media.load_reference(f"{base}/audio.wav", media.SafeFetcher())

@@ -140,9 +140,6 @@ def test_the_worker_path_leaves_destinations_to_its_fetcher():
         def fetch(self, url):
             return clip(1.0)
 
-        async def afetch(self, url):
-            return clip(1.0)
-
     voice = media.load_reference("http://127.0.0.1:8080/x.wav", Fetcher())
     assert voice.sample_rate == 16000
 

@@ -82,15 +82,16 @@ def router(ctx: ApiContext) -> APIRouter:
     @r.get("/v2/requests/{request_id}/status", response_model=StatusResponse, summary="Poll a job",
            responses={422: {"model": StatusResponse, "description": "The job FAILED"}, **ERROR_RESPONSES})
     def status_v2(request: Request, request_id: str, owner: str = Depends(auth)):
-        job = ctx.find(request_id, owner)
-        body, code = ctx.job_body(request, job, with_output=False)
-        return JSONResponse(body, status_code=code, headers={"x-request-id": job.id})
+        return job_response(request, request_id, owner, with_output=False)
 
     @r.get("/v2/requests/{request_id}", response_model=ResultResponse, summary="The result of a job",
            responses={422: {"model": ResultResponse, "description": "FAILED"}, **ERROR_RESPONSES})
     def result_v2(request: Request, request_id: str, owner: str = Depends(auth)):
+        return job_response(request, request_id, owner, with_output=True)
+
+    def job_response(request: Request, request_id: str, owner: str, with_output: bool) -> JSONResponse:
         job = ctx.find(request_id, owner)
-        body, code = ctx.job_body(request, job, with_output=True)
+        body, code = ctx.job_body(request, job, with_output)
         return JSONResponse(body, status_code=code, headers={"x-request-id": job.id})
 
     return r
