@@ -150,7 +150,7 @@ def load_engine_t3(ckpt: Path, spec: str):
 
 def t3_engine(model, conds, text_ids, tokens: int, concurrent: int) -> dict:
     from chatterbox_serverless.engine.t3_decoder import T3Decoder, T3Request
-    from chatterbox_serverless.engine.types import SynthesisParams
+    from chatterbox_serverless.engine.contract import SynthesisParams
 
     def requests(n, max_new):
         return [T3Request(text_ids=text_ids, speaker_emb=conds["speaker_emb"],
@@ -225,7 +225,7 @@ def pipeline_engine(ckpt: Path, tokens: list[int], concurrent: int, spec: str) -
     then `concurrent` requests in one batch (different seeds, as concurrent clients would send):
     {"50": {"single": ..., "concurrent": ...}, ..., "peak_rss_mb": ...}."""
     from chatterbox_serverless.engine.pipeline import ChatterboxEngine
-    from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest
+    from chatterbox_serverless.engine.contract import SynthesisParams, SynthesisRequest
 
     dtype_name, compile = variant(spec)
     engine = ChatterboxEngine(ckpt, device="cpu", dtype=dtype_name, compile=compile)

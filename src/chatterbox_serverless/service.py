@@ -76,7 +76,7 @@ class Service:
     settings: Settings
     store: JobStore
     accounts: Accounts | None = None
-    engine: Any = None                      # engine.types.Engine, or None (an API without a worker)
+    engine: Any = None                      # engine.contract.Engine, or None (an API without a worker)
     worker: Any = None                      # jobs.worker.Worker running in this process, or None
     janitor: Any = None                     # jobs.worker.Janitor when no in-process worker maintains the store
     policy: ContentPolicy = field(default_factory=ContentPolicy)

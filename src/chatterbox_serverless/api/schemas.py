@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from ..engine.types import SynthesisParams
+from ..engine.contract import SynthesisParams
 from ..media.formats import DEFAULT_FORMAT, MEDIA_TYPES, OutputFormatName, describe_formats
 
 DEFAULT_TEXT = "Welcome to Chatterbox TTS, where your text turns into captivating audio effortlessly."

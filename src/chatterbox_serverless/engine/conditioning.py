@@ -25,7 +25,7 @@ from .checkpoint import (CheckpointError, config_from_state_dict, load_strict, r
 from .models.campplus import CAMPPlus, CAMPPlusConfig
 from .models.s3tokenizer import S3TokenizerConfig, S3TokenizerV2
 from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
-from .types import VoiceAudio
+from .contract import VoiceAudio
 
 S3GEN_PROMPT_SECONDS = 10   # S3Gen reference: first 10 s at 24 kHz
 T3_PROMPT_SECONDS = 6       # T3 speech prompt: first 6 s at 16 kHz

@@ -34,7 +34,7 @@ from .models.t3 import T3
 from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
 from .t3_decoder import T3Decoder, T3Request
 from .text import TextTokenizer, normalize_text
-from .types import SynthesisRequest, SynthesisResult
+from .contract import SynthesisRequest, SynthesisResult
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .models.t3 import T3
 from .sampling import SamplingParams, greedy_rows, process_logits, sample
-from .types import SynthesisParams
+from .contract import SynthesisParams
 
 
 @dataclass

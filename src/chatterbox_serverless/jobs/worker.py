@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..engine.types import Engine, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
+from ..engine.contract import Engine, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
 from .policy import ContentPolicy
 from .batching import BatchClaimer
 from .store import Job, JobStore

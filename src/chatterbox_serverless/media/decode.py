@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from chatterbox_serverless.engine.types import VoiceAudio
+from chatterbox_serverless.engine.contract import VoiceAudio
 from chatterbox_serverless.media import MediaError
 
 DEFAULT_MAX_SECONDS = 30.0      # longer clips are refused (the engine uses at most the first 10 s)

@@ -30,7 +30,7 @@ from typing import Iterable, Protocol
 
 import httpx
 
-from chatterbox_serverless.engine.types import VoiceAudio
+from chatterbox_serverless.engine.contract import VoiceAudio
 from chatterbox_serverless.media import MediaError
 from chatterbox_serverless.media.decode import DEFAULT_MAX_SECONDS, DEFAULT_MIN_SECONDS, decode_audio, probe_audio
 from chatterbox_serverless.media.fetch import AllowList, address_problem, ip_literal

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import httpx
 import numpy as np
 
-from ..engine.types import SynthesisRequest, SynthesisResult
+from ..engine.contract import SynthesisRequest, SynthesisResult
 from .http import live_server
 
 

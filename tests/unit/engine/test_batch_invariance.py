@@ -11,7 +11,7 @@ import torch
 from chatterbox_serverless.engine.pipeline import ChatterboxEngine
 from chatterbox_serverless.engine.speech_to_wav import CUDA_BATCH_ATOL
 from chatterbox_serverless.engine.tiny import write_tiny_checkpoint
-from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest, VoiceAudio
+from chatterbox_serverless.engine.contract import SynthesisParams, SynthesisRequest, VoiceAudio
 
 SHORT = "The same request, alone or not."
 LONG = " ".join(f"Sentence number {i} goes here." for i in range(6))     # several chunks at 60 characters

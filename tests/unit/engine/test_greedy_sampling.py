@@ -7,7 +7,7 @@ from chatterbox_serverless.engine.sampling import (
     SamplingParams, apply_cfg, apply_repetition_penalty, process_logits, sample)
 from chatterbox_serverless.engine.t3_decoder import T3Decoder, T3Request
 from chatterbox_serverless.engine.tiny import write_tiny_checkpoint
-from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest
+from chatterbox_serverless.engine.contract import SynthesisParams, SynthesisRequest
 
 EOS, BOS = 6562, 6561
 

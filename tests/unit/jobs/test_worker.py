@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from chatterbox_serverless.engine.types import VoiceAudio
+from chatterbox_serverless.engine.contract import VoiceAudio
 from chatterbox_serverless.jobs.policy import ContentPolicy
 from chatterbox_serverless.jobs.batching import BatchClaimer
 from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore

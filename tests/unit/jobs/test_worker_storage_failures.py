@@ -13,7 +13,7 @@ import pytest
 
 from chatterbox_serverless.accounts import account_store_for
 from chatterbox_serverless.accounts.service import Accounts, Pricing
-from chatterbox_serverless.engine.types import VoiceAudio
+from chatterbox_serverless.engine.contract import VoiceAudio
 from chatterbox_serverless.jobs.redis_store import RedisJobStore
 from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
 from chatterbox_serverless.jobs.store import Job, JobState, StoreUnavailable

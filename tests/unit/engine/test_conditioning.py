@@ -17,7 +17,7 @@ from chatterbox_serverless.engine.conditioning import (VoiceCache, VoiceConditio
 from chatterbox_serverless.engine.models.campplus import CAMPPlus, CAMPPlusConfig
 from chatterbox_serverless.engine.models.s3tokenizer import S3TokenizerConfig, S3TokenizerV2
 from chatterbox_serverless.engine.models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
-from chatterbox_serverless.engine.types import VoiceAudio
+from chatterbox_serverless.engine.contract import VoiceAudio
 
 
 def voice(sr: int, seconds: float, seed: int = 0) -> np.ndarray:

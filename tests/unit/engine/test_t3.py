@@ -12,7 +12,7 @@ from chatterbox_serverless.engine.sampling import (
     SamplingParams, apply_cfg, apply_min_p, apply_repetition_penalty, apply_temperature, apply_top_p,
     process_logits, sample)
 from chatterbox_serverless.engine.t3_decoder import T3Decoder, T3Request, generate, postprocess, teacher_force
-from chatterbox_serverless.engine.types import SynthesisParams
+from chatterbox_serverless.engine.contract import SynthesisParams
 
 EOS, BOS = 6562, 6561
 

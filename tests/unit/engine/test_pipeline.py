@@ -5,7 +5,7 @@ import pytest
 from chatterbox_serverless.engine.checkpoint import CheckpointError
 from chatterbox_serverless.engine.resolve import resolve_checkpoint
 from chatterbox_serverless.engine.pipeline import ChatterboxEngine, chunk_seed
-from chatterbox_serverless.engine.types import SynthesisParams, SynthesisRequest, VoiceAudio
+from chatterbox_serverless.engine.contract import SynthesisParams, SynthesisRequest, VoiceAudio
 
 
 @pytest.fixture(scope="module")

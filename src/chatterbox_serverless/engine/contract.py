@@ -1,4 +1,5 @@
-"""What crosses the boundary between the job worker and the engine."""
+"""The worker–engine contract: what crosses the boundary between the job worker and the engine (requests,
+parameters, voices, results, and the `Engine` protocol the worker drives)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
