@@ -3,7 +3,8 @@
   reference.py  the `reference_audio` parameter: URL | data: URI | bare base64  ->  ReferenceSource -> bytes
   fetch.py      SafeFetcher: http(s) download that refuses private/loopback/metadata addresses (SSRF)
   decode.py     bytes (wav/mp3/flac/ogg, any rate) -> VoiceAudio (mono float32, original rate)
-  encode.py     float samples -> mp3 | wav | flac | ogg (opus) bytes + media type
+  encode.py     float samples -> mp3 | wav | flac | ogg / opus (Opus in Ogg) | aac (ADTS) | pcm bytes + media type
+  stretch.py    time_stretch: `speed`, a pitch-preserving tempo change (FFmpeg's atempo through PyAV)
   formats.py    the output formats, listed once (name -> media type, suffix); standard library only
 
 Every error these modules raise on bad input is a `MediaError` (a ValueError) whose message is written for the
@@ -29,7 +30,7 @@ _EXPORTS = {
     "AllowList": "fetch", "FetchError": "fetch", "SafeFetcher": "fetch", "ip_literal": "fetch",
     "DEFAULT_MAX_BYTES": "reference", "ReferenceAudioError": "reference", "ReferenceSource": "reference",
     "load_reference": "reference",
-    "parse_reference": "reference", "resolve": "reference",
+    "parse_reference": "reference", "resolve": "reference", "time_stretch": "stretch",
 }
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .formats import DEFAULT_FORMAT, OUTPUT_FORMATS, OutputFormat
     from .reference import (DEFAULT_MAX_BYTES, ReferenceAudioError, ReferenceSource, load_reference,
                             parse_reference, resolve)
+    from .stretch import time_stretch
 
 
 def __getattr__(name: str) -> Any:

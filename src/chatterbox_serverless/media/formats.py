@@ -22,8 +22,13 @@ OUTPUT_FORMATS: dict[str, OutputFormat] = {f.name: f for f in (
     OutputFormat("mp3", "audio/mpeg", ".mp3", "mp3"),
     OutputFormat("wav", "audio/wav", ".wav", "wav"),
     OutputFormat("flac", "audio/flac", ".flac", "flac"),
-    OutputFormat("ogg", "audio/ogg", ".ogg", "ogg (Opus)", (".opus",)),
+    OutputFormat("ogg", "audio/ogg", ".ogg", "ogg (Opus)"),
+    # OpenAI's names (POST /v1/audio/speech `response_format`); usable on every route
+    OutputFormat("opus", "audio/ogg; codecs=opus", ".opus", "opus (Opus in Ogg, as ogg)"),
+    OutputFormat("aac", "audio/aac", ".aac", "aac (AAC-LC in ADTS)"),
+    OutputFormat("pcm", "audio/pcm", ".pcm", "pcm (raw 24 kHz 16-bit little-endian mono, no header)"),
 )}
+PCM_RATE = 24000                      # pcm is always this rate (OpenAI's), whatever the engine's rate
 DEFAULT_FORMAT = "mp3"
 
 FORMAT_NAMES: tuple[str, ...] = tuple(OUTPUT_FORMATS)
@@ -34,6 +39,6 @@ OutputFormatName = Literal[FORMAT_NAMES]  # type: ignore[valid-type]
 
 
 def describe_formats() -> str:
-    """"mp3 (default), wav, flac or ogg (Opus)": for help texts and the API's schema."""
+    """"mp3 (default), wav, flac, ogg (Opus), ... or pcm (...)": for help texts and the API's schema."""
     labels = [f.label + (" (default)" if f.name == DEFAULT_FORMAT else "") for f in OUTPUT_FORMATS.values()]
     return ", ".join(labels[:-1]) + " or " + labels[-1] if len(labels) > 1 else labels[0]

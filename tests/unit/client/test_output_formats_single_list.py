@@ -17,7 +17,7 @@ def test_every_list_is_the_table():
     from chatterbox_serverless.media import encode
 
     names = tuple(formats.OUTPUT_FORMATS)
-    assert names == formats.FORMAT_NAMES == ("mp3", "wav", "flac", "ogg")
+    assert names == formats.FORMAT_NAMES == ("mp3", "wav", "flac", "ogg", "opus", "aac", "pcm")
     assert typing.get_args(formats.OutputFormatName) == names
     # the encoder
     assert encode.FORMATS == media.FORMATS == formats.MEDIA_TYPES == {f.name: f.media_type for f in
@@ -33,7 +33,8 @@ def test_every_list_is_the_table():
     cli.add_arguments(parser)
     (fmt_action,) = [a for a in parser._actions if a.dest == "format"]
     assert tuple(fmt_action.choices) == names
-    assert cli.SUFFIX_FORMATS == {".mp3": "mp3", ".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".opus": "ogg"}
+    assert cli.SUFFIX_FORMATS == {".mp3": "mp3", ".wav": "wav", ".flac": "flac", ".ogg": "ogg", ".opus": "opus",
+                                  ".aac": "aac", ".pcm": "pcm"}
 
 
 def test_every_format_encodes_to_its_media_type():

@@ -227,7 +227,7 @@ def test_encode_round_trip(fmt):
 
 
 def test_encode_details():
-    assert media.DEFAULT_FORMAT == "mp3" and set(media.FORMATS) == {"mp3", "wav", "flac", "ogg"}
+    assert media.DEFAULT_FORMAT == "mp3" and set(media.FORMATS) == {"mp3", "wav", "flac", "ogg", "opus", "aac", "pcm"}
     assert media.FORMATS["mp3"] == "audio/mpeg"
     wav, _ = media.encode_audio(tone(0.5), SR, "wav")
     assert sf.info(io.BytesIO(wav)).subtype == "PCM_16"
@@ -258,7 +258,7 @@ def test_encode_sanitises_and_rejects():
     y = media.decode_audio(data).samples
     assert np.isfinite(y).all() and np.abs(y).max() <= 1.0 and y[10] == 0.0
     with pytest.raises(media.EncodeError, match="output_format"):
-        media.encode_audio(tone(0.5), SR, "aac")
+        media.encode_audio(tone(0.5), SR, "m4a")
     with pytest.raises(media.EncodeError, match="mono"):
         media.encode_audio(np.zeros((100, 2), np.float32), SR, "wav")
     with pytest.raises(media.EncodeError, match="no audio"):
