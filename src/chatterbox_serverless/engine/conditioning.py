@@ -264,6 +264,51 @@ class VoiceCache:
             event.set()
 
 
+# -------------------------------------------------------------------------------------------- serialised form
+
+CONDS_FORMAT = "chatterbox-conds/1"
+_CONDS_FIELDS = ("speaker_emb", "t3_prompt_tokens", "gen_prompt_token", "gen_prompt_feat", "gen_embedding")
+
+
+def conditionals_to_bytes(conds: VoiceConditionals) -> bytes:
+    """`conds` as safetensors bytes (lossless: the same tensors come back)."""
+    from safetensors.torch import save
+    tensors = {name: getattr(conds, name).detach().to("cpu").contiguous() for name in _CONDS_FIELDS}
+    return save(tensors, metadata={"format": CONDS_FORMAT, "emotion_adv": repr(float(conds.emotion_adv))})
+
+
+def conditionals_from_bytes(data: bytes, device: torch.device | str = "cpu") -> VoiceConditionals:
+    """The VoiceConditionals `conditionals_to_bytes` wrote. ValueError for anything else."""
+    import json
+    import struct
+
+    from safetensors.torch import load
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        if meta.get("format") != CONDS_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        tensors = load(data)
+        conds = VoiceConditionals(*(tensors[name] for name in _CONDS_FIELDS),
+                                  emotion_adv=float(meta.get("emotion_adv", 0.5)))
+    except Exception as e:  # noqa: BLE001 - truncated, not safetensors, other keys
+        raise ValueError(f"stored voice conditionals are unreadable ({type(e).__name__}: {e})") from None
+    return conds.to(device)
+
+
+def front_end_fingerprint(front_end: VoiceFrontEnd) -> str:
+    """A content hash of the networks that compute conditionals (VE, S3 tokenizer, CAMPPlus): two engines with
+    the same fingerprint compute the same conditionals from the same clip."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(CONDS_FORMAT.encode())
+    for part, module in (("ve", front_end.ve), ("tok", front_end.tokenizer), ("spk", front_end.speaker_encoder)):
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().to("cpu").contiguous()
+            h.update(f"{part}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------- parity
 
 def parity_outputs(ckpt_dir: Path, ref: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:

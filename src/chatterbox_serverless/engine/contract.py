@@ -27,11 +27,20 @@ class VoiceAudio:
     sample_rate: int
 
 
+@dataclass(frozen=True)
+class PreparedVoice:
+    """A voice's conditionals as an engine serialised them (`VoicePreparer.prepare_voice`): computed once from a
+    clip, kept (the voice library stores them per variant), and loaded instead of recomputed. `variant` names
+    the engine variant they fit (`VoicePreparer.voice_variant`); an engine refuses another variant's."""
+    variant: str
+    data: bytes
+
+
 @dataclass
 class SynthesisRequest:
     text: str
     params: SynthesisParams = field(default_factory=SynthesisParams)
-    voice: VoiceAudio | None = None      # None: the checkpoint's built-in voice (conds.pt)
+    voice: VoiceAudio | PreparedVoice | None = None   # None: the checkpoint's built-in voice (conds.pt)
     request_id: str = ""
 
 
@@ -50,3 +59,12 @@ class Engine(Protocol):
     sample_rate: int
 
     def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]: ...
+
+
+class VoicePreparer(Protocol):
+    """What an engine offers for library voices (optional: engines without it serve library voices from their
+    clip, as reference audio). `prepare_voice` computes a clip's conditionals for this engine's variant, exactly
+    as a request with that clip as `voice` would use them."""
+    voice_variant: str
+
+    def prepare_voice(self, voice: VoiceAudio) -> PreparedVoice: ...

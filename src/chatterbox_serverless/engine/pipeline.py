@@ -27,14 +27,15 @@ import torch
 
 from .checkpoint import read_config
 from .chunking import crossfade_join, max_speech_tokens, split_text
-from .conditioning import VoiceCache, VoiceConditionals, VoiceFrontEnd, load_builtin_voice, load_voice_encoder
+from .conditioning import (VoiceCache, VoiceConditionals, VoiceFrontEnd, conditionals_from_bytes,
+                           conditionals_to_bytes, front_end_fingerprint, load_builtin_voice, load_voice_encoder)
 from .models.flow_decoder import pick_attention
 from .models.s3gen import S3Gen
 from .models.t3 import T3
 from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
 from .t3_decoder import T3Decoder, T3Request
 from .text import TextTokenizer, normalize_text
-from .contract import SynthesisRequest, SynthesisResult
+from .contract import PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -136,6 +137,31 @@ class ChatterboxEngine:
             self.decoder.run([warm])
         log.info("T3 decoding step compiled in %.1f s", time.perf_counter() - t0)
 
+    # --- library voices (contract.VoicePreparer) ----------------------------------------------------------------
+    @property
+    def voice_variant(self) -> str:
+        """What prepared conditionals fit: the front-end networks' content hash (computed once, on first use)."""
+        variant = getattr(self, "_voice_variant", None)
+        if variant is None:
+            variant = self._voice_variant = "chatterbox:" + front_end_fingerprint(self.voices.front_end)
+        return variant
+
+    def prepare_voice(self, voice: VoiceAudio) -> PreparedVoice:
+        """The clip's conditionals, serialised: the very ones a request with this clip as `voice` uses (the same
+        front end and cache), so a library voice speaks exactly as its clip given as reference audio."""
+        variant = self.voice_variant
+        with self._lock, torch.inference_mode():
+            return PreparedVoice(variant, conditionals_to_bytes(self.voices.get(voice)))
+
+    def _conditionals(self, voice: VoiceAudio | PreparedVoice | None) -> VoiceConditionals:
+        if voice is None:
+            return self.builtin_voice
+        if isinstance(voice, PreparedVoice):
+            if voice.variant != self.voice_variant:
+                raise ValueError("the voice's stored conditionals were computed for another model variant")
+            return conditionals_from_bytes(voice.data, self.device)
+        return self.voices.get(voice)
+
     # ------------------------------------------------------------------------------------------------------------
     def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
         with self._lock, torch.inference_mode():
@@ -187,7 +213,7 @@ class ChatterboxEngine:
         return results
 
     def _plan(self, i: int, req: SynthesisRequest) -> list[_Chunk]:
-        conds = self.builtin_voice if req.voice is None else self.voices.get(req.voice)
+        conds = self._conditionals(req.voice)
         pieces = split_text(req.text, self.max_chunk_chars) or [""]
         out = []
         for k, piece in enumerate(pieces):

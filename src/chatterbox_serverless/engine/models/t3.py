@@ -1,14 +1,22 @@
-"""T3: text tokens + conditioning -> speech tokens (a Llama backbone with its own embeddings and heads).
+"""T3: text tokens + conditioning -> speech tokens (a Llama or GPT-2 backbone with its own embeddings and heads).
 
 The module only embeds and projects; the decoding loop (batching, KV cache, sampling) is `engine/t3_decoder.py`.
-Keys mirror `t3_cfg.safetensors`: `tfmr.*` (see models/llama.py), `cond_enc.spkr_enc`, `cond_enc.emotion_adv_fc`,
-`cond_enc.perceiver.*`, `text_emb`, `speech_emb`, `text_pos_emb.emb`, `speech_pos_emb.emb`, `text_head` (training
-only, kept so the load is strict), `speech_head`.
+Two architectures, as the official `T3(hp)` builds them; which one is the variant's choice (engine/variants.py),
+the sizes are read from the tensors:
 
-Input sequence of one row (as chatterbox-tts 0.1.7 builds it):
+backbone "llama", conditioning "perceiver" (the original model, `t3_cfg.safetensors`): keys `tfmr.*` (see
+models/llama.py), `cond_enc.spkr_enc`, `cond_enc.emotion_adv_fc`, `cond_enc.perceiver.*`, `text_emb`,
+`speech_emb`, `text_pos_emb.emb`, `speech_pos_emb.emb`, `text_head` (training only, kept so the load is strict),
+`speech_head`. One row, as chatterbox-tts 0.1.7 builds it:
     [speaker (1) | perceiver(prompt) (32) | emotion (1)] [START text STOP] [BOS] [BOS] then generated tokens
 text positions are 0..N+1 (learned), both BOS take speech position 0, generated token i takes speech position
 i+1; the unconditional CFG row has zeroed text-token embeddings (its text position embeddings stay).
+
+backbone "gpt2", conditioning "prompt" (Turbo, `t3_turbo_v1.safetensors`): keys `tfmr.*` (see models/gpt2.py),
+`cond_enc.spkr_enc`, `text_emb`, `speech_emb`, `text_head`, `speech_head` (with a bias). One row:
+    [speaker (1) | prompt speech tokens (up to 375)] [text] [START] then generated tokens
+embedded without Chatterbox's own positions: GPT-2's `wpe` numbers the whole row from 0 (the backbone adds it).
+The text has no START/STOP tokens; there is no CFG row.
 """
 from __future__ import annotations
 
