@@ -67,6 +67,18 @@ def open_accounts(settings: Settings, store: JobStore) -> Accounts | None:
     return Accounts(account_store, pricing)
 
 
+def open_voices(settings: Settings, store: JobStore, engine: Any) -> Any:
+    """The voice library in the job store's backend (None for a store without one). `engine`: the one in this
+    process, which computes a new voice's conditionals at creation (None: the first worker needing them does)."""
+    from .voices import voice_store_for
+    from .voices.library import VoiceLibrary, parse_voice_map
+    voice_store = voice_store_for(store)
+    if voice_store is None:
+        return None
+    return VoiceLibrary(voice_store, engine, max_voices=settings.max_voices, max_bytes=settings.max_voice_bytes,
+                        voice_map=parse_voice_map(settings.openai_voices))
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
@@ -81,6 +93,7 @@ class Service:
     janitor: Any = None                     # jobs.worker.Janitor when no in-process worker maintains the store
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     fetcher: Any = None                     # media.SafeFetcher: reference URLs
+    voices: Any = None                      # voices.library.VoiceLibrary beside the store, or None
     model_name: str = ""
     owns_store: bool = True                 # close() closes the store (and the accounts it opened)
     owns_accounts: bool = False
@@ -103,6 +116,8 @@ class Service:
             self.janitor.stop()
 
     def close(self) -> None:
+        if self.voices is not None:
+            self.voices.store.close()
         if self.owns_accounts and self.accounts is not None:
             self.accounts.store.close()
         if self.owns_store:
@@ -134,7 +149,8 @@ def build_service(settings: Settings, *, engine: Any = None, store: JobStore | N
             fetcher = SafeFetcher(allow_hosts=settings.allow_fetch_hosts)
         service = Service(settings=settings, store=store, accounts=accounts, engine=engine, policy=policy,
                           fetcher=fetcher, model_name=model_name, owns_store=own,
-                          owns_accounts=owns_accounts and accounts is not None)
+                          owns_accounts=owns_accounts and accounts is not None,
+                          voices=open_voices(settings, store, engine))
         if with_worker is None:
             with_worker = engine is not None and settings.workers > 0
         if with_worker:
@@ -157,6 +173,7 @@ def make_worker(service: Service) -> Any:
     s, fetcher = service.settings, service.fetcher
     worker = Worker(service.store, service.engine, encode=encode_audio,
                     resolve_reference=lambda value: load_reference(value, fetcher), policy=service.policy,
+                    resolve_voice=service.voices.load if service.voices is not None else None,
                     worker_id=s.worker_id, batch_size=s.batch_size, batch_wait=s.batch_wait,
                     lease_seconds=s.lease_seconds, max_attempts=s.max_attempts, retention_seconds=s.retention_seconds,
                     shutdown_grace=s.shutdown_grace, info={"model": service.model_name, "store": "redis" if s.is_redis else "sqlite"})

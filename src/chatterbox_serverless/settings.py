@@ -56,6 +56,11 @@ class Settings:
     shutdown_grace: float = 30.0       # SIGTERM: seconds to finish in-flight jobs before releasing them
     allow_fetch_hosts: tuple[str, ...] = ()   # reference-audio hosts allowed even on private addresses
     blocked_terms_file: Path | None = None
+    # the OpenAI speech API and the voice library
+    model_aliases: tuple[str, ...] = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")   # OpenAI `model` names served
+    openai_voices: tuple[str, ...] = ()   # "alloy=default", "echo=NAME" or "echo=voice_ID"; unmapped: built-in
+    max_voices: int = 20               # library voices per key
+    max_voice_bytes: int = 10_000_000  # one voice's audio sample
     metrics_port: int = 0              # `worker`: Prometheus listener (0: off)
     metrics_host: str = "127.0.0.1"
     url_secret: bytes | None = None    # HMAC key of audio URLs; None: a random one kept in the data dir
@@ -69,6 +74,15 @@ class Settings:
             self.public_url = self.public_url.rstrip("/")
         self.allow_fetch_hosts = _split_list(self.allow_fetch_hosts)
         self.cors_origins = _split_list(self.cors_origins)
+        self.model_aliases = _split_list(self.model_aliases)
+        self.openai_voices = _split_list(self.openai_voices)
+        from .voices.library import parse_voice_map
+        try:
+            parse_voice_map(self.openai_voices)
+        except ValueError as e:
+            raise ValueError(f"--openai-voices: {e}") from None
+        if self.max_voices < 0 or self.max_voice_bytes < 1:
+            raise ValueError("--max-voices must not be negative and --max-voice-bytes must be positive")
         if self.blocked_terms_file is not None:
             self.blocked_terms_file = Path(self.blocked_terms_file)
         for name in ("max_queue", "max_text_chars", "batch_size", "max_attempts"):
@@ -194,6 +208,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("price_per_second", "--price-per-second", "credits one second of produced audio costs (default 1)",
            (SERVE,), float),
     Option("min_price", "--min-price", "credits a completed request costs at least (default 1)", (SERVE,), int),
+    Option("model_aliases", "--model-aliases", "comma-separated model names POST /v1/audio/speech also accepts "
+           "for this server's model (default tts-1,tts-1-hd,gpt-4o-mini-tts; '' for none)", (SERVE,)),
+    Option("openai_voices", "--openai-voices", "comma-separated NAME=VOICE mapping OpenAI's voice names (alloy, "
+           "ash, ballad, coral, echo, fable, onyx, nova, sage, shimmer, verse, marin, cedar) to 'default' (the "
+           "built-in voice), a library voice id (usable by every key) or a voice name in the caller's library; "
+           "unmapped names: the built-in voice", (SERVE,)),
+    Option("max_voices", "--max-voices", "library voices one key may keep (default 20; 0: no voice library)",
+           (SERVE,), int),
+    Option("max_voice_bytes", "--max-voice-bytes", "largest audio sample of a library voice, in bytes (default "
+           "10000000)", (SERVE,), int),
     Option("metrics_port", "--metrics-port", "serve this worker's Prometheus metrics on this port (default 0: off)",
            (WORKER,), int, env="WORKER_METRICS_PORT"),
     Option("metrics_host", "--metrics-host", "address of the metrics listener (default 127.0.0.1)", (WORKER,),

@@ -4,10 +4,12 @@ bodies, submitting a job, finding a caller's job. One `ApiContext` per app; rout
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -25,6 +27,7 @@ from .signing import UrlSigner
 log = logging.getLogger("chatterbox_serverless.api")
 
 MAX_BODY_BYTES = 16 * 1024 * 1024     # a 10 MB reference clip in base64 fits
+NO_WORKER_GRACE_S = 2.0   # a synchronous call waits this long for a live worker before answering 502
 EXT_BY_TYPE = {media_type: name for name, media_type in FORMATS.items()}
 
 
@@ -55,6 +58,8 @@ class ApiContext:
         self.metrics = ApiMetrics()
         from ..media.fetch import AllowList
         self.allow_hosts = AllowList(self.settings.allow_fetch_hosts)     # what reference URLs may reach
+        self.voices = service.voices                                      # the voice library, or None
+        self.wait_limiter = anyio.CapacityLimiter(1000)    # threads parked in store.wait for synchronous calls
 
     # --- URLs ------------------------------------------------------------------------------------------------
     def base_url(self, request: Request) -> str:
@@ -122,6 +127,8 @@ class ApiContext:
     # --- jobs ------------------------------------------------------------------------------------------------
     def submit(self, request: Request, params: TTSRequest, owner: str, mode: str) -> Job:
         """Hold the credits and queue the job (blocking: call in a thread). 429 when the queue is full."""
+        if params.voice is not None:     # the job records the library voice's id (None: the built-in voice)
+            params = params.model_copy(update={"voice": self.resolve_voice(owner, params.voice)})
         job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json"))
         max_queue = self.settings.max_queue
         if self.gate.enabled and self.store.stats().by_state.get("QUEUED", 0) >= max_queue:
@@ -141,6 +148,48 @@ class ApiContext:
         log.info("job queued", extra={"request_id": job.id, "mode": mode, "owner": owner or None,
                                       "chars": len(params.text)})
         return job
+
+    def resolve_voice(self, owner: str, value: str) -> str | None:
+        """A request's `voice` as the id of a library voice the caller may use, or None (built-in); 400 naming
+        the parameter otherwise (blocking: a store read)."""
+        from ..voices.library import BUILTIN_VOICE, VoiceError
+        if self.voices is None:
+            if value.strip().lower() == BUILTIN_VOICE:
+                return None
+            raise ApiError(400, "parameter 'voice': this server has no voice library (use 'default')")
+        try:
+            return self.voices.resolve(owner, value)
+        except VoiceError as e:
+            raise ApiError(e.status, e.message) from None
+
+    async def run_and_wait(self, request: Request, params: TTSRequest, owner: str, mode: str
+                           ) -> tuple[Job, bytes, str]:
+        """Queue a job and wait for it (the synchronous routes): 502 when no worker is alive (after a short grace
+        for a restart), 422 when the job FAILED, 504 when it is not done within sync_timeout (it goes on: the body
+        carries its status URLs). Returns the COMPLETED job, its audio and media type."""
+        reason = await run_in_threadpool(self.no_worker_reason)
+        deadline = time.monotonic() + NO_WORKER_GRACE_S
+        while reason and time.monotonic() < deadline:     # ride out a worker restart before answering 502
+            await anyio.sleep(0.25)
+            reason = await run_in_threadpool(self.no_worker_reason)
+        if reason:
+            raise ApiError(502, f"service temporarily unavailable: {reason}")
+        job = await run_in_threadpool(self.submit, request, params, owner, mode)
+        final = await anyio.to_thread.run_sync(self.store.wait, job.id, self.settings.sync_timeout,
+                                               limiter=self.wait_limiter)
+        ids = {"x-request-id": job.id}
+        if final is None:
+            raise ApiError(500, "the job disappeared before it finished", ids, request_id=job.id)
+        if final.state == JobState.FAILED:
+            raise ApiError(422, final.error or "failed", ids, request_id=job.id, status="FAILED")
+        if final.state != JobState.COMPLETED:
+            raise ApiError(504, f"the request did not finish within {self.settings.sync_timeout:g} s; it goes on: "
+                                f"poll its status_url", ids, request_id=job.id, status=final.state.value,
+                           **self.job_urls(request, job.id))
+        audio = await run_in_threadpool(self.store.get_audio, job.id)
+        if audio is None:
+            raise ApiError(404, f"request {job.id} expired before its audio could be sent", ids)
+        return final, audio[0], audio[1]
 
     def _queue_full(self, why: str) -> None:
         self.metrics.rejected.inc()

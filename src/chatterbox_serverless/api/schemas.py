@@ -11,7 +11,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from ..engine.contract import SynthesisParams
@@ -38,6 +38,18 @@ class TTSRequest(BaseModel):
     repetition_penalty: float = Field(1.2, ge=1, le=2, description="Penalty on repeated speech tokens.")
     seed: int = Field(42, ge=0, le=MAX_SEED, description="Same input and seed give the same audio.")
     output_format: OutputFormatName = Field(DEFAULT_FORMAT, description=f"Audio container: {describe_formats()}.")
+    voice: str | None = Field(
+        None, description="A library voice (POST /v1/audio/voices): its id or name; 'default' (or omitted): the "
+                          "model's built-in voice. Not together with reference_audio.")
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="Playback speed of the result, 0.25-4: a time-stretch "
+                                                           "that keeps the pitch (billed on the unstretched audio).")
+
+    @field_validator("voice")
+    @classmethod
+    def _one_voice(cls, voice: str | None, info: ValidationInfo) -> str | None:
+        if voice is not None and info.data.get("reference_audio") is not None:
+            raise PydanticCustomError("voice_and_reference", "give either 'voice' or 'reference_audio', not both")
+        return voice
 
     @field_validator("text")
     @classmethod

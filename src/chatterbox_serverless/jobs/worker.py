@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..engine.contract import Engine, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
+from ..engine.contract import Engine, PreparedVoice, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
 from .policy import ContentPolicy
 from .batching import BatchClaimer
 from .store import Job, JobStore
@@ -72,6 +72,7 @@ def is_storage_error(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in STORAGE_ERRNOS
 
 ResolveReference = Callable[[str], VoiceAudio]          # reference_audio value -> decoded clip; raises with a reason
+ResolveVoice = Callable[[str], "VoiceAudio | PreparedVoice"]   # library voice id -> the voice; raises with a reason
 EncodeAudio = Callable[[np.ndarray, int, str], tuple[bytes, str]]   # (samples, rate, format) -> (bytes, media type)
 
 
@@ -103,9 +104,14 @@ def _no_reference_support(value: str) -> VoiceAudio:
     raise RuntimeError("this worker cannot read reference audio (no resolver configured)")
 
 
+def _no_voice_library(value: str) -> VoiceAudio:
+    raise RuntimeError("this worker has no voice library (no resolver configured)")
+
+
 class Worker:
     def __init__(self, store: JobStore, engine: Engine, *, encode: EncodeAudio,
-                 resolve_reference: ResolveReference | None = None, policy: ContentPolicy | None = None,
+                 resolve_reference: ResolveReference | None = None, resolve_voice: ResolveVoice | None = None,
+                 policy: ContentPolicy | None = None,
                  worker_id: str | None = None, batch_size: int = 8, batch_wait: float = 0.02,
                  lease_seconds: float = 30.0, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, poll_interval: float = 0.1, maintenance_interval: float = 5.0,
@@ -115,6 +121,7 @@ class Worker:
         self.engine = engine
         self.encode = encode
         self.resolve_reference = resolve_reference or _no_reference_support
+        self.resolve_voice = resolve_voice or _no_voice_library       # `voice`: a library voice's id
         self.policy = policy or ContentPolicy()
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lease_seconds = lease_seconds
@@ -262,6 +269,8 @@ class Worker:
             ref = job.params.get("reference_audio")
             if ref:
                 voices[job.id] = self._fetch_pool.submit(self.resolve_reference, ref)
+            elif job.params.get("voice"):
+                voices[job.id] = self._fetch_pool.submit(self.resolve_voice, str(job.params["voice"]))
         for job in jobs:
             text = str(job.params.get("text", ""))
             reason = self.policy.violation(text)
@@ -277,7 +286,8 @@ class Worker:
                         self._retry_later(job, e)
                         continue
                     reason = public_reason(e)
-                    self._fail(job, reason if reason.startswith("reference_audio") else f"reference_audio: {reason}")
+                    param = "reference_audio" if job.params.get("reference_audio") else "voice"
+                    self._fail(job, reason if reason.startswith(param) else f"{param}: {reason}")
                     continue
             try:
                 request = SynthesisRequest(text=text, params=synthesis_params(job.params), voice=voice,
@@ -323,10 +333,16 @@ class Worker:
             self._fail(job, result.error or "the engine returned no audio", metrics)
             return
         fmt = str(job.params.get("output_format") or "mp3")
+        speed = float(job.params.get("speed") or 1.0)
         try:
             audio = np.asarray(result.audio, dtype=np.float32).reshape(-1)
             rate = int(self.engine.sample_rate)
-            data, media_type = self.encode(audio, rate, fmt)
+            if speed != 1.0:       # billed on the audio the model made; the output is `speed` times shorter
+                from ..media.stretch import time_stretch
+                metrics["speed"] = speed
+                data, media_type = self.encode(time_stretch(audio, rate, speed), rate, fmt)
+            else:
+                data, media_type = self.encode(audio, rate, fmt)
         except Exception as e:
             log.exception("encoding failed", extra={"request_id": job.id})
             if is_storage_error(e):

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import httpx
 import numpy as np
 
-from ..engine.contract import SynthesisRequest, SynthesisResult
+from ..engine.contract import PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
 from .http import live_server
 
 
@@ -45,6 +45,16 @@ class FakeEngineForTests:
     amplitude: float = 0.3
     batches: list[list[str]] = field(default_factory=list)      # request ids per call, for assertions
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    voice_variant: str = "fake:1"
+    prepared: list[str] = field(default_factory=list)            # clips prepared (library voices), by hash
+
+    def prepare_voice(self, voice: VoiceAudio) -> PreparedVoice:
+        """Library voices: "conditionals" are a hash of the clip (counted in `prepared`)."""
+        import hashlib
+        digest = hashlib.blake2b(np.ascontiguousarray(voice.samples, dtype=np.float32).tobytes()).hexdigest()
+        with self.lock:
+            self.prepared.append(digest)
+        return PreparedVoice(self.voice_variant, digest.encode())
 
     def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
         with self.lock:
@@ -57,6 +67,9 @@ class FakeEngineForTests:
         for r in requests:
             if self.fail_marker in r.text:
                 out.append(SynthesisResult(error="fake engine: this text cannot be spoken"))
+                continue
+            if isinstance(r.voice, PreparedVoice) and r.voice.variant != self.voice_variant:
+                out.append(SynthesisResult(error="fake engine: conditionals of another variant"))
                 continue
             seconds = min(self.max_seconds, self.base_seconds + self.seconds_per_char * len(r.text))
             t = np.arange(int(seconds * self.sample_rate), dtype=np.float32) / self.sample_rate

@@ -140,7 +140,7 @@ def test_unknown_and_foreign_ids_are_404(client):
     ({"text": "hi", "repetition_penalty": 0.5}, "'repetition_penalty'"),
     ({"text": "hi", "seed": 1.5}, "'seed'"),
     ({"text": "hi", "seed": -1}, "'seed'"),
-    ({"text": "hi", "output_format": "aac"}, "'output_format'"),
+    ({"text": "hi", "output_format": "m4a"}, "'output_format'"),
     ({"text": "   "}, "'text'"),
     ({"text": 5}, "'text'"),
     ({"exaggeration": 1}, "'text'"),

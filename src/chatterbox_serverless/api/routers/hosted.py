@@ -7,29 +7,23 @@
 """
 from __future__ import annotations
 
-import time
-
-import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from ...jobs.store import JobState
 from ...media import FORMATS
-from ..context import EXT_BY_TYPE, ApiContext
+from ..context import EXT_BY_TYPE, NO_WORKER_GRACE_S, ApiContext  # noqa: F401 - NO_WORKER_GRACE_S re-exported
 from ..errors import ERROR_RESPONSES, NOT_ENOUGH_CREDITS, ApiError, echo
 from ..schemas import ErrorResponse, ResultResponse, StatusResponse, SubmitResponse, TTSRequest
 
 SLUG = "chatterbox-tts"
-NO_WORKER_GRACE_S = 2.0   # v1 waits this long for a live worker before answering 502
 _BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": TTSRequest.model_json_schema()}}}}
 
 
 def router(ctx: ApiContext) -> APIRouter:
     r = APIRouter(tags=[SLUG])
-    store, settings, auth = ctx.store, ctx.settings, ctx.auth
-    wait_limiter = anyio.CapacityLimiter(1000)    # threads parked in store.wait for v1 calls
+    auth = ctx.auth
 
     @r.post(f"/v2/{SLUG}", response_model=SubmitResponse, responses={**ERROR_RESPONSES, **NOT_ENOUGH_CREDITS},
             summary="Queue a synthesis job", openapi_extra=_BODY_DOC)
@@ -47,28 +41,8 @@ def router(ctx: ApiContext) -> APIRouter:
                        **ERROR_RESPONSES, **NOT_ENOUGH_CREDITS})
     async def run_v1(request: Request, owner: str = Depends(auth)):
         params = await ctx.parse_tts(request)
-        reason = await run_in_threadpool(ctx.no_worker_reason)
-        deadline = time.monotonic() + NO_WORKER_GRACE_S
-        while reason and time.monotonic() < deadline:     # ride out a worker restart before answering 502
-            await anyio.sleep(0.25)
-            reason = await run_in_threadpool(ctx.no_worker_reason)
-        if reason:
-            raise ApiError(502, f"service temporarily unavailable: {reason}")
-        job = await run_in_threadpool(ctx.submit, request, params, owner, "v1")
-        final = await anyio.to_thread.run_sync(store.wait, job.id, settings.sync_timeout, limiter=wait_limiter)
-        ids = {"x-request-id": job.id}
-        if final is None:
-            raise ApiError(500, "the job disappeared before it finished", ids, request_id=job.id)
-        if final.state == JobState.FAILED:
-            raise ApiError(422, final.error or "failed", ids, request_id=job.id, status="FAILED")
-        if final.state != JobState.COMPLETED:
-            raise ApiError(504, f"the request did not finish within {settings.sync_timeout:g} s; it goes on: poll "
-                                f"its status_url", ids, request_id=job.id, status=final.state.value,
-                           **ctx.job_urls(request, job.id))
-        audio = await run_in_threadpool(store.get_audio, job.id)
-        if audio is None:
-            raise ApiError(404, f"request {job.id} expired before its audio could be sent", ids)
-        data, media_type = audio
+        job, data, media_type = await ctx.run_and_wait(request, params, owner, "v1")   # 502/422/504 as ApiError
+        final, ids = job, {"x-request-id": job.id}
         headers = {**ids, "x-seed-value": str(params.seed), "cache-control": "no-store",
                    "x-generation-time": str(final.metrics.get("inference_time", "")),
                    "content-disposition": f'inline; filename="{job.id}.{EXT_BY_TYPE.get(media_type, "bin")}"'}
