@@ -118,3 +118,131 @@ def sample(probs: Tensor, generators: list[torch.Generator], greedy: Tensor | No
     out = [probs[i : i + 1].argmax(dim=-1, keepdim=True) if f else torch.multinomial(probs[i : i + 1], 1, generator=g)
            for i, (g, f) in enumerate(zip(generators, flags))]
     return torch.cat(out).view(-1)
+
+
+# ---------------------------------------------------------------------------------------------------- Turbo
+#
+# chatterbox-tts 0.1.7 `T3.inference_turbo`, one request at a time, through transformers' logits processors:
+#     temperature        l / t                        (skipped when t == 1; dividing by 1 changes nothing)
+#     top_k              drop tokens whose logit is below the k-th largest (ties with it stay)
+#     top_p              as above, on the temperature-scaled, top-k-cut logits (skipped when top_p >= 1)
+#     repetition penalty on the ids of the history: [START] at the first step, then the tokens generated so far
+#                        (START no longer), each id once; after the truncation (-inf stays -inf)
+#     softmax, then one multinomial draw. No CFG, no min_p.
+# Temperature 0 means greedy decoding, defined as the limit of that chain as t -> 0+: top_p < 1 then keeps only
+# the top token, so the draw is the argmax of the raw logits; without top_p (top_p >= 1) the penalty still
+# reorders the top_k kept tokens, so it is the argmax of the penalised logits among them (the first id among
+# equal maxima either way). The official code cannot do it (it skips the temperature at 0 and samples at t = 1).
+
+
+@dataclass
+class TurboSamplingParams:
+    """Per-row parameters, tensors of shape (R,): temperature, repetition_penalty float32, top_p float64 (its
+    threshold is computed in double precision, as in Python), top_k int64 (<= 0: no top-k)."""
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    repetition_penalty: Tensor
+
+    @classmethod
+    def from_lists(cls, device: torch.device | str, *, temperature, top_k, top_p,
+                   repetition_penalty) -> "TurboSamplingParams":
+        return cls(torch.tensor(temperature, dtype=torch.float32, device=device),
+                   torch.tensor(top_k, dtype=torch.long, device=device),
+                   torch.tensor(top_p, dtype=torch.float64, device=device),
+                   torch.tensor(repetition_penalty, dtype=torch.float32, device=device))
+
+
+def apply_top_k(logits: Tensor, top_k: Tensor) -> Tensor:
+    """Per row: -inf below the k-th largest logit (transformers' TopKLogitsWarper; k <= 0 keeps everything)."""
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    if bool((k >= V).all()):
+        return logits
+    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    remove = (logits < kth) & (k < V)[:, None]
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_top_p_rows(logits: Tensor, top_p: Tensor) -> Tensor:
+    """`apply_top_p` on the rows with top_p < 1 only (transformers' processor is not applied at all at 1)."""
+    active = top_p < 1.0
+    if not bool(active.any()):
+        return logits
+    cut = apply_top_p(logits, torch.where(active, top_p, torch.zeros_like(top_p)))
+    return torch.where(active[:, None], cut, logits)
+
+
+def process_logits_turbo(logits: Tensor, seen: Tensor, params: TurboSamplingParams) -> Tensor:
+    """Raw logits (R, V) and history ids `seen` (R, V) bool -> the distribution to sample from (R, V), float32,
+    in Turbo's order (see above). Rows with temperature 0 get a point mass on their greedy token."""
+    raw = logits.float()
+    greedy = params.temperature == 0
+    x = apply_temperature(raw, params.temperature)
+    x = apply_top_k(x, params.top_k)
+    x = apply_top_p_rows(x, params.top_p)
+    x = apply_repetition_penalty(x, seen, params.repetition_penalty)
+    probs = torch.softmax(x, dim=-1)
+    if bool(greedy.any()):
+        # the limit t -> 0+: with top_p < 1 only the raw argmax survives; else the penalised argmax of top_k
+        limit = apply_repetition_penalty(apply_top_k(raw, params.top_k), seen, params.repetition_penalty)
+        limit = torch.where((params.top_p < 1.0)[:, None], raw, limit)
+        point = torch.zeros_like(probs).scatter_(-1, limit.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], point, probs)
+    return probs
+
+
+# --------------------------------------------------------------------------------------------------- chains
+
+class SamplingChain:
+    """How a variant turns a request's logits into its next token (engine/variants.py picks one): the rows a
+    request takes in the KV cache, the batched logits processing, and what the repetition history holds."""
+    name = "base"
+    keeps_start_in_history = True        # the start-of-speech id stays in the penalty's history after step 0
+
+    def rows_needed(self, params) -> int:
+        raise NotImplementedError
+
+    def process(self, cond: Tensor, uncond: Tensor, seen: Tensor, params: list) -> Tensor:
+        """cond/uncond (R, V) raw logits (uncond = cond for rows without CFG), seen (R, V), the requests'
+        SynthesisParams -> (probs (R, V), greedy (R,) bool)."""
+        raise NotImplementedError
+
+
+class CFGMinPChain(SamplingChain):
+    """The original model: CFG (two rows when cfg_weight > 0), repetition penalty, temperature, min_p, top_p."""
+    name = "cfg-min_p"
+    keeps_start_in_history = True
+
+    def rows_needed(self, params) -> int:
+        return 2 if params.cfg_weight > 0 else 1
+
+    def process(self, cond, uncond, seen, params, rows=None):
+        p = SamplingParams.from_lists(
+            cond.device, cfg_weight=[x.cfg_weight if n == 2 else 0.0 for x, n in zip(params, rows)],
+            repetition_penalty=[x.repetition_penalty for x in params], temperature=[x.temperature for x in params],
+            min_p=[x.min_p for x in params], top_p=[x.top_p for x in params])
+        return process_logits(cond, uncond, seen, p), greedy_rows(p)
+
+
+TURBO_TOP_K = 1000     # the official default; a request's params may carry `top_k` (read when present)
+
+
+class TurboChain(SamplingChain):
+    """Turbo: one row, temperature -> top_k -> top_p -> repetition penalty; cfg_weight, min_p and exaggeration
+    are ignored (as the official code does, with a warning there). `top_k` comes from the request's params when
+    they have one (contract.SynthesisParams does not carry it yet: TURBO_TOP_K then)."""
+    name = "turbo"
+    keeps_start_in_history = False
+
+    def rows_needed(self, params) -> int:
+        return 1
+
+    def process(self, cond, uncond, seen, params, rows=None):
+        p = TurboSamplingParams.from_lists(
+            cond.device, temperature=[x.temperature for x in params], top_k=[int(getattr(x, "top_k", TURBO_TOP_K)) for x in params],
+            top_p=[x.top_p for x in params], repetition_penalty=[x.repetition_penalty for x in params])
+        return process_logits_turbo(cond, seen, p), p.temperature == 0
+
+
+CHAINS = {c.name: c for c in (CFGMinPChain, TurboChain)}

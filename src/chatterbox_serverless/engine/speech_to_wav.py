@@ -91,7 +91,8 @@ def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
                 raise ValueError(f"noise for item {i} has {n.shape[1]} frames, needs {frames}")
         else:
             g = generators[i] if generators is not None else None
-            n = torch.randn((1, mels_dim, frames), generator=g, device=g.device if g is not None else dev)[0]
+            new_frames = ratio * int(it.tokens.shape[-1])
+            n = flow.decoder.draw_noise(frames - new_frames, new_frames, g, dev)
         noise_list.append(n[:, :frames].to(dev, torch.float32))
 
     out: list[torch.Tensor | None] = [None] * len(items)

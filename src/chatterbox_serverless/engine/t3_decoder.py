@@ -6,9 +6,10 @@ generator and stopping rule. A step
   1. admits waiting requests (while rows are free): prefill of their prefix, which gives their first logits,
      in one forward for all of them (what does not depend on the text, the conditioning positions and the
      unconditional row up to its BOS, is kept per voice and exaggeration in an LRU cache: see `_place`);
-  2. turns every active request's logits into a distribution (CFG, repetition penalty, temperature, min_p,
-     top_p; `engine/sampling.py`) in one batched call, then draws one token per request with its own generator
-     (temperature 0: the argmax, no draw);
+  2. turns every active request's logits into a distribution with the variant's sampling chain
+     (`engine/sampling.py`: CFG, repetition penalty, temperature, min_p, top_p for the original; temperature,
+     top_k, top_p, repetition penalty for Turbo) in one batched call, then draws one token per request with its
+     own generator (temperature 0: the greedy token, no draw);
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
      move into the holes so that the active rows stay contiguous;
   4. feeds every remaining request's new token (to both of its rows) through the backbone in one forward.
@@ -18,6 +19,11 @@ the same tokens alone or in a batch (its own generator; its rows never see other
 The prefix reproduces chatterbox-tts 0.1.7: [cond (34) | START text STOP | BOS | BOS], RoPE positions from 0,
 generated token i embedded with speech position i+1, repetition history starting with one BOS. With
 cfg_weight == 0 the unconditional row is not computed at all (0.1.7 itself fails there).
+Turbo's (`T3.inference_turbo`): [speaker | prompt tokens (375) | text | START], one row, GPT-2 positions running
+on from 0; the history is [START] for the first draw, then the generated tokens. Its conditioning positions
+depend on the voice only, so their keys/values are the per-voice cache entry (the 376-position prefill is paid
+once per voice); the text and START are computed per request. Which layout a model has is the model's
+(`T3.frame_text`, `T3.text_embeds`); which chain samples is the variant's (`SamplingChain`).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .models.t3 import T3
-from .sampling import SamplingParams, greedy_rows, process_logits, sample
+from .sampling import CFGMinPChain, SamplingChain, sample
 from .contract import SynthesisParams
 
 
@@ -86,8 +92,9 @@ class T3Decoder:
     rows x (prefix + generated tokens) x 245 KB in float32 (half in bfloat16) for the official size."""
 
     def __init__(self, model: T3, max_rows: int = 32, initial_capacity: int = 512, prefix_cache_size: int = 8,
-                 max_cached_text: int = 512):
+                 max_cached_text: int = 512, chain: SamplingChain | None = None):
         self.model = model
+        self.chain = chain if chain is not None else CFGMinPChain()
         self.prefix_cache_size = prefix_cache_size    # voices whose text-independent keys/values are kept
         self.max_cached_text = max_cached_text        # longest text (tokens + 2) whose uncond. positions are kept
         self.prefix_cache: OrderedDict[bytes, list[tuple[Tensor, Tensor]]] = OrderedDict()
@@ -104,24 +111,22 @@ class T3Decoder:
     def validate(self, req: T3Request) -> None:
         """Raise ValueError (with a message fit for the caller) for a request this model cannot run."""
         cfg = self.cfg
-        n_text = len(req.text_ids) + 2
-        if n_text > cfg.max_text_positions:
-            raise ValueError(f"text too long: {n_text - 2} tokens, at most {cfg.max_text_positions - 2}")
         if req.text_ids and (min(req.text_ids) < 0 or max(req.text_ids) >= cfg.text_vocab_size):
             raise ValueError(f"text token ids must be in [0, {cfg.text_vocab_size})")
-        if not 1 <= req.max_new_tokens <= cfg.max_speech_positions - 1:
-            raise ValueError(f"max_new_tokens must be in [1, {cfg.max_speech_positions - 1}]")
         if req.cond is None:
             if req.speaker_emb.numel() != cfg.speaker_embed_size:
                 raise ValueError(f"speaker embedding has {req.speaker_emb.numel()} values, "
                                  f"expected {cfg.speaker_embed_size}")
             p = req.prompt_tokens.reshape(-1)
-            if not 1 <= p.numel() <= cfg.max_speech_positions:
-                raise ValueError(f"conditioning prompt must hold 1..{cfg.max_speech_positions} speech tokens")
+            if not 1 <= p.numel() <= (cfg.max_speech_positions if cfg.learned_positions else cfg.max_positions):
+                raise ValueError("conditioning prompt must hold at least one speech token and fit the model")
             if p.min() < 0 or p.max() >= cfg.speech_vocab_size:
                 raise ValueError("conditioning prompt tokens out of range")
-        elif tuple(req.cond.shape) != (cfg.cond_len, cfg.hidden_size):
-            raise ValueError(f"cond must have shape {(cfg.cond_len, cfg.hidden_size)}")
+        elif (req.cond.dim() != 2 or req.cond.shape[1] != cfg.hidden_size
+              or (cfg.perceiver and req.cond.shape[0] != cfg.cond_len)):
+            raise ValueError(f"cond must have shape ({cfg.cond_len if cfg.perceiver else 'P + 1'}, {cfg.hidden_size})")
+        self.model.check_lengths(len(req.text_ids), self._cond_len(req) - self.model.cond_len(0),
+                                 req.max_new_tokens)
         if req.forced_tokens is not None and not 1 <= len(req.forced_tokens) <= req.max_new_tokens:
             raise ValueError("forced_tokens must hold 1..max_new_tokens tokens")
         if self._rows_needed(req) > self.max_rows:
@@ -166,7 +171,7 @@ class T3Decoder:
                 break
             batch.append(req)
             rows += self._rows_needed(req)
-            longest = max(longest, self.cfg.cond_len + 2 * (len(req.text_ids) + 4))
+            longest = max(longest, self._cond_len(req) + 2 * (len(req.text_ids) + 4))
         if not batch:
             return
         self.cache.ensure(rows, longest, max_rows=self.max_rows)     # one allocation for the whole batch
@@ -220,9 +225,15 @@ class T3Decoder:
             self.prefix_cache.popitem(last=False)
         return kv
 
+    def _cond_len(self, req: T3Request) -> int:
+        """The request's conditioning positions."""
+        if req.cond is not None:
+            return int(req.cond.shape[0])
+        return self.model.cond_len(req.prompt_tokens.numel())
+
     def _cond_key(self, req: T3Request) -> bytes | None:
         """What the conditioning positions depend on: the voice (speaker embedding + prompt tokens, or a given
-        cond) and the exaggeration."""
+        cond) and, for a model that conditions on it, the exaggeration."""
         if self.prefix_cache_size <= 0:
             return None
         h = hashlib.sha256()
@@ -231,12 +242,12 @@ class T3Decoder:
         else:
             h.update(b"spk:" + req.speaker_emb.detach().to("cpu", torch.float32).numpy().tobytes())
             h.update(b"prompt:" + req.prompt_tokens.detach().to("cpu", torch.long).numpy().tobytes())
-            h.update(b"exaggeration:" + repr(float(req.params.exaggeration)).encode())
+            if self.cfg.perceiver:
+                h.update(b"exaggeration:" + repr(float(req.params.exaggeration)).encode())
         return h.digest()
 
-    @staticmethod
-    def _rows_needed(req: T3Request) -> int:
-        return 2 if req.params.cfg_weight > 0 else 1
+    def _rows_needed(self, req: T3Request) -> int:
+        return self.chain.rows_needed(req.params)
 
     def _place(self, req: T3Request, rows: tuple[int, ...]) -> list[tuple[Tensor, int]]:
         """Fill the request's cache rows (conditional[, unconditional]) with its text-independent prefix; return
@@ -251,12 +262,13 @@ class T3Decoder:
         unconditional row, about half the prefill work."""
         m, cfg = self.model, self.cfg
         device = m.device
-        text = torch.tensor([cfg.start_text_token, *req.text_ids, cfg.stop_text_token], dtype=torch.long)
-        use_cfg = self._rows_needed(req) == 2
-        x = m.text_embeds(text, cfg=use_cfg)                                   # (R, n_text + 2, C)
-        n_text, n_cond = text.numel(), cfg.cond_len
+        text = m.frame_text(req.text_ids)
+        use_cfg = len(rows) == 2
+        x = m.text_embeds(text, cfg=use_cfg)                     # (R, n_after, C): text, BOS, BOS | text, START
+        n_after, n_cond = x.shape[1], self._cond_len(req)
+        n_text = n_after - 2                                     # (CFG layout) text positions before the BOS pair
         first, u = rows[0], rows[-1]
-        self.cache.ensure(max(rows) + 1, n_cond + n_text + 2)
+        self.cache.ensure(max(rows) + 1, n_cond + n_after)
         key = self._cond_key(req)
         entry = self.prefix_cache.get(key) if key is not None else None
         if entry is None:
@@ -266,7 +278,7 @@ class T3Decoder:
         else:
             self.prefix_cache.move_to_end(key)
             self.cache.write(first, entry, n_cond)
-        feeds = [(x[0], n_cond)]                                               # conditional row: text, BOS, BOS
+        feeds = [(x[0], n_cond)]                                # conditional row: text, BOS, BOS (or text, START)
         if use_cfg and (entry is None or n_text > self.max_cached_text):
             self.cache.move_row(first, u, n_cond)
             feeds.append((x[1], n_cond))
@@ -284,7 +296,7 @@ class T3Decoder:
         a = _Active(request=req, rows=list(rows), seen=seen, generator=gen)
         self.active.append(a)
         for r in rows:
-            self.row_owner[r], self.row_len[r] = a, n_cond + n_text + 2
+            self.row_owner[r], self.row_len[r] = a, n_cond + n_after
         return feeds
 
     def _prefill(self, first: int, feeds: list[tuple[Tensor, int]]) -> None:
@@ -309,18 +321,14 @@ class T3Decoder:
         uncond_rows = torch.tensor([a.rows[-1] for a in act], device=device)
         cond = self.next_logits.index_select(0, cond_rows)
         uncond = self.next_logits.index_select(0, uncond_rows)
-        p = [a.request.params for a in act]
-        params = SamplingParams.from_lists(
-            device, cfg_weight=[x.cfg_weight if len(a.rows) == 2 else 0.0 for x, a in zip(p, act)],
-            repetition_penalty=[x.repetition_penalty for x in p], temperature=[x.temperature for x in p],
-            min_p=[x.min_p for x in p], top_p=[x.top_p for x in p])
         seen = torch.stack([a.seen for a in act])
-        probs = process_logits(cond, uncond, seen, params)
+        probs, greedy = self.chain.process(cond, uncond, seen, [a.request.params for a in act],
+                                           rows=[len(a.rows) for a in act])
         forced = [a.request.forced_tokens is not None for a in act]
         if all(forced):
             tokens = [int(a.request.forced_tokens[len(a.tokens)]) for a in act]
         else:
-            sampled = sample(probs, [a.generator for a in act], greedy_rows(params)).tolist()
+            sampled = sample(probs, [a.generator for a in act], greedy).tolist()
             tokens = [int(a.request.forced_tokens[len(a.tokens)]) if f else t
                       for a, f, t in zip(act, forced, sampled)]
         for i, (a, tok) in enumerate(zip(act, tokens)):
@@ -328,6 +336,8 @@ class T3Decoder:
                 rows = cond[i : i + 1] if len(a.rows) == 1 else torch.stack((cond[i], uncond[i]))
                 a.logits.append(rows.float().cpu())
                 a.probs.append(probs[i].cpu())
+            if not a.tokens and not self.chain.keeps_start_in_history:
+                a.seen[self.cfg.start_speech_token] = False          # Turbo: START is the history of step 0 only
             a.tokens.append(tok)
             a.seen[tok] = True
 
@@ -375,19 +385,21 @@ class T3Decoder:
             probs=torch.stack(a.probs) if a.request.record else None)
 
 
-def generate(model: T3, requests: Sequence[T3Request], max_rows: int = 32) -> list[T3Result]:
+def generate(model: T3, requests: Sequence[T3Request], max_rows: int = 32,
+             chain: SamplingChain | None = None) -> list[T3Result]:
     """Decode a batch of requests together (continuous batching inside); results in input order."""
-    return T3Decoder(model, max_rows=max_rows).run(requests)
+    return T3Decoder(model, max_rows=max_rows, chain=chain).run(requests)
 
 
-def teacher_force(model: T3, request: T3Request, tokens: Sequence[int]) -> T3Result:
+def teacher_force(model: T3, request: T3Request, tokens: Sequence[int], chain: SamplingChain | None = None
+                  ) -> T3Result:
     """Feed the recorded `tokens` instead of sampling; the result holds each step's raw logits (S, 2, V) and
     the distribution the sampler would have drawn from (S, V)."""
     req = T3Request(text_ids=request.text_ids, speaker_emb=request.speaker_emb,
                     prompt_tokens=request.prompt_tokens, params=request.params,
                     max_new_tokens=max(request.max_new_tokens, len(tokens)), cond=request.cond,
                     forced_tokens=list(tokens), record=True, request_id=request.request_id)
-    return T3Decoder(model, max_rows=2).run([req])[0]
+    return T3Decoder(model, max_rows=2, chain=chain).run([req])[0]
 
 
 def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:

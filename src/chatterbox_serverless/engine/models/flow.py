@@ -2,9 +2,13 @@
 
 speech tokens [prompt | new] -> input_embedding (masked) -> UpsampleConformerEncoder (x2 frames) -> encoder_proj
 = mu (80 per frame); x-vector -> L2-normalise -> spk_embed_affine_layer = spks (80); cond = the prompt mel in
-the prompt frames, zeros after. Then 10 Euler steps from noise on the cosine schedule t = 1 - cos(pi/2 s), each
-calling the estimator once on the conditional rows and the unconditional rows (mu = spks = cond = 0) together:
-v = 1.7 v_cond - 0.7 v_uncond. The caller keeps the frames after the prompt.
+the prompt frames, zeros after. Then the solver (`FlowConfig.solver`, the variant's choice):
+  "cfg-cosine" (the original): 10 Euler steps from noise on the cosine schedule t = 1 - cos(pi/2 s), each calling
+      the estimator once on the conditional rows and the unconditional rows (mu = spks = cond = 0) together:
+      v = 1.7 v_cond - 0.7 v_uncond;
+  "meanflow" (Turbo, a distilled estimator): 2 Euler steps on a linear schedule, t = 0 -> 0.5 -> 1, the estimator
+      called once per step on the conditional rows only, with the step's start and end times (t, r).
+The caller keeps the frames after the prompt.
 
 Everything is batched over requests of different lengths and voices (right padding + masks).
 """
@@ -29,6 +33,7 @@ class FlowConfig:
     token_mel_ratio: int = 2
     n_timesteps: int = 10
     inference_cfg_rate: float = 0.7
+    solver: str = "cfg-cosine"     # or "meanflow"
     encoder: FlowEncoderConfig = field(default_factory=FlowEncoderConfig)
     decoder: FlowDecoderConfig = field(default_factory=FlowDecoderConfig)
 
@@ -59,18 +64,41 @@ class FlowConfig:
         return cls(**values)
 
 
+SOLVERS = ("cfg-cosine", "meanflow")
+
+
 class CausalConditionalCFM(nn.Module):
-    """Holds the estimator (key prefix `decoder.estimator.`) and runs the Euler solver with CFG."""
+    """Holds the estimator (key prefix `decoder.estimator.`) and runs the Euler solver of `config.solver`."""
 
     def __init__(self, config: FlowConfig):
         super().__init__()
+        if config.solver not in SOLVERS:
+            raise ValueError(f"flow solver {config.solver!r}: one of {', '.join(SOLVERS)}")
+        if (config.solver == "meanflow") != config.decoder.meanflow:
+            raise ValueError("the meanflow solver needs the meanflow estimator, and only it")
         self.config = config
         self.estimator = ConditionalDecoder(config.decoder)
+
+    def draw_noise(self, prompt_frames: int, new_frames: int, generator: torch.Generator | None,
+                   device: torch.device) -> torch.Tensor:
+        """The solver's initial x (80, prompt_frames + new_frames), drawn as the official code draws it: one
+        randn over all frames (CFM), except for meanflow, where S3Gen.flow_inference first draws the new frames'
+        noise itself, then the CFM draws over all frames and the first draw replaces the new frames."""
+        n = self.config.output_size
+        dev = generator.device if generator is not None else device
+        if self.config.solver != "meanflow":
+            return torch.randn((1, n, prompt_frames + new_frames), generator=generator, device=dev)[0]
+        new = torch.randn((1, n, new_frames), generator=generator, device=dev)[0]
+        z = torch.randn((1, n, prompt_frames + new_frames), generator=generator, device=dev)[0]
+        z[:, prompt_frames:] = new
+        return z
 
     def forward(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
                 cond: torch.Tensor, n_timesteps: int | None = None) -> torch.Tensor:
         """noise, mu, cond (B, 80, T); mask (B, 1, T) 0/1; spks (B, 80). Returns the sample (B, 80, T)."""
         n = n_timesteps or self.config.n_timesteps
+        if self.config.solver == "meanflow":
+            return self._meanflow(noise, mu, mask, spks, cond, n)
         cfg = self.config.inference_cfg_rate
         B, T = mu.size(0), mu.size(2)
         t_span = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
@@ -86,6 +114,19 @@ class CausalConditionalCFM(nn.Module):
             inp = torch.cat([torch.cat([x, x], dim=0), static], dim=1)
             v = self.estimator(inp, mask2, t_embs[i], key_mask)
             v = (1.0 + cfg) * v[:B] - cfg * v[B:]
+            x = x + (t_span[i + 1:i + 2] - t_span[i:i + 1]) * v
+        return x
+
+    def _meanflow(self, noise, mu, mask, spks, cond, n: int) -> torch.Tensor:
+        """`basic_euler` of the official CausalConditionalCFM: linear t_span, estimator(x, t, r), no CFG."""
+        B, T = mu.size(0), mu.size(2)
+        t_span = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
+        t_embs = self.estimator.time_embedding(t_span[:-1], t_span[1:]).unsqueeze(1)   # (n, 1, time_embed_dim)
+        static = torch.cat([mu, spks[:, :, None].expand(B, spks.size(1), T), cond], dim=1)
+        key_mask = self.estimator.key_mask(mask)
+        x = noise
+        for i in range(n):
+            v = self.estimator(torch.cat([x, static], dim=1), mask, t_embs[i], key_mask)
             x = x + (t_span[i + 1:i + 2] - t_span[i:i + 1]) * v
         return x
 

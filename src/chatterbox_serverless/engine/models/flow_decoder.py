@@ -7,6 +7,11 @@ added between its two convs) + transformer blocks (LayerNorm, 8x64 self-attentio
 the down/up blocks end with a causal conv k3 (no resampling in the official single-level model); final causal
 block; 1x1 conv to 80.
 
+The meanflow estimator of Chatterbox Turbo (`s3gen_meanflow.safetensors`, `meanflow=True`) has one more
+layer, `time_embed_mixer` (Linear 2*1024 -> 1024, no bias): the start time t and the end time r of a solver step
+go through the same sinusoidal embedding and `time_mlp`, are concatenated and mixed into one time embedding
+(IntMeanFlow); everything else is the same network.
+
 Batching is exact: convs only look left, masked inputs are zeroed before every conv, attention ignores padded
 keys (as the official additive -1e10 bias does).
 
@@ -37,6 +42,7 @@ class FlowDecoderConfig:
     n_blocks: int = 4               # transformer blocks per U-Net block
     num_mid_blocks: int = 12
     time_embed_dim: int = 1024      # 4 * channels
+    meanflow: bool = False          # time_embed_mixer: the (t, r) time embedding of Turbo's meanflow estimator
 
     @classmethod
     def tiny(cls) -> "FlowDecoderConfig":
@@ -59,7 +65,7 @@ class FlowDecoderConfig:
             channels=sd["final_proj.weight"].shape[1], attention_head_dim=inner // heads, num_heads=heads,
             n_blocks=len({k.split(".")[3] for k in sd if k.startswith("down_blocks.0.1.")}),
             num_mid_blocks=len({k.split(".")[1] for k in sd if k.startswith("mid_blocks.")}),
-            time_embed_dim=time_embed_dim,
+            time_embed_dim=time_embed_dim, meanflow=bool(overrides.get("meanflow", cls.meanflow)),
         )
 
 
@@ -218,6 +224,8 @@ class ConditionalDecoder(nn.Module):
             CausalConv1d(c.channels, c.channels, 3)])])
         self.final_block = CausalBlock1D(c.channels, c.channels)
         self.final_proj = nn.Conv1d(c.channels, c.out_channels, 1)
+        if c.meanflow:
+            self.time_embed_mixer = nn.Linear(2 * c.time_embed_dim, c.time_embed_dim, bias=False)
 
     @property
     def attention(self) -> str:
@@ -232,9 +240,16 @@ class ConditionalDecoder(nn.Module):
             if isinstance(m, SelfAttention):
                 m.sliced = kind == "sliced"
 
-    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        """(N,) times in [0, 1] -> (N, time_embed_dim)."""
-        return self.time_mlp(sinusoidal_time_embedding(t, self.config.in_channels).to(t.dtype))
+    def time_embedding(self, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) times in [0, 1] -> (N, time_embed_dim). A meanflow estimator takes the end times `r` (N,) too:
+        mixer([mlp(emb(t)), mlp(emb(r))])."""
+        emb = self.time_mlp(sinusoidal_time_embedding(t, self.config.in_channels).to(t.dtype))
+        if not self.config.meanflow:
+            return emb
+        if r is None:
+            raise ValueError("a meanflow estimator needs the end time r of the step")
+        end = self.time_mlp(sinusoidal_time_embedding(r, self.config.in_channels).to(r.dtype))
+        return self.time_embed_mixer(torch.cat([emb, end], dim=1))
 
     @staticmethod
     def key_mask(mask: torch.Tensor) -> torch.Tensor | None:

@@ -1,5 +1,7 @@
 """S3Gen: the container that holds all of `s3gen.safetensors` (key prefixes tokenizer., speaker_encoder., flow.,
-mel2wav.) and loads it strictly.
+mel2wav.) and loads it strictly. Turbo's `s3gen_meanflow.safetensors` is the same container with a meanflow
+estimator (one more key, `flow.decoder.estimator.time_embed_mixer.weight`) and its 2-step solver: which file and
+which solver is the variant's choice (engine/variants.py), passed in as `filename` and `architecture`.
 
 The official code loads this file with strict=False; here every tensor must land in a module and every
 module tensor must come from the file (only computable buffers such as the tokenizer's mel filters may be
@@ -44,7 +46,8 @@ class S3GenConfig:
         return cls(S3TokenizerConfig.tiny(), spk, flow, hift)
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None) -> "S3GenConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None,
+                        what: str = "S3Gen (s3gen.safetensors)") -> "S3GenConfig":
         """Sizes from the tensors of s3gen.safetensors; `overrides` is the whole checkpoint configuration
         (`checkpoint.read_config`; its sections "s3tokenizer", "campplus", "flow", "hift" are used)."""
         o = overrides or {}
@@ -55,9 +58,9 @@ class S3GenConfig:
             except CheckpointError:
                 raise
             except KeyError as e:   # a tensor the sizes are read from is absent
-                raise CheckpointError(f"S3Gen (s3gen.safetensors): 1 missing key(s): {prefix}{e.args[0]}") from None
+                raise CheckpointError(f"{what}: 1 missing key(s): {prefix}{e.args[0]}") from None
             except (IndexError, ValueError, TypeError) as e:   # a tensor of the wrong rank, an impossible size
-                raise CheckpointError(f"S3Gen (s3gen.safetensors), {prefix}*: not the expected tensors "
+                raise CheckpointError(f"{what}, {prefix}*: not the expected tensors "
                                       f"({type(e).__name__}: {e})") from None
 
         return cls(part(S3TokenizerConfig, "tokenizer.", "s3tokenizer"),
@@ -87,24 +90,31 @@ class S3Gen(nn.Module):
         return self.flow.input_embedding.weight.dtype
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None) -> "S3Gen":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], overrides: dict | None = None,
+                        what: str = "S3Gen (s3gen.safetensors)") -> "S3Gen":
         """Build with sizes read from `sd`, load it strictly, fold HiFT's weight norm; eval mode."""
-        model = cls(S3GenConfig.from_state_dict(sd, overrides))
-        load_strict(model, sd, what="S3Gen (s3gen.safetensors)")
+        try:
+            config = S3GenConfig.from_state_dict(sd, overrides, what)
+            model = cls(config)
+        except ValueError as e:      # an impossible architecture (e.g. the meanflow solver without its estimator)
+            raise CheckpointError(f"{what}: {e}") from None
+        load_strict(model, sd, what=what)
         model.mel2wav.fold_weight_norm()
         return model.eval()
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32, config: dict | None = None) -> "S3Gen":
-        """Load `s3gen.safetensors` from a checkpoint directory. `config`: the checkpoint's configuration
-        (`checkpoint.read_config`, read here when not given).
+                        dtype: torch.dtype = torch.float32, config: dict | None = None,
+                        filename: str = "s3gen.safetensors") -> "S3Gen":
+        """Load `filename` (the variant's S3Gen file) from a checkpoint directory. `config`: the checkpoint's
+        configuration (`checkpoint.read_config`, read here when not given), with the variant's architecture
+        merged in (e.g. "flow": {"solver": "meanflow", ...}; see engine/variants.py).
         `dtype` applies to the flow; the tokenizer, speaker encoder and vocoder stay in float32."""
         ckpt_dir = Path(ckpt_dir)
         overrides = read_config(ckpt_dir) if config is None else config
-        path = ckpt_dir / "s3gen.safetensors"
+        path = ckpt_dir / filename
         with naming(path):
-            model = cls.from_state_dict(read_safetensors(path), overrides)
+            model = cls.from_state_dict(read_safetensors(path), overrides, what=f"S3Gen ({filename})")
         model = model.to(device)
         model.flow.to(dtype)
         return model
