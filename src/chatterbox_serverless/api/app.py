@@ -4,6 +4,8 @@
     routers/files.py       /files/{id}.{ext}: the signed audio URLs
     routers/accounts.py    /v1/account, /v1/admin/keys...
     routers/operations.py  /health, /ready, /metrics
+    routers/openai.py      OpenAI's speech API: /v1/audio/speech, /v1/models (errors in OpenAI's shape)
+    routers/voices.py      the voice library: /v1/audio/voices (OpenAI's shape too)
     docs.py                /docs, /redoc (assets served from the installation: they work offline), /openapi.json
 
 Every error is `{"error": "..."}` (unknown routes, wrong methods, malformed JSON and validation included; a
@@ -25,11 +27,11 @@ from .context import ApiContext
 from .docs import install_docs
 from .errors import install_error_handlers
 from .middleware import BodyTimeout, RequestContext
-from .routers import accounts, files, hosted, operations
+from .routers import accounts, files, hosted, operations, openai, voices
 
 log = logging.getLogger("chatterbox_serverless.api")
 
-ROUTERS = (hosted, files, accounts, operations)
+ROUTERS = (hosted, files, accounts, operations, openai, voices)
 
 
 def create_app(service: Service) -> FastAPI:

@@ -1,0 +1,148 @@
+"""OpenAI's speech API on the same queue, accounts and engine as the hosted routes:
+
+    POST /v1/audio/speech     text in, audio out (`stream_format` audio: the file, sent in chunks; sse:
+                              `speech.audio.delta` events with base64 audio, then `speech.audio.done` with usage)
+    GET  /v1/models           the model ids this deployment serves (its model and the operator's aliases)
+    GET  /v1/models/{id}
+
+A speech request is a job like `/v1/chatterbox-tts`'s (`ApiContext.run_and_wait`): same keys (Bearer or
+x-api-key), credits, rate limits, queue, worker. Errors on these routes are OpenAI's shape (api/errors.py).
+
+Streaming, today: the status must be known before the first byte, and the engine produces a request's audio
+when all of it is made, so the response starts when the job has COMPLETED; its body is then sent in chunks
+(`Transfer-Encoding: chunked`, SSE deltas). `audio_chunks` is where audio produced while generating plugs in.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ...media.formats import MEDIA_TYPES, OutputFormatName
+from ...voices.library import BUILTIN_VOICE, OPENAI_VOICES
+from ..context import ApiContext
+from ..errors import ApiError
+from ..schemas import TTSRequest, describe_validation_error
+from .hosted import SLUG
+
+CHUNK_BYTES = 16 * 1024                 # body chunks (pcm: whole samples)
+SAMPLING = ("seed", "temperature", "exaggeration", "cfg_weight", "min_p", "top_p", "repetition_penalty")
+STARTED = int(time.time())
+
+
+class VoiceId(BaseModel):
+    id: str
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's `POST /v1/audio/speech` body; the hosted routes' sampling parameters are accepted beside it
+    (seed, temperature, exaggeration, cfg_weight, min_p, top_p, repetition_penalty: same ranges)."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description=f"'{SLUG}', or one of the operator's aliases (GET /v1/models).")
+    input: str = Field(description="The text (at most the server's text limit, 5000 characters by default; "
+                                   "long text is spoken in sentence chunks).")
+    voice: str | VoiceId = Field(description=f"'{BUILTIN_VOICE}' (the model's built-in voice), one of OpenAI's "
+                                             f"names ({', '.join(OPENAI_VOICES)}: the voice the operator mapped it "
+                                             "to, by default the built-in one), or a library voice by id, by name, "
+                                             "or as {\"id\": ...}.")
+    instructions: str | None = Field(None, max_length=4096, description="Accepted, and has no effect: this model "
+                                     "takes no style prompt (use exaggeration and cfg_weight).")
+    response_format: OutputFormatName = Field("mp3", description="mp3, opus (Ogg), aac (ADTS), flac, wav, pcm (raw "
+                                              "24 kHz 16-bit little-endian mono, no header); ogg too.")
+    speed: float = Field(1.0, ge=0.25, le=4.0, description="0.25-4: a time-stretch that keeps the pitch.")
+    stream_format: Literal["audio", "sse"] = Field("audio", description="audio: the file; sse: server-sent events "
+                                                   "(speech.audio.delta with base64 audio, then speech.audio.done "
+                                                   "with usage: input_tokens = characters of input, output_tokens "
+                                                   "= speech tokens generated).")
+
+
+_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": SpeechRequest.model_json_schema()}}}}
+
+
+def served_models(ctx: ApiContext) -> list[str]:
+    return [SLUG, *(a for a in ctx.settings.model_aliases if a != SLUG)]
+
+
+def model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": STARTED, "owned_by": "chatterbox-serverless"}
+
+
+def router(ctx: ApiContext) -> APIRouter:
+    r = APIRouter(tags=["openai"])
+    auth = ctx.auth
+
+    async def parse(request: Request) -> tuple[SpeechRequest, TTSRequest]:
+        body = await ctx.read_json_body(request)
+        try:
+            speech = SpeechRequest.model_validate_json(body or b"null")
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            if err.get("type") == "json_invalid":
+                raise ApiError(400, f"malformed JSON body: {err.get('msg', '').removeprefix('Invalid JSON: ')}")
+            raise ApiError(400, describe_validation_error(e))
+        if speech.model not in served_models(ctx):
+            raise ApiError(404, f"parameter 'model': the model {speech.model[:80]!r} does not exist on this server "
+                                f"(it serves {', '.join(served_models(ctx))})", None, openai_code="model_not_found")
+        extra = {k: v for k, v in (speech.model_extra or {}).items() if k in SAMPLING}
+        voice = speech.voice.id if isinstance(speech.voice, VoiceId) else speech.voice
+        try:
+            params = TTSRequest.model_validate({"text": speech.input, "voice": voice, "speed": speech.speed,
+                                                "output_format": speech.response_format, **extra})
+        except ValidationError as e:
+            raise ApiError(400, describe_validation_error(e).replace("parameter 'text'", "parameter 'input'"))
+        text = params.text.strip()
+        if len(text) > ctx.settings.max_text_chars:
+            raise ApiError(400, f"parameter 'input': {len(text)} characters is more than this server's limit of "
+                                f"{ctx.settings.max_text_chars}")
+        return speech, params.model_copy(update={"text": text})
+
+    @r.post("/v1/audio/speech", summary="Generate audio from text (OpenAI's speech API)", openapi_extra=_BODY_DOC,
+            responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "text/event-stream": {}},
+                             "description": "The audio (chunked), or server-sent events"}})
+    async def speech(request: Request, owner: str = Depends(auth)):
+        body, params = await parse(request)
+        job, data, media_type = await ctx.run_and_wait(request, params, owner, "openai")
+        headers = {"x-request-id": job.id, "cache-control": "no-store", "x-seed-value": str(params.seed)}
+        chunks = audio_chunks(data, params.output_format)
+        if body.stream_format == "sse":
+            usage = {"input_tokens": len(params.text), "output_tokens": int(job.metrics.get("speech_tokens") or 0)}
+            usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+            return StreamingResponse(sse_events(chunks, usage), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(chunks, media_type=media_type, headers=headers)
+
+    @r.get("/v1/models", summary="The models this server serves (OpenAI's list)")
+    def list_models(owner: str = Depends(auth)):
+        return JSONResponse({"object": "list", "data": [model_object(m) for m in served_models(ctx)]})
+
+    @r.get("/v1/models/{model_id}", summary="One model (OpenAI's model object)")
+    def get_model(model_id: str, owner: str = Depends(auth)):
+        if model_id not in served_models(ctx):
+            raise ApiError(404, f"the model {model_id[:80]!r} does not exist on this server", None,
+                           openai_code="model_not_found", param="model")
+        return JSONResponse(model_object(model_id))
+
+    return r
+
+
+async def audio_chunks(data: bytes, fmt: str) -> AsyncIterator[bytes]:
+    """The audio as body chunks (pcm: whole 16-bit samples in every chunk)."""
+    step = CHUNK_BYTES - CHUNK_BYTES % 2
+    for i in range(0, len(data), step):
+        yield data[i:i + step]
+
+
+async def sse_events(chunks: AsyncIterator[bytes], usage: dict[str, int]) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        event = {"type": "speech.audio.delta", "audio": base64.b64encode(chunk).decode("ascii")}
+        yield f"data: {json.dumps(event)}\n\n".encode()
+    yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n".encode()
+
+
+__all__ = ["router", "SpeechRequest"]
