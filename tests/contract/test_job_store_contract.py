@@ -715,3 +715,318 @@ def test_writable_probes_a_write(store):
     job = submit(store)                                          # and the store works as before
     store.claim("w1", 1, LEASE)
     assert store.complete(job.id, "w1", b"x", "audio/wav", {})
+
+
+# --- queue conventions: cancel -----------------------------------------------------------------------------------
+from chatterbox_serverless.jobs.store import CANCELLED_REASON, LOST_ATTEMPT  # noqa: E402
+
+
+def test_cancel_a_queued_job_never_runs_and_releases_its_hold(store, reopen, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job, other = held_job(store, accounts, acc), held_job(store, accounts, acc)
+    got = store.cancel(job.id)
+    assert got.state is JobState.FAILED and got.cancelled and got.error == CANCELLED_REASON
+    assert got.finished_at is not None and acct.get_hold(job.id) is None
+    assert acct.get(acc.id).held == 7                                   # only `other` still holds
+    assert [j.id for j in store.claim("w1", 5, LEASE)] == [other.id]    # the cancelled one never runs
+    again = reopen().cancel(job.id)                                      # idempotent, from any instance
+    assert again.state is JobState.FAILED and again.cancelled and again.finished_at == pytest.approx(got.finished_at)
+    assert [e.kind for e in acct.ledger(acc.id) if e.job_id == job.id] == ["hold", "release"]
+    assert_explainable(acct, acc.id)
+
+
+def test_cancel_a_processing_job_takes_it_from_its_worker(store, reopen, billed):
+    acct = billed(store)
+    accounts = Accounts(acct, SUBMITTER)
+    _, acc = accounts.create_key(credits=100)
+    job = held_job(store, accounts, acc)
+    store.claim("w1", 1, LEASE)
+    api = reopen()                                      # another process (an API replica), billing attached
+    billed(api)
+    got = api.cancel(job.id)
+    assert got.state is JobState.FAILED and got.cancelled and got.worker_id is None
+    assert acct.get_hold(job.id) is None and acct.get(acc.id).held == 0
+    assert store.progress("w1", {job.id: {"stage": "encoding"}}) == set()      # the worker learns it lost it
+    assert store.complete(job.id, "w1", b"late", "audio/wav", {"audio_seconds": 4.2}) is False
+    assert store.fail(job.id, "w1", "late") is False
+    store.heartbeat("w1", [job.id], LEASE)
+    assert store.recover_expired(1) == 0
+    final = store.get(job.id)
+    assert final.state is JobState.FAILED and final.cancelled and store.get_audio(job.id) is None
+    assert acct.get(acc.id).balance == 100                               # nothing charged
+    assert_explainable(acct, acc.id)
+
+
+def test_cancel_a_job_handed_back_for_later(store):
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    assert store.retry_later(job.id, "w1", STORAGE_REASON, 0.05)
+    assert store.cancel(job.id).cancelled
+    time.sleep(0.1)
+    assert store.recover_expired(3) == 0 and store.claim("w2", 1, LEASE) == []
+    assert store.get(job.id).state is JobState.FAILED
+
+
+def test_cancel_leaves_finished_jobs_as_they_are(store):
+    done, failed = submit(store), submit(store)
+    store.claim("w1", 2, LEASE)
+    assert store.complete(done.id, "w1", b"a", "audio/wav", {})
+    assert store.fail(failed.id, "w1", "engine said no")
+    got = store.cancel(done.id)
+    assert got.state is JobState.COMPLETED and not got.cancelled and store.get_audio(done.id) == (b"a", "audio/wav")
+    got = store.cancel(failed.id)
+    assert got.state is JobState.FAILED and not got.cancelled and got.error == "engine said no"
+    assert store.cancel(str(uuid.uuid4())) is None
+
+
+def test_cancel_and_complete_racing_end_one_way(store, reopen):
+    """Whichever transition comes first wins; the job is never both completed and cancelled."""
+    for _ in range(10):
+        job = submit(store)
+        store.claim("w1", 1, LEASE)
+        other = reopen()
+        results: dict[str, object] = {}
+        t = threading.Thread(target=lambda: results.update(cancel=other.cancel(job.id)))
+        t.start()
+        results["complete"] = store.complete(job.id, "w1", b"a", "audio/wav", {})
+        t.join(10)
+        final = store.get(job.id)
+        if results["complete"]:
+            assert final.state is JobState.COMPLETED and not final.cancelled
+        else:
+            assert final.state is JobState.FAILED and final.cancelled and store.get_audio(job.id) is None
+        other.close()
+
+
+# --- queue conventions: events -----------------------------------------------------------------------------------
+
+def states_of(events) -> list:
+    return [(e.type, e.data.get("status") or e.data.get("stage")) for e in events]
+
+
+def test_events_number_every_state_change_and_progress(store, reopen):
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    assert store.progress("w1", {job.id: {"stage": "synthesizing", "chunks_done": 0, "chunks_total": 2}}) == {job.id}
+    assert store.progress("w2", {job.id: {"stage": "bogus"}}) == set()          # not the holder: nothing recorded
+    assert store.progress("w1", {job.id: {}}) == {job.id}                       # a check only
+    assert store.release(job.id, "w1")
+    store.claim("w2", 1, LEASE)
+    assert store.complete(job.id, "w2", b"a", "audio/wav", {})
+    expected = [("state", "QUEUED"), ("state", "PROCESSING"), ("progress", "synthesizing"), ("state", "QUEUED"),
+                ("state", "PROCESSING"), ("state", "COMPLETED")]
+    for s in (store, reopen()):
+        events = s.job_events(job.id)
+        assert [e.seq for e in events] == list(range(1, 7)) and states_of(events) == expected
+        assert events[1].data["attempt"] == 1 and events[2].data["chunks_total"] == 2
+        assert all(isinstance(e.data["at"], float) and e.data["at"] >= job.created_at - 1 for e in events)
+        assert [e.seq for e in s.job_events(job.id, after=4)] == [5, 6]
+        assert [e.seq for e in s.job_events(job.id, after=2, limit=2)] == [3, 4]
+        assert s.job_events(job.id, after=6) == [] and s.job_events(str(uuid.uuid4())) == []
+
+
+def test_events_of_recovery_failure_and_cancel(store):
+    lost, cancelled, failed = submit(store), submit(store), submit(store)
+    store.claim("w1", 1, 0.05)
+    time.sleep(0.1)
+    assert store.recover_expired(3) == 1
+    assert states_of(store.job_events(lost.id)) == [("state", "QUEUED"), ("state", "PROCESSING"), ("state", "QUEUED")]
+    store.cancel(cancelled.id)
+    ev = store.job_events(cancelled.id)
+    assert states_of(ev) == [("state", "QUEUED"), ("state", "FAILED")] and ev[-1].data["cancelled"] is True
+    store.fail(failed.id, None, "policy")
+    ev = store.job_events(failed.id)
+    assert states_of(ev) == [("state", "QUEUED"), ("state", "FAILED")] and "cancelled" not in ev[-1].data
+
+
+def test_events_go_with_the_job(store, reopen):
+    job = submit(store)
+    store.fail(job.id, None, "x")
+    assert len(store.job_events(job.id)) == 2
+    time.sleep(0.05)
+    assert store.purge_expired(0.01) == 1
+    assert store.job_events(job.id) == [] and reopen().job_events(job.id) == []
+
+
+# --- queue conventions: queue position ---------------------------------------------------------------------------
+
+def positions(store, jobs) -> dict[str, int]:
+    return {j.id: store.queue_position(j.id) for j in jobs}
+
+
+@pytest.mark.parametrize("claim_size", [1, 3, 100])
+def test_queue_position_is_the_order_claims_take(store, reopen, claim_size):
+    # some history first, so that owners have different turns (b and a served, c's job left waiting)
+    history = [submit(store, owner=o) for o in ("b", "a", "c")]
+    for j in store.claim("w0", 2, LEASE):
+        store.complete(j.id, "w0", b"a", "audio/wav", {})
+    queued = [history[2]] + [submit(store, owner=o) for o in ("a", "a", "a", "b", "c", "c", "d", "a", "b", "d", "e")]
+    pos = positions(reopen(), queued)
+    assert sorted(pos.values()) == list(range(len(queued)))            # a permutation: 0 is next
+    order: list[str] = []
+    while batch := store.claim("w1", claim_size, LEASE):
+        order += [j.id for j in batch]
+    assert order == sorted(pos, key=pos.get)
+    # round robin: no owner twice in a row while others wait
+    owners = [store.get(i).owner for i in order]
+    assert len(set(owners[:5])) == 5 and len(set(owners[5:9])) == 4 and set(owners[9:11]) == {"a", "c"} \
+        and owners[11:] == ["a"]
+
+
+def test_queue_position_moves_up_and_ends(store):
+    a1, a2, b1 = submit(store, owner="a"), submit(store, owner="a"), submit(store, owner="b")
+    assert positions(store, [a1, a2, b1]) == {a1.id: 0, b1.id: 1, a2.id: 2}
+    store.claim("w1", 1, LEASE)                                    # a1
+    assert positions(store, [a1, a2, b1]) == {a1.id: None, b1.id: 0, a2.id: 1}
+    store.cancel(b1.id)
+    assert positions(store, [a2, b1]) == {a2.id: 0, b1.id: None}
+    assert store.queue_position(str(uuid.uuid4())) is None
+
+
+# --- queue conventions: idempotency keys -------------------------------------------------------------------------
+
+def test_idempotency_key_is_reserved_once_per_owner(store, reopen):
+    assert store.claim_idempotency_key("a", "key-1", "fp1", "job-1", 60) is None
+    rec = reopen().claim_idempotency_key("a", "key-1", "fp2", "job-2", 60)
+    assert (rec.job_id, rec.fingerprint) == ("job-1", "fp1") and rec.created_at <= time.time()
+    assert store.claim_idempotency_key("b", "key-1", "fp1", "job-3", 60) is None        # another owner's own
+    store.release_idempotency_key("a", "key-1", "job-2")                                # not its reservation
+    assert store.claim_idempotency_key("a", "key-1", "fp1", "job-4", 60).job_id == "job-1"
+    store.release_idempotency_key("a", "key-1", "job-1")                                # the submission failed
+    assert store.claim_idempotency_key("a", "key-1", "fp1", "job-5", 60) is None
+
+
+def test_idempotency_key_expires_and_a_dead_reservation_is_taken_over(store):
+    assert store.claim_idempotency_key("a", "short", "fp", "job-1", 0.05) is None
+    time.sleep(0.1)
+    assert store.claim_idempotency_key("a", "short", "fp", "job-2", 60) is None          # expired
+    # job-2 was never submitted (its submitter died): taken over once older than stale_after
+    assert store.claim_idempotency_key("a", "short", "fp", "job-3", 60, stale_after=30).job_id == "job-2"
+    time.sleep(0.02)
+    assert store.claim_idempotency_key("a", "short", "fp", "job-3", 60, stale_after=0.01) is None
+    job = Job(id="job-3", owner="a", params={"text": "x"})
+    store.submit(job, 10)
+    time.sleep(0.02)
+    assert store.claim_idempotency_key("a", "short", "fp", "job-4", 60, stale_after=0.01).job_id == "job-3"
+
+
+def test_concurrent_reservations_of_one_key_have_one_winner(store, reopen):
+    instances = [store, reopen(), reopen()]
+    winners: list[str] = []
+    seen: list[str] = []
+    barrier = threading.Barrier(9)
+
+    def attempt(n: int) -> None:
+        barrier.wait()
+        rec = instances[n % 3].claim_idempotency_key("a", "same", "fp", f"job-{n}", 60)
+        (winners if rec is None else seen).append(f"job-{n}" if rec is None else rec.job_id)
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(winners) == 1 and set(seen) == set(winners) and len(seen) == 8
+
+
+# --- queue conventions: webhook deliveries -----------------------------------------------------------------------
+
+def hooked(store, url: str = "https://example.com/hook", **kw) -> Job:
+    job = Job(id=str(uuid.uuid4()), owner="acct-a", params={"text": "hello"}, webhook_url=url,
+              base_url="https://api.example.com", **kw)
+    store.submit(job, 1000)
+    return job
+
+
+def test_a_delivery_is_queued_with_the_terminal_transition(store, reopen):
+    job, plain = hooked(store), submit(store)
+    got = store.get(job.id)
+    assert got.webhook_url == "https://example.com/hook" and got.base_url == "https://api.example.com"
+    assert got.webhook == {"state": "pending", "attempts": 0, "last_status": None, "last_error": None}
+    assert store.get(plain.id).webhook is None and store.get(plain.id).webhook_url is None
+    store.claim("w1", 2, LEASE)
+    assert store.claim_webhooks("d1", 10, 30, 8) == []                     # not terminal yet
+    assert store.complete(job.id, "w1", b"a", "audio/wav", {}) and store.complete(plain.id, "w1", b"a", "audio/wav", {})
+    [d] = reopen().claim_webhooks("d1", 10, 30, 8)
+    assert (d.job_id, d.attempt) == (job.id, 1)
+    assert store.claim_webhooks("d2", 10, 30, 8) == []                     # leased to d1
+    assert store.finish_webhook(job.id, "d2", 1, "delivered", 200) is False
+    assert store.finish_webhook(job.id, "d1", 1, "retry", 500, retry_in=0.2)
+    assert store.get(job.id).webhook == {"state": "pending", "attempts": 1, "last_status": 500, "last_error": None}
+    assert store.finish_webhook(job.id, "d1", 1, "delivered", 200) is False   # reported once
+    assert store.claim_webhooks("d2", 10, 30, 8) == []                     # not due yet
+    time.sleep(0.3)
+    [d] = store.claim_webhooks("d2", 10, 30, 8)
+    assert (d.job_id, d.attempt) == (job.id, 2)
+    assert store.finish_webhook(job.id, "d2", 2, "delivered", 204)
+    assert reopen().get(job.id).webhook == {"state": "delivered", "attempts": 2, "last_status": 204,
+                                            "last_error": None}
+    time.sleep(0.05)
+    assert store.claim_webhooks("d1", 10, 30, 8) == []
+
+
+def test_every_way_to_an_end_queues_a_delivery(store):
+    failed, cancelled_q, cancelled_p, lost = hooked(store), hooked(store), hooked(store), hooked(store)
+    store.claim("w1", 1, LEASE)                                            # failed
+    store.fail(failed.id, "w1", "no")
+    store.cancel(cancelled_q.id)
+    store.claim("w1", 2, 0.05)                                             # cancelled_p, lost
+    store.cancel(cancelled_p.id)
+    time.sleep(0.1)
+    assert store.recover_expired(1) == 1                                   # lost: out of attempts
+    claimed = store.claim_webhooks("d1", 10, 30, 8)
+    assert {d.job_id for d in claimed} == {failed.id, cancelled_q.id, cancelled_p.id, lost.id}
+
+
+def test_a_delivery_whose_sender_died_is_retried_then_given_up(store, reopen):
+    job = hooked(store)
+    store.fail(job.id, None, "x")
+    [d] = store.claim_webhooks("d1", 10, 0.05, 2)
+    time.sleep(0.1)                                                        # d1 died: its lease runs out
+    [d2] = reopen().claim_webhooks("d2", 10, 0.05, 2)
+    assert (d2.job_id, d2.attempt) == (job.id, 2)
+    assert store.finish_webhook(job.id, "d1", 1, "delivered", 200) is False
+    time.sleep(0.1)                                                        # d2 died too: out of attempts
+    assert store.claim_webhooks("d3", 10, 30, 2) == []
+    assert store.get(job.id).webhook == {"state": "failed", "attempts": 2, "last_status": None,
+                                         "last_error": LOST_ATTEMPT}
+
+
+def test_a_delivery_can_fail_for_good(store):
+    job = hooked(store)
+    store.cancel(job.id)
+    [d] = store.claim_webhooks("d1", 10, 30, 8)
+    assert store.finish_webhook(job.id, "d1", 1, "failed", None, "could not connect")
+    assert store.get(job.id).webhook == {"state": "failed", "attempts": 1, "last_status": None,
+                                         "last_error": "could not connect"}
+    time.sleep(0.02)
+    assert store.claim_webhooks("d1", 10, 30, 8) == []
+
+
+def test_concurrent_dispatchers_never_make_one_attempt_twice(store, reopen):
+    jobs = [hooked(store) for _ in range(30)]
+    for j in jobs:
+        store.fail(j.id, None, "x")
+    instances = [store, reopen(), reopen()]
+    got: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def dispatcher(n: int) -> None:
+        s = instances[n % 3]
+        while True:
+            batch = s.claim_webhooks(f"d{n}", 4, 30, 8)
+            if not batch:
+                return
+            for d in batch:
+                assert s.finish_webhook(d.job_id, f"d{n}", d.attempt, "delivered", 200)
+            with lock:
+                got.extend((d.job_id, d.attempt) for d in batch)
+
+    threads = [threading.Thread(target=dispatcher, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == sorted((j.id, 1) for j in jobs)

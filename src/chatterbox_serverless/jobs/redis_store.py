@@ -22,6 +22,19 @@ Keys (all under `prefix`, default "cbx:"; use a hash tag such as "{cbx}:" on Red
                           it with XREAD, and it is an audit trail showing each job completed once
     new-work      channel a message whenever a job is queued (or re-queued): idle workers claim at once
                           instead of at their next poll (`watch_new_work`)
+    ev:<id>       list    the job's events (JSON), numbered by position (1 = first): RPUSHed by the script of
+                          each transition, with the job's TTL once it is terminal
+    hooks         zset    jobs whose webhook delivery is pending, by when it is due; a claimed delivery is
+                          re-scored to the end of its lease, so no other dispatcher takes the same attempt
+                          (the state, attempts and last answer are `wh_*` fields of the job's hash)
+    idem:<owner>:<sha256 of the key>  string  an idempotency key's reservation (JSON: job id, fingerprint,
+                          time), SET with the retention as its TTL
+
+Queue position: claims serve owners in `owners` order (score = when last served, ties by owner id), one job
+each per round, so a job's position is exact at the moment it is read: its rank in its owner's queue, plus, for
+every other owner, min(queued, rank) jobs of earlier rounds and one more if that owner comes first in the
+job's round (`_POSITION`, one read-only script). A new owner's first job joins the current round and can go
+ahead of it, on SQLite too.
 
 Why sorted sets and leases rather than a Streams consumer group for the queue: a consumer group re-delivers a
 dead consumer's entry by its idle time (XAUTOCLAIM), one threshold for all, and cannot put an entry back in
@@ -46,6 +59,7 @@ its terminal transition. Without it, the scripts carry no-op billing functions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -59,7 +73,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .files import write_atomically
-from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, probe_directory
+from .store import (CANCELLED_REASON, LOST_ATTEMPT, IdempotencyRecord, Job, JobEvent, JobState, JobStore,
+                    QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +106,24 @@ end
 local function fmt_time(t)
   return string.format('%.6f', t)
 end
+local function push_event(id, kind, data, t)
+  data['type'] = kind
+  data['at'] = tonumber(string.format('%.6f', t))
+  redis.call('RPUSH', P .. 'ev:' .. id, cjson.encode(data))
+end
 local function finish(id, k, state, t, retention_ms, worker)
   redis.call('HSET', k, 'state', state, 'finished_at', string.format('%.6f', t), 'lease_until', '')
   redis.call('ZREM', P .. 'leases', id)
   redis.call('ZADD', P .. 'done:' .. state, t, id)
+  local data = {status = state}
+  if redis.call('HGET', k, 'cancelled') == '1' then data['cancelled'] = true end
+  push_event(id, 'state', data, t)
+  if (redis.call('HGET', k, 'webhook_url') or '') ~= '' then
+    redis.call('HSET', k, 'wh_state', 'pending')
+    redis.call('ZADD', P .. 'hooks', t, id)
+  end
   redis.call('PEXPIRE', k, retention_ms)
+  redis.call('PEXPIRE', P .. 'ev:' .. id, retention_ms)
   redis.call('XADD', P .. 'events', 'MAXLEN', '~', ARGV[2], '*', 'job', id, 'state', state, 'worker', worker)
 end
 """
@@ -108,6 +136,7 @@ if redis.call('EXISTS', k) == 1 then return redis.error_reply('job id already ex
 if redis.call('ZCARD', P .. 'queued') >= maxq then return 0 end
 redis.call('HSET', k, unpack(ARGV, 7))
 enqueue(id, owner, created)
+push_event(id, 'state', {status = 'QUEUED'}, now())
 return 1
 """
 
@@ -143,6 +172,7 @@ while #out < limit and guard < limit + 1000 do
         redis.call('HSET', k, 'started_at', string.format('%.6f', t))
       end
       redis.call('ZADD', P .. 'leases', t + lease, id)
+      push_event(id, 'state', {status = 'PROCESSING', attempt = tonumber(redis.call('HGET', k, 'attempts'))}, t)
       out[#out + 1] = redis.call('HGETALL', k)
     end
   end
@@ -217,6 +247,7 @@ redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '', 'at
 if attempts == 0 then redis.call('HSET', k, 'started_at', '') end
 redis.call('ZREM', P .. 'leases', id)
 enqueue(id, h[3], h[4])
+push_event(id, 'state', {status = 'QUEUED'}, now())
 return 1
 """
 
@@ -257,6 +288,7 @@ for _, id in ipairs(ids) do
       redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '')
       redis.call('ZREM', P .. 'leases', id)
       enqueue(id, h[3], h[4])
+      push_event(id, 'state', {status = 'QUEUED'}, t)
     end
     n = n + 1
   end
@@ -275,13 +307,131 @@ for _, state in ipairs({'COMPLETED', 'FAILED'}) do
     local k = P .. 'job:' .. id
     local s = redis.call('HGET', k, 'state')
     if s == false or s == state then
-      redis.call('DEL', k, P .. 'audio:' .. id)
+      redis.call('DEL', k, P .. 'audio:' .. id, P .. 'ev:' .. id)
+      redis.call('ZREM', P .. 'hooks', id)
     end
     redis.call('ZREM', z, id)
     out[#out + 1] = id
   end
 end
 return out
+"""
+
+# ARGV: P, maxlen, id, error, retention_ms  -> 1 when cancelled now
+_CANCEL = _LUA_COMMON + r"""
+local id = ARGV[3]
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'state', 'owner')
+if h[1] ~= 'QUEUED' and h[1] ~= 'PROCESSING' then return 0 end
+if h[1] == 'QUEUED' then dequeue(id, h[2]) end
+redis.call('HSET', k, 'error', ARGV[4], 'cancelled', '1', 'worker_id', '', 'retry_reason', '')
+local t = now()
+finish(id, k, 'FAILED', t, ARGV[5], '')
+billing_release(id, ARGV[4], fmt_time(t))
+return 1
+"""
+
+# ARGV: P, maxlen, id  -> the position, or -1 when the job is not QUEUED (read-only)
+_POSITION = _LUA_COMMON + r"""
+local id = ARGV[3]
+local h = redis.call('HMGET', P .. 'job:' .. id, 'state', 'owner')
+if h[1] ~= 'QUEUED' then return -1 end
+local owner = h[2]
+local rank = redis.call('ZRANK', P .. 'q:' .. owner, id)
+local mine = redis.call('ZSCORE', P .. 'owners', owner)
+if not rank or not mine then return -1 end
+mine = tonumber(mine)
+local position = rank
+local all = redis.call('ZRANGE', P .. 'owners', 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local other, score = all[i], tonumber(all[i + 1])
+  if other ~= owner then
+    local n = redis.call('ZCARD', P .. 'q:' .. other)
+    position = position + math.min(n, rank)
+    if n > rank and (score < mine or (score == mine and other < owner)) then position = position + 1 end
+  end
+end
+return position
+"""
+
+# ARGV: P, maxlen, worker, id, data_json ('' = none), id, data_json, ...  -> the ids the worker still holds
+_PROGRESS = _LUA_COMMON + r"""
+local worker = ARGV[3]
+local out = {}
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local h = redis.call('HMGET', P .. 'job:' .. id, 'state', 'worker_id')
+  if h[1] == 'PROCESSING' and h[2] == worker then
+    if ARGV[i + 1] ~= '' then redis.call('RPUSH', P .. 'ev:' .. id, ARGV[i + 1]) end
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# ARGV: P, maxlen, owner, key_hash, fingerprint, job_id, ttl_ms, stale_after  -> nil (reserved) or the record
+_IDEMPOTENCY = _LUA_COMMON + r"""
+local ik = P .. 'idem:' .. ARGV[3] .. ':' .. ARGV[4]
+local t = now()
+local current = redis.call('GET', ik)
+if current then
+  local rec = cjson.decode(current)
+  if redis.call('EXISTS', P .. 'job:' .. rec['job_id']) == 1 or t - rec['at'] < tonumber(ARGV[8]) then
+    return current
+  end
+end
+redis.call('SET', ik, cjson.encode({job_id = ARGV[6], fingerprint = ARGV[5], at = tonumber(fmt_time(t))}), 'PX', ARGV[7])
+return false
+"""
+
+# ARGV: P, maxlen, owner, key_hash, job_id
+_IDEMPOTENCY_RELEASE = _LUA_COMMON + r"""
+local ik = P .. 'idem:' .. ARGV[3] .. ':' .. ARGV[4]
+local current = redis.call('GET', ik)
+if current and cjson.decode(current)['job_id'] == ARGV[5] then redis.call('DEL', ik) end
+return 1
+"""
+
+# ARGV: P, maxlen, claimer, limit, lease_seconds, max_attempts, lost_note  -> {id, attempt, id, attempt, ...}
+_CLAIM_WEBHOOKS = _LUA_COMMON + r"""
+local claimer, lease, max_attempts = ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = now()
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. 'hooks', '-inf', t, 'LIMIT', 0, tonumber(ARGV[4]))) do
+  local k = P .. 'job:' .. id
+  local h = redis.call('HMGET', k, 'wh_state', 'wh_attempts', 'wh_error')
+  if h[1] ~= 'pending' then
+    redis.call('ZREM', P .. 'hooks', id)          -- the job expired, or its delivery is over
+  else
+    local attempts = tonumber(h[2] or '0') or 0
+    if attempts >= max_attempts then
+      if (h[3] or '') == '' then redis.call('HSET', k, 'wh_error', ARGV[7]) end
+      redis.call('HSET', k, 'wh_state', 'failed', 'wh_claimer', '')
+      redis.call('ZREM', P .. 'hooks', id)
+    else
+      redis.call('HSET', k, 'wh_attempts', attempts + 1, 'wh_claimer', claimer)
+      redis.call('ZADD', P .. 'hooks', t + lease, id)
+      out[#out + 1] = id
+      out[#out + 1] = attempts + 1
+    end
+  end
+end
+return out
+"""
+
+# ARGV: P, maxlen, id, claimer, attempt, state ('delivered'|'failed'|'pending'), status, error, retry_in
+_FINISH_WEBHOOK = _LUA_COMMON + r"""
+local id = ARGV[3]
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'wh_state', 'wh_claimer', 'wh_attempts')
+if h[1] ~= 'pending' or h[2] ~= ARGV[4] or h[3] ~= ARGV[5] then return 0 end
+redis.call('HSET', k, 'wh_state', ARGV[6], 'wh_status', ARGV[7], 'wh_error', ARGV[8], 'wh_claimer', '')
+if ARGV[6] == 'pending' then
+  redis.call('ZADD', P .. 'hooks', now() + tonumber(ARGV[9]), id)
+else
+  redis.call('ZREM', P .. 'hooks', id)
+end
+return 1
 """
 
 # What the scripts carry when no billing is attached (RedisJobStore.attach_billing composes the account store's
@@ -307,16 +457,25 @@ def _job_fields(job: Job) -> list[str]:
     return ["id", job.id, "owner", job.owner, "params", json.dumps(job.params), "state", JobState.QUEUED.value,
             "created_at", s(float(job.created_at)), "started_at", "", "finished_at", "", "attempts", "0",
             "error", "", "metrics", json.dumps(job.metrics or {}), "media_type", "", "worker_id", "",
-            "lease_until", "", "audio_path", "", "retry_reason", ""]
+            "lease_until", "", "audio_path", "", "retry_reason", "", "webhook_url", job.webhook_url or "",
+            "base_url", job.base_url or "", "cancelled", "", "wh_state", "", "wh_attempts", "0", "wh_status", "",
+            "wh_error", "", "wh_claimer", ""]
 
 
 def _job_from_hash(h: dict[str, str]) -> Job:
+    webhook = None
+    if h.get("webhook_url"):
+        status = h.get("wh_status") or ""
+        webhook = {"state": h.get("wh_state") or "pending", "attempts": int(h.get("wh_attempts") or 0),
+                   "last_status": int(status) if status.isdigit() else None, "last_error": h.get("wh_error") or None}
     return Job(id=h["id"], owner=h.get("owner", ""), params=json.loads(h.get("params") or "{}"),
                state=JobState(h["state"]), created_at=float(h["created_at"]),
                started_at=_num(h.get("started_at", "")), finished_at=_num(h.get("finished_at", "")),
                attempts=int(h.get("attempts") or 0), error=h.get("error") or None,
                metrics=json.loads(h.get("metrics") or "{}"), media_type=h.get("media_type") or None,
-               worker_id=h.get("worker_id") or None, lease_until=_num(h.get("lease_until", "")))
+               worker_id=h.get("worker_id") or None, lease_until=_num(h.get("lease_until", "")),
+               webhook_url=h.get("webhook_url") or None, base_url=h.get("base_url") or None,
+               cancelled=h.get("cancelled") == "1", webhook=webhook)
 
 
 def _decode(raw: dict | list) -> dict[str, str]:
@@ -363,7 +522,9 @@ class RedisJobStore(JobStore):
         self._scripts = {name: self.r.register_script(compose(src)) for name, src in (
             ("submit", _SUBMIT), ("claim", _CLAIM), ("heartbeat", _HEARTBEAT), ("complete", _COMPLETE),
             ("fail", _FAIL), ("release", _RELEASE), ("retry_later", _RETRY_LATER), ("recover", _RECOVER),
-            ("purge", _PURGE))}
+            ("purge", _PURGE), ("cancel", _CANCEL), ("position", _POSITION), ("progress", _PROGRESS),
+            ("idempotency", _IDEMPOTENCY), ("idempotency_release", _IDEMPOTENCY_RELEASE),
+            ("claim_webhooks", _CLAIM_WEBHOOKS), ("finish_webhook", _FINISH_WEBHOOK))}
 
     def attach_billing(self, account_store) -> None:
         """Bill jobs with their terminal transitions: `account_store` is the Redis account store on this server
@@ -610,6 +771,64 @@ class RedisJobStore(JobStore):
             if problem is not None:
                 return f"audio files cannot be written ({problem})"
         return None
+
+    # --- queue conventions ------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job | None:
+        self._run("cancel", job_id, CANCELLED_REASON, self._ms(self.retention))
+        return self.get(job_id)
+
+    def queue_position(self, job_id: str) -> int | None:
+        position = int(self._run("position", job_id))
+        return None if position < 0 else position
+
+    def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        start = max(0, int(after))
+        raw = self._call(self.r.lrange, self._k("ev", job_id), start, start + max(1, int(limit)) - 1)
+        out = []
+        for seq, item in enumerate(raw, start + 1):
+            data = json.loads(item)
+            kind = data.pop("type", "state")
+            out.append(JobEvent(seq=seq, type=kind, data=data))
+        return out
+
+    def progress(self, worker_id: str, updates: dict[str, dict]) -> set[str]:
+        if not updates:
+            return set()
+        args: list[str] = []
+        now = round(time.time(), 6)
+        for job_id, data in updates.items():
+            args += [job_id, json.dumps({**data, "type": "progress", "at": now}) if data else ""]
+        return {i.decode() for i in self._run("progress", worker_id, *args)}
+
+    @staticmethod
+    def _key_hash(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def claim_idempotency_key(self, owner: str, key: str, fingerprint: str, job_id: str, ttl: float,
+                              stale_after: float = 30.0) -> IdempotencyRecord | None:
+        raw = self._run("idempotency", owner, self._key_hash(key), fingerprint, job_id, self._ms(ttl),
+                        repr(float(stale_after)))
+        if raw is None:
+            return None
+        rec = json.loads(raw)
+        return IdempotencyRecord(job_id=rec["job_id"], fingerprint=rec["fingerprint"], created_at=float(rec["at"]))
+
+    def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
+        self._run("idempotency_release", owner, self._key_hash(key), job_id)
+
+    def claim_webhooks(self, claimer: str, limit: int, lease_seconds: float,
+                       max_attempts: int) -> list[WebhookDelivery]:
+        if limit <= 0:
+            return []
+        raw = self._run("claim_webhooks", claimer, int(limit), repr(float(lease_seconds)), int(max_attempts),
+                        LOST_ATTEMPT)
+        return [WebhookDelivery(job_id=raw[i].decode(), attempt=int(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    def finish_webhook(self, job_id: str, claimer: str, attempt: int, outcome: str, status: int | None = None,
+                       error: str | None = None, retry_in: float = 0.0) -> bool:
+        state = {"delivered": "delivered", "failed": "failed", "retry": "pending"}[outcome]
+        return bool(self._run("finish_webhook", job_id, claimer, int(attempt), state,
+                              "" if status is None else int(status), error or "", repr(max(0.0, float(retry_in)))))
 
     # --- maintenance --------------------------------------------------------------------------------------
     def recover_expired(self, max_attempts: int) -> int:

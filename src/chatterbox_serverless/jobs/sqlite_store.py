@@ -9,7 +9,14 @@ Threads: one writer connection behind a lock; each reading thread has its own co
 for the writer), so status polls stay fast while jobs are being written.
 
 Fairness: `claim` serves owners round-robin (the owner served least recently first, `owner_turns`), oldest job
-first within one owner.
+first within one owner. In one claim of several jobs, round k takes every owner's k-th job, owners in the same
+order each round (turn, then oldest queued job, then owner id), so one big claim takes jobs in the order that
+claims of one job at a time would: `queue_position` counts exactly that order.
+
+Queue conventions (jobs/store.py): `job_events` holds each job's numbered events, `webhook_deliveries` the
+delivery of a job's result to its webhook (created in the terminal transition's transaction, claimed with a
+lease: `hook_due` is both when it is due and, while an attempt runs, when that attempt's lease ends),
+`idempotency_keys` the (owner, key) reservations (primary key: two submissions cannot both reserve one).
 
 A full disk, a read-only data dir: `submit` raises (nothing was accepted); `complete` raises OSError or
 StoreUnavailable after removing its partial file, and the job stays PROCESSING under its lease, so the worker
@@ -33,7 +40,8 @@ import time
 from pathlib import Path
 
 from .files import write_atomically
-from .store import Job, JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, probe_directory
+from .store import (CANCELLED_REASON, LOST_ATTEMPT, IdempotencyRecord, Job, JobEvent, JobState, JobStore,
+                    QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +71,77 @@ CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at 
 CREATE TABLE IF NOT EXISTS owner_turns (owner TEXT PRIMARY KEY, turn INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at REAL NOT NULL,
+    type TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    job_id TEXT PRIMARY KEY,
+    hook_state TEXT NOT NULL,
+    hook_due REAL,
+    hook_attempts INTEGER NOT NULL DEFAULT 0,
+    hook_claimer TEXT,
+    hook_status INTEGER,
+    hook_error TEXT
+);
+CREATE INDEX IF NOT EXISTS webhook_due ON webhook_deliveries(hook_due) WHERE hook_state = 'pending';
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (owner, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency_keys(expires_at);
 """
 # columns added after the first release, added at open when missing: (column, declaration)
-_JOB_MIGRATIONS = (("retry_reason", "TEXT"),)   # why the job was handed back by `retry_later` (its FAILED
+_JOB_MIGRATIONS = (("retry_reason", "TEXT"),    # why the job was handed back by `retry_later` (its FAILED
                                                 # reason if it runs out of attempts); cleared at the next claim
+                   ("webhook_url", "TEXT"), ("base_url", "TEXT"), ("cancelled", "INTEGER NOT NULL DEFAULT 0"))
 
 _COLUMNS = ("id, owner, params, state, created_at, started_at, finished_at, attempts, error, metrics, "
-            "media_type, worker_id, lease_until")
+            "media_type, worker_id, lease_until, webhook_url, base_url, cancelled")
+_HOOK_COLUMNS = "hook_state, hook_attempts, hook_status, hook_error"     # of webhook_deliveries, LEFT JOINed
 
 _EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav", "audio/x-wav": "wav", "audio/flac": "flac",
                "audio/ogg": "ogg"}
 
 
 def _row_to_job(row: tuple) -> Job:
+    """A job from `_COLUMNS` (and, when present, `_HOOK_COLUMNS` after them)."""
     (id_, owner, params, state, created, started, finished, attempts, error, metrics, media_type, worker_id,
-     lease_until) = row
+     lease_until, webhook_url, base_url, cancelled) = row[:16]
+    webhook = None
+    if webhook_url:
+        hook_state, hook_attempts, hook_status, hook_error = row[16:20] if len(row) >= 20 else (None,) * 4
+        webhook = {"state": hook_state or "pending", "attempts": hook_attempts or 0, "last_status": hook_status,
+                   "last_error": hook_error}
     return Job(id=id_, owner=owner, params=json.loads(params), state=JobState(state), created_at=created,
                started_at=started, finished_at=finished, attempts=attempts, error=error,
                metrics=json.loads(metrics) if metrics else {}, media_type=media_type, worker_id=worker_id,
-               lease_until=lease_until)
+               lease_until=lease_until, webhook_url=webhook_url or None, base_url=base_url or None,
+               cancelled=bool(cancelled), webhook=webhook)
+
+
+def _event(conn: sqlite3.Connection, job_id: str, kind: str, data: dict, now: float) -> None:
+    """Append the next numbered event of a job (inside the caller's transaction)."""
+    conn.execute("INSERT INTO job_events (job_id, seq, at, type, data) "
+                 "SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM job_events WHERE job_id = ?",
+                 (job_id, now, kind, json.dumps({**data, "at": round(now, 6)}), job_id))
+
+
+def _ended(conn: sqlite3.Connection, job_id: str, state: str, now: float, cancelled: bool = False) -> None:
+    """What goes with every terminal transition: its event, and the webhook delivery of a job that has one."""
+    _event(conn, job_id, "state", {"status": state, **({"cancelled": True} if cancelled else {})}, now)
+    conn.execute("INSERT OR IGNORE INTO webhook_deliveries (job_id, hook_state, hook_due, hook_attempts) "
+                 "SELECT id, 'pending', ?, 0 FROM jobs WHERE id = ? AND COALESCE(webhook_url, '') != ''",
+                 (now, job_id))
 
 
 class _PendingSubmit:
@@ -215,13 +275,14 @@ class SQLiteJobStore(JobStore):
                     continue
                 j = e.job
                 try:
-                    conn.execute("INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics) "
-                                 "VALUES (?,?,?,?,?,?,?)",
+                    conn.execute("INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics, "
+                                 "webhook_url, base_url) VALUES (?,?,?,?,?,?,?,?,?)",
                                  (j.id, j.owner, json.dumps(j.params), JobState.QUEUED.value, j.created_at, 0,
-                                  json.dumps(j.metrics or {})))
+                                  json.dumps(j.metrics or {}), j.webhook_url, j.base_url))
                 except sqlite3.IntegrityError as ie:     # a duplicate id fails alone
                     e.error = ie
                     continue
+                _event(conn, j.id, "state", {"status": JobState.QUEUED.value}, time.time())
                 queued += 1
 
         try:
@@ -236,7 +297,8 @@ class SQLiteJobStore(JobStore):
                 e.done = True
 
     def get(self, job_id: str) -> Job | None:
-        row = self._reader().execute(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._reader().execute(f"SELECT {_COLUMNS}, {_HOOK_COLUMNS} FROM jobs LEFT JOIN webhook_deliveries "
+                                     "ON webhook_deliveries.job_id = jobs.id WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             return None
         job = _row_to_job(row)
@@ -297,13 +359,15 @@ class SQLiteJobStore(JobStore):
 
         def tx(conn: sqlite3.Connection) -> list[Job]:
             now = time.time()
+            # round rn takes each owner's rn-th job; owners in the same order every round (see the docstring)
             picked = conn.execute(
                 """WITH ranked AS (
-                       SELECT id, owner, created_at,
-                              ROW_NUMBER() OVER (PARTITION BY owner ORDER BY created_at, rowid) AS rn
+                       SELECT id, owner,
+                              ROW_NUMBER() OVER (PARTITION BY owner ORDER BY created_at, rowid) AS rn,
+                              MIN(created_at) OVER (PARTITION BY owner) AS head
                        FROM jobs WHERE state = 'QUEUED')
                    SELECT r.id, r.owner FROM ranked r LEFT JOIN owner_turns t ON t.owner = r.owner
-                   WHERE r.rn <= ? ORDER BY r.rn, COALESCE(t.turn, 0), r.created_at LIMIT ?""",
+                   WHERE r.rn <= ? ORDER BY r.rn, COALESCE(t.turn, 0), r.head, r.owner LIMIT ?""",
                 (limit, limit)).fetchall()
             if not picked:
                 return []
@@ -319,6 +383,8 @@ class SQLiteJobStore(JobStore):
             marks = ",".join("?" * len(picked))
             rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", [p[0] for p in picked])
             jobs = {r[0]: _row_to_job(r) for r in rows}
+            for job in jobs.values():
+                _event(conn, job.id, "state", {"status": JobState.PROCESSING.value, "attempt": job.attempts}, now)
             return [jobs[p[0]] for p in picked]
         jobs = self._write(tx)
         if jobs:
@@ -354,6 +420,7 @@ class SQLiteJobStore(JobStore):
                 return False
             if self._billing is not None:
                 self._billing.settle_in(conn, job_id, metrics, now)
+            _ended(conn, job_id, JobState.COMPLETED.value, now)
             return True
         try:
             done = self._write(tx)
@@ -383,6 +450,7 @@ class SQLiteJobStore(JobStore):
                 return False
             if self._billing is not None:
                 self._billing.release_in(conn, job_id, error, now)
+            _ended(conn, job_id, JobState.FAILED.value, now)
             return True
         done = self._write(tx)
         if done:
@@ -391,10 +459,13 @@ class SQLiteJobStore(JobStore):
 
     def release(self, job_id: str, worker_id: str) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:
-            return conn.execute(
-                "UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL, "
-                "attempts = MAX(attempts - 1, 0), started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END "
-                "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?", (job_id, worker_id)).rowcount == 1
+            if conn.execute(
+                    "UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL, "
+                    "attempts = MAX(attempts - 1, 0), started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END "
+                    "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?", (job_id, worker_id)).rowcount != 1:
+                return False
+            _event(conn, job_id, "state", {"status": JobState.QUEUED.value}, time.time())
+            return True
         done = self._write(tx)
         if done:
             self._notify()
@@ -406,6 +477,122 @@ class SQLiteJobStore(JobStore):
                 "UPDATE jobs SET worker_id = NULL, lease_until = ?, retry_reason = ? "
                 "WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?",
                 (time.time() + max(0.0, delay), reason, job_id, worker_id)).rowcount == 1
+        return self._write(tx)
+
+    # --- queue conventions ------------------------------------------------------------------------------------
+    def cancel(self, job_id: str) -> Job | None:
+        def tx(conn: sqlite3.Connection) -> bool:
+            now = time.time()
+            if conn.execute(
+                    "UPDATE jobs SET state = 'FAILED', error = ?, cancelled = 1, finished_at = ?, worker_id = NULL, "
+                    "lease_until = NULL, retry_reason = NULL WHERE id = ? AND state IN ('QUEUED', 'PROCESSING')",
+                    (CANCELLED_REASON, now, job_id)).rowcount != 1:
+                return False
+            if self._billing is not None:
+                self._billing.release_in(conn, job_id, CANCELLED_REASON, now)
+            _ended(conn, job_id, JobState.FAILED.value, now, cancelled=True)
+            return True
+        if self._write(tx):
+            self._notify()
+        return self.get(job_id)
+
+    def queue_position(self, job_id: str) -> int | None:
+        """Exact for the claim order (see the module docstring): the job's own earlier jobs, every other owner's
+        jobs of earlier rounds, and this round's jobs of the owners served before this job's owner."""
+        conn = self._reader()
+        conn.execute("BEGIN")           # one snapshot for the three reads
+        try:
+            row = conn.execute("SELECT owner, created_at, rowid FROM jobs WHERE id = ? AND state = 'QUEUED'",
+                               (job_id,)).fetchone()
+            if row is None:
+                return None
+            owner, created, rowid = row
+            (rank,) = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED' AND owner = ? AND "
+                "(created_at < ? OR (created_at = ? AND rowid < ?))", (owner, created, created, rowid)).fetchone()
+            owners = conn.execute(
+                "SELECT j.owner, COUNT(*), MIN(j.created_at), COALESCE(MAX(t.turn), 0) FROM jobs j "
+                "LEFT JOIN owner_turns t ON t.owner = j.owner WHERE j.state = 'QUEUED' GROUP BY j.owner").fetchall()
+        finally:
+            conn.execute("COMMIT")
+        mine = next((turn, head, o) for o, _n, head, turn in owners if o == owner)
+        position = rank
+        for o, n, head, turn in owners:
+            if o != owner:
+                position += min(n, rank) + (1 if n > rank and (turn, head, o) < mine else 0)
+        return position
+
+    def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        rows = self._reader().execute(
+            "SELECT seq, type, data FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (job_id, int(after), int(limit))).fetchall()
+        return [JobEvent(seq=seq, type=kind, data=json.loads(data)) for seq, kind, data in rows]
+
+    def progress(self, worker_id: str, updates: dict[str, dict]) -> set[str]:
+        if not updates:
+            return set()
+
+        def tx(conn: sqlite3.Connection) -> set[str]:
+            now, held = time.time(), set()
+            for job_id, data in updates.items():
+                if conn.execute("SELECT 1 FROM jobs WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?",
+                                (job_id, worker_id)).fetchone():
+                    held.add(job_id)
+                    if data:
+                        _event(conn, job_id, "progress", data, now)
+            return held
+        return self._write(tx)
+
+    def claim_idempotency_key(self, owner: str, key: str, fingerprint: str, job_id: str, ttl: float,
+                              stale_after: float = 30.0) -> IdempotencyRecord | None:
+        def tx(conn: sqlite3.Connection) -> IdempotencyRecord | None:
+            now = time.time()
+            row = conn.execute("SELECT job_id, fingerprint, created_at, expires_at FROM idempotency_keys "
+                               "WHERE owner = ? AND key = ?", (owner, key)).fetchone()
+            if row is not None and row[3] > now:
+                known = conn.execute("SELECT 1 FROM jobs WHERE id = ?", (row[0],)).fetchone()
+                if known or now - row[2] < stale_after:
+                    return IdempotencyRecord(job_id=row[0], fingerprint=row[1], created_at=row[2])
+            conn.execute("INSERT OR REPLACE INTO idempotency_keys (owner, key, fingerprint, job_id, created_at, "
+                         "expires_at) VALUES (?, ?, ?, ?, ?, ?)", (owner, key, fingerprint, job_id, now, now + ttl))
+            return None
+        return self._write(tx)
+
+    def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
+        self._write(lambda conn: conn.execute(
+            "DELETE FROM idempotency_keys WHERE owner = ? AND key = ? AND job_id = ?", (owner, key, job_id)))
+
+    def claim_webhooks(self, claimer: str, limit: int, lease_seconds: float,
+                       max_attempts: int) -> list[WebhookDelivery]:
+        if limit <= 0:
+            return []
+
+        def tx(conn: sqlite3.Connection) -> list[WebhookDelivery]:
+            now, out = time.time(), []
+            for job_id, attempts in conn.execute(
+                    "SELECT job_id, hook_attempts FROM webhook_deliveries WHERE hook_state = 'pending' "
+                    "AND hook_due <= ? ORDER BY hook_due LIMIT ?", (now, limit)).fetchall():
+                if attempts >= max_attempts:        # its last claimer died before reporting
+                    conn.execute("UPDATE webhook_deliveries SET hook_state = 'failed', hook_claimer = NULL, "
+                                 "hook_due = NULL, hook_error = COALESCE(hook_error, ?) WHERE job_id = ?",
+                                 (LOST_ATTEMPT, job_id))
+                    continue
+                conn.execute("UPDATE webhook_deliveries SET hook_attempts = ?, hook_claimer = ?, hook_due = ? "
+                             "WHERE job_id = ?", (attempts + 1, claimer, now + lease_seconds, job_id))
+                out.append(WebhookDelivery(job_id=job_id, attempt=attempts + 1))
+            return out
+        return self._write(tx)
+
+    def finish_webhook(self, job_id: str, claimer: str, attempt: int, outcome: str, status: int | None = None,
+                       error: str | None = None, retry_in: float = 0.0) -> bool:
+        state = {"delivered": "delivered", "failed": "failed", "retry": "pending"}[outcome]
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            due = time.time() + max(0.0, retry_in) if state == "pending" else None
+            return conn.execute(
+                "UPDATE webhook_deliveries SET hook_state = ?, hook_status = ?, hook_error = ?, hook_claimer = NULL, "
+                "hook_due = ? WHERE job_id = ? AND hook_state = 'pending' AND hook_claimer = ? AND hook_attempts = ?",
+                (state, status, error, due, job_id, claimer, int(attempt))).rowcount == 1
         return self._write(tx)
 
     def writable(self) -> str | None:
@@ -433,10 +620,14 @@ class SQLiteJobStore(JobStore):
                              "error = ? WHERE id = ?", (now, reason, job_id))
                 if self._billing is not None:
                     self._billing.release_in(conn, job_id, reason, now)
-            requeued = conn.execute(
-                "UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL "
-                "WHERE state = 'PROCESSING' AND lease_until < ?", (now,)).rowcount
-            return len(giving_up) + requeued
+                _ended(conn, job_id, JobState.FAILED.value, now)
+            requeued = [r[0] for r in conn.execute(
+                "SELECT id FROM jobs WHERE state = 'PROCESSING' AND lease_until < ?", (now,))]
+            conn.execute("UPDATE jobs SET state = 'QUEUED', worker_id = NULL, lease_until = NULL "
+                         "WHERE state = 'PROCESSING' AND lease_until < ?", (now,))
+            for job_id in requeued:
+                _event(conn, job_id, "state", {"status": JobState.QUEUED.value}, now)
+            return len(giving_up) + len(requeued)
         n = self._write(tx)
         if n:
             self._notify()
@@ -448,7 +639,11 @@ class SQLiteJobStore(JobStore):
 
         def tx(conn: sqlite3.Connection) -> list[str | None]:
             files = [r[0] for r in conn.execute("SELECT audio_file FROM jobs WHERE finished_at < ?", (cutoff,))]
+            for table in ("job_events", "webhook_deliveries"):
+                conn.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < ?)",
+                             (cutoff,))
             conn.execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
+            conn.execute("DELETE FROM idempotency_keys WHERE expires_at < ?", (now,))
             conn.execute("DELETE FROM workers WHERE seen < ?", (now - 24 * 3600,))
             conn.execute("DELETE FROM owner_turns WHERE owner NOT IN (SELECT owner FROM jobs)")
             return files

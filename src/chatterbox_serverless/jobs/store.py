@@ -15,6 +15,21 @@ transition as before. The job store knows nothing of prices or keys: the hold-cl
 store's, run on the job store's connection (SQLite) or composed into its scripts (Redis).
 
 Errors stored in a job (`error`) are shown to its client: they never contain a server path.
+
+Queue conventions (all additive to the hosted contract; each is atomic in the store):
+  * cancel: `cancel` moves a QUEUED or PROCESSING job to FAILED (`cancelled`, error CANCELLED_REASON) in one
+    transition that also releases its hold; a PROCESSING job's worker loses it as it would a lost lease (its
+    `complete`/`fail` are refused, `progress` tells it the job is no longer its own).
+  * events: every state change (and a worker's `progress`) appends a `JobEvent` to the job's own numbered log,
+    in the same transaction as the change; `job_events(id, after)` reads it (any replica), deleted with the job.
+  * webhooks: a job submitted with `webhook_url` gets a delivery queued with its terminal transition (same
+    transaction); `claim_webhooks` hands due deliveries out under a lease (two dispatchers never make the same
+    attempt), `finish_webhook` records the attempt (delivered, retry at a time, or failed). Durable: a delivery
+    due while no process runs is made by the next one that polls.
+  * queue position: `queue_position` counts the QUEUED jobs `claim` would take before a job, given the
+    round-robin-by-owner order, if nothing else arrived (a new owner's first job can still go ahead of it).
+  * idempotency keys: `claim_idempotency_key` reserves (owner, key) for one job id atomically, so concurrent
+    duplicates create one job.
 """
 from __future__ import annotations
 
@@ -27,6 +42,8 @@ from enum import Enum
 from pathlib import Path
 
 MIN_FREE_BYTES = 1 << 20        # `writable` reports a full disk below this much free space
+CANCELLED_REASON = "cancelled by the client"
+LOST_ATTEMPT = "no answer was recorded for the last attempt (its sender stopped)"   # a webhook's last_error
 
 
 class JobState(str, Enum):
@@ -55,6 +72,32 @@ class Job:
     media_type: str | None = None             # of the stored audio, when COMPLETED
     worker_id: str | None = None              # lease holder while PROCESSING
     lease_until: float | None = None
+    webhook_url: str | None = None            # POSTed the result once terminal (validated by the API)
+    base_url: str | None = None               # the API base the client used: URLs in the webhook's body
+    cancelled: bool = False                   # FAILED because the client cancelled it
+    webhook: dict | None = None               # delivery state when webhook_url is set (read-only; the store's):
+                                              # {"state": pending|delivered|failed, "attempts", "last_status",
+                                              #  "last_error"}
+
+
+@dataclass
+class JobEvent:
+    seq: int                                  # 1, 2, ... per job: the SSE id (resume with Last-Event-ID)
+    type: str                                 # "state" (data["status"]) or "progress" (data["stage"], chunks)
+    data: dict                                # what happened, with "at" (Unix time)
+
+
+@dataclass
+class WebhookDelivery:
+    job_id: str
+    attempt: int                              # this attempt's number (1 = the first)
+
+
+@dataclass
+class IdempotencyRecord:
+    job_id: str                               # the job the key was first used for
+    fingerprint: str                          # of the request it was used with
+    created_at: float
 
 
 @dataclass
@@ -138,6 +181,53 @@ class JobStore(ABC):
         """Health probe (/ready): None when jobs and audio can be written now, else a short reason naming no
         path. It really writes (a tiny transaction or key, a file in the audio directory), so it is cheap but
         not free: call it per readiness check, not per request."""
+
+    # --- queue conventions (see the module docstring) -----------------------------------------------------
+    @abstractmethod
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a QUEUED or PROCESSING job: FAILED with CANCELLED_REASON and `cancelled`, its hold released,
+        its worker's lease gone, in one transition. A terminal job is left as it is. Returns the job as it is
+        afterwards (cancelled now or before, or finished otherwise), None when unknown or expired."""
+
+    @abstractmethod
+    def queue_position(self, job_id: str) -> int | None:
+        """How many QUEUED jobs `claim` would take before this one if no other job arrived (0: next), given
+        the round-robin order across owners (see `claim`); None when the job is not QUEUED."""
+
+    @abstractmethod
+    def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """The job's events numbered above `after`, oldest first (at most `limit`); [] when none or unknown."""
+
+    @abstractmethod
+    def progress(self, worker_id: str, updates: dict[str, dict]) -> set[str]:
+        """Record progress events (`{job_id: data}`, data e.g. {"stage", "chunks_done", "chunks_total"}) for
+        the jobs `worker_id` still holds; an empty data records nothing. Returns the ids it still holds: a
+        job missing from the answer was cancelled or taken from this worker, which drops it."""
+
+    @abstractmethod
+    def claim_idempotency_key(self, owner: str, key: str, fingerprint: str, job_id: str, ttl: float,
+                              stale_after: float = 30.0) -> IdempotencyRecord | None:
+        """Reserve (owner, key) for `job_id` for `ttl` seconds, atomically: None when reserved now (the
+        caller submits `job_id`), else the record of the job it is held by. A record whose job does not exist
+        and that is older than `stale_after` seconds (its submitter died between reserving and submitting)
+        is taken over."""
+
+    @abstractmethod
+    def release_idempotency_key(self, owner: str, key: str, job_id: str) -> None:
+        """Drop the reservation of (owner, key) if it is still `job_id`'s (the submission was refused)."""
+
+    @abstractmethod
+    def claim_webhooks(self, claimer: str, limit: int, lease_seconds: float, max_attempts: int) -> list[WebhookDelivery]:
+        """Up to `limit` due deliveries, each counting one attempt and leased to `claimer` for
+        `lease_seconds` (not due again before, so no other claimer makes the same attempt). A delivery that
+        used `max_attempts` without a report (its claimer died) is marked failed instead."""
+
+    @abstractmethod
+    def finish_webhook(self, job_id: str, claimer: str, attempt: int, outcome: str, status: int | None = None,
+                       error: str | None = None, retry_in: float = 0.0) -> bool:
+        """Record attempt `attempt` of `claimer`: outcome "delivered", "failed" (no more attempts) or "retry"
+        (due again in `retry_in` seconds), with the receiver's HTTP status or an error. False when that
+        attempt is not the current one of that claimer (its lease ran out and another took it)."""
 
     def attach_billing(self, account_store) -> None:
         """Close credit holds with the jobs' terminal transitions, atomically (see the module docstring).
