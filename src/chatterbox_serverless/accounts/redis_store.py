@@ -31,7 +31,7 @@ import redis
 
 from ..jobs.store import StoreUnavailable
 from .store import (check_hold, UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
-                    InsufficientCredits, LedgerEntry, UnknownAccount, Usage)
+                    InsufficientCredits, LedgerEntry, UnknownAccount, Usage, new_webhook_secret)
 
 # The accounts' functions, for the scripts below and for the job store's scripts (`BILLING_LUA`): they need
 # `P` (the key prefix) defined before them.
@@ -176,6 +176,19 @@ if not f then return {'none'} end
 return {'ok', f}
 """
 
+# ARGV: P, id, secret, replace ('1': rotate, '0': only when the account has none)  -> the secret, or nil when
+# the account is unknown
+_WEBHOOK_SECRET = _COMMON + r"""
+local k = P .. 'acct:' .. ARGV[2]
+if redis.call('EXISTS', k) == 0 then return false end
+if ARGV[4] == '1' then
+  redis.call('HSET', k, 'webhook_secret', ARGV[3])
+else
+  redis.call('HSETNX', k, 'webhook_secret', ARGV[3])
+end
+return redis.call('HGET', k, 'webhook_secret')
+"""
+
 # ARGV: P, id, rate_per_min, now  -> seconds to wait, as a string ("0" when a token was taken)
 _TAKE = _COMMON + r"""
 local id, rate, now = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -244,7 +257,7 @@ class RedisAccountStore(AccountStore):
         self.prefix = prefix
         self._scripts = {name: client.register_script(src) for name, src in (
             ("create", _CREATE), ("update", _UPDATE), ("adjust", _ADJUST), ("hold", _HOLD), ("close", _CLOSE),
-            ("take", _TAKE))}
+            ("take", _TAKE), ("webhook_secret", _WEBHOOK_SECRET))}
 
     @classmethod
     def beside(cls, job_store: Any) -> "RedisAccountStore":
@@ -364,6 +377,21 @@ class RedisAccountStore(AccountStore):
 
     def get_hold(self, job_id: str) -> Hold | None:
         return _hold(self._call(self.r.hgetall, self._k("hold", job_id)))
+
+    # --- webhook secrets ------------------------------------------------------------------------------------
+    def _webhook_secret(self, account_id: str, rotate: bool) -> str:
+        secret = self._call(self._scripts["webhook_secret"],
+                            args=[self.prefix, account_id, new_webhook_secret(), "1" if rotate else "0"])
+        if secret is None:
+            raise UnknownAccount(account_id)
+        return secret.decode()
+
+    def webhook_secret(self, account_id: str) -> str:
+        secret = self._call(self.r.hget, self._k("acct", account_id), "webhook_secret")
+        return secret.decode() if secret else self._webhook_secret(account_id, rotate=False)
+
+    def rotate_webhook_secret(self, account_id: str) -> str:
+        return self._webhook_secret(account_id, rotate=True)
 
     # --- reporting ------------------------------------------------------------------------------------------
     def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:

@@ -24,7 +24,8 @@ from typing import Iterator
 
 from ..jobs.store import StoreUnavailable
 from .store import (check_hold, UNKNOWN_LENGTH_NOTE, UNPRICED_NOTE, Account, AccountStore, DuplicateHold, Hold,
-                    InsufficientCredits, LedgerEntry, UnknownAccount, Usage, audio_seconds_of, charge_for)
+                    InsufficientCredits, LedgerEntry, UnknownAccount, Usage, audio_seconds_of, charge_for,
+                    new_webhook_secret)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -72,7 +73,8 @@ CREATE TABLE IF NOT EXISTS account_buckets (
 _ACCOUNT_COLUMNS = "id, name, key_hash, key_prefix, admin, revoked, rate_per_min, balance, held, created_at"
 _HOLD_COLUMNS = "job_id, account_id, amount, created_at, per_second, minimum"
 # columns added after the first release: (table, column, declaration), added at open when missing
-_MIGRATIONS = (("account_holds", "per_second", "REAL"), ("account_holds", "minimum", "INTEGER"))
+_MIGRATIONS = (("account_holds", "per_second", "REAL"), ("account_holds", "minimum", "INTEGER"),
+               ("accounts", "webhook_secret", "TEXT"))
 
 
 def _account(row: tuple | None) -> Account | None:
@@ -303,6 +305,26 @@ class SQLiteAccountStore(AccountStore):
     def get_hold(self, job_id: str) -> Hold | None:
         rows = self._read(f"SELECT {_HOLD_COLUMNS} FROM account_holds WHERE job_id = ?", (job_id,))
         return Hold(*rows[0]) if rows else None
+
+    # --- webhook secrets ------------------------------------------------------------------------------------
+    def webhook_secret(self, account_id: str) -> str:
+        rows = self._read("SELECT webhook_secret FROM accounts WHERE id = ?", (account_id,))
+        if not rows:
+            raise UnknownAccount(account_id)
+        if rows[0][0]:
+            return rows[0][0]
+        with self._tx() as db:
+            self._get(db, account_id)
+            db.execute("UPDATE accounts SET webhook_secret = ? WHERE id = ? AND webhook_secret IS NULL",
+                       (new_webhook_secret(), account_id))
+            return db.execute("SELECT webhook_secret FROM accounts WHERE id = ?", (account_id,)).fetchone()[0]
+
+    def rotate_webhook_secret(self, account_id: str) -> str:
+        secret = new_webhook_secret()
+        with self._tx() as db:
+            self._get(db, account_id)
+            db.execute("UPDATE accounts SET webhook_secret = ? WHERE id = ?", (secret, account_id))
+        return secret
 
     # --- reporting ------------------------------------------------------------------------------------------
     def ledger(self, account_id: str, limit: int = 100) -> list[LedgerEntry]:

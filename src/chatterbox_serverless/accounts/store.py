@@ -24,10 +24,16 @@ credits cannot both hold them, a hold is settled or released at most once, and b
 
 Rate limiting of submissions is part of the store so that every API instance sharing a backend shares the
 buckets (`take_token`).
+
+Webhook secrets: each account has one (`webhook_secret`, made on first use, `rotate_webhook_secret` replaces
+it), kept beside the account so that every process delivering webhooks signs with the same one. Format: the
+Standard Webhooks one, "whsec_" + base64 of 32 random bytes (jobs/webhooks.py signs with the decoded bytes).
 """
 from __future__ import annotations
 
+import base64
 import math
+import secrets
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -111,6 +117,11 @@ def audio_seconds_of(metrics: dict | None) -> float | None:
 
 UNKNOWN_LENGTH_NOTE = "audio length unknown: charged the hold"
 UNPRICED_NOTE = "no price recorded with the hold: charged the hold"
+
+
+def new_webhook_secret() -> str:
+    """A fresh webhook signing secret: "whsec_" + base64 of 32 random bytes (Standard Webhooks)."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 class InsufficientCredits(Exception):
@@ -217,6 +228,17 @@ class AccountStore(ABC):
 
     @abstractmethod
     def usage(self, account_id: str, since: float | None = None) -> Usage: ...
+
+    # --- webhook secrets ------------------------------------------------------------------------------------
+    @abstractmethod
+    def webhook_secret(self, account_id: str) -> str:
+        """The account's webhook signing secret, made (atomically: concurrent first calls agree) on first use.
+        Raises UnknownAccount."""
+
+    @abstractmethod
+    def rotate_webhook_secret(self, account_id: str) -> str:
+        """Replace the account's webhook secret with a new one and return it (deliveries from now on are
+        signed with it). Raises UnknownAccount."""
 
     # --- rate limiting --------------------------------------------------------------------------------------
     @abstractmethod
