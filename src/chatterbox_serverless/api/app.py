@@ -6,6 +6,7 @@
     routers/operations.py  /health, /ready, /metrics
     routers/openai.py      OpenAI's speech API: /v1/audio/speech, /v1/models (errors in OpenAI's shape)
     routers/voices.py      the voice library: /v1/audio/voices (OpenAI's shape too)
+    routers/playground.py  / (the web playground) and /playground/* (its files, shipped in api/playground/)
     docs.py                /docs, /redoc (assets served from the installation: they work offline), /openapi.json
 
 Every error is `{"error": "..."}` (unknown routes, wrong methods, malformed JSON and validation included; a
@@ -27,11 +28,11 @@ from .context import ApiContext
 from .docs import install_docs
 from .errors import install_error_handlers
 from .middleware import BodyTimeout, RequestContext
-from .routers import accounts, files, hosted, operations, openai, voices
+from .routers import accounts, files, hosted, openai, operations, playground, voices
 
 log = logging.getLogger("chatterbox_serverless.api")
 
-ROUTERS = (hosted, files, accounts, operations, openai, voices)
+ROUTERS = (hosted, files, accounts, operations, openai, voices, playground)
 
 
 def create_app(service: Service) -> FastAPI:
