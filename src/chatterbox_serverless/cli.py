@@ -13,6 +13,7 @@ COMMANDS = {
     "keys": ("chatterbox_serverless.accounts.cli", "manage API keys and credits"),
     "parity": ("chatterbox_serverless.engine.parity", "compare this engine with a reference dump"),
     "say": ("chatterbox_serverless.client.cli", "synthesize text through a running server"),
+    "voices": ("chatterbox_serverless.client.voices_cli", "manage a key's voice library on a running server"),
 }
 
 

@@ -210,3 +210,29 @@ def output_url(result: dict[str, Any] | str) -> str:
         state = result.get("status") if isinstance(result, dict) else None
         raise ChatterboxError(detail=f"the result has no output URL (status {state!r})")
     return url
+
+
+def voice_url(root: str, voice: str) -> str:
+    from urllib.parse import quote
+    if not isinstance(voice, str) or not voice.strip():
+        raise ParameterError("a voice id or name is required")
+    return f"{root}/v1/audio/voices/{quote(voice.strip(), safe='')}"
+
+
+def voice_upload(name: str, audio: str | bytes | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """The request creating a voice: multipart with the file for a path or bytes (as OpenAI's SDK sends it);
+    JSON with the string for an http(s) URL, a data: URI or base64."""
+    if not isinstance(name, str) or not name.strip():
+        raise ParameterError("a voice needs a name")
+    if isinstance(audio, str) and not os.path.exists(audio):
+        return "POST", {"json": {"name": name, "audio_sample": audio}}
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        data, filename = bytes(audio), "sample"
+    else:
+        path = Path(audio).expanduser()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ParameterError(f"audio_sample: cannot read {str(path)!r}: {e.strerror or e}") from None
+        filename = path.name
+    return "POST", {"data": {"name": name}, "files": {"audio_sample": (filename, data)}}

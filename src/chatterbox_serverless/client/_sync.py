@@ -150,6 +150,33 @@ class Client:
         _base.raise_for_status(response)
         return response.content
 
+    # --- the voice library (per key) ---------------------------------------------------------------------------
+    def create_voice(self, name: str, audio: str | bytes | os.PathLike) -> dict[str, Any]:
+        """Add a voice to this key's library from a clip: a local file or bytes (uploaded), or an http(s) URL /
+        data: URI / base64 string (fetched or decoded by the server). Use it as `voice=name` (or its `id`)."""
+        url = f"{self.base_url}/v1/audio/voices"
+        method, kwargs = _base.voice_upload(name, audio)
+        response = self._send(method, url, timeout=httpx.Timeout(self.sync_timeout, connect=10.0), **kwargs)
+        _base.raise_for_status(response)
+        return response.json()
+
+    def list_voices(self) -> list[dict[str, Any]]:
+        response = self._send("GET", f"{self.base_url}/v1/audio/voices")
+        _base.raise_for_status(response)
+        return response.json()["data"]
+
+    def get_voice(self, voice: str) -> dict[str, Any]:
+        """One of this key's voices, by id or name."""
+        response = self._send("GET", _base.voice_url(self.base_url, voice))
+        _base.raise_for_status(response)
+        return response.json()
+
+    def delete_voice(self, voice: str) -> dict[str, Any]:
+        """Delete one of this key's voices, by id or name."""
+        response = self._send("DELETE", _base.voice_url(self.base_url, voice))
+        _base.raise_for_status(response)
+        return response.json()
+
     def close(self) -> None:
         self._http.close()
 

@@ -1,6 +1,7 @@
 """`chatterbox-serverless say`: synthesize text through a running server and write the audio to a file.
 
     chatterbox-serverless say "Hello there." -o hello.mp3 --voice me.wav --seed 7
+    chatterbox-serverless say "Hello again." --voice narrator        # a voice of the key's library
     chatterbox-serverless say --file chapter.txt -o chapter.flac --server http://gpu-box:8000
 
 The request goes through the queue (`/v2`); while it waits and runs, a progress line is shown on stderr.
@@ -24,6 +25,7 @@ FORMATS = FORMAT_NAMES
 DEFAULT_MAX_CHARS = 5000
 _SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 _PARAGRAPH = re.compile(r"\n\s*\n")
+_AUDIO_SUFFIXES = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac")   # --voice X.wav: a file, not a name
 _SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+')
 
 
@@ -34,8 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                "its suffix sets the format: " + ", ".join(SUFFIX_FORMATS))
     parser.add_argument("--format", choices=FORMATS,
                         help=f"audio format (default: from the output file's suffix, else {DEFAULT_FORMAT})")
-    parser.add_argument("--voice", metavar="FILE|URL", help="reference audio to clone: a local file or an http(s) URL "
-                                        "(default: the model's built-in voice)")
+    parser.add_argument("--voice", metavar="FILE|URL|NAME",
+                        help="the voice: a local file or an http(s) URL to clone (reference audio), or the name or "
+                             "id of a voice in this key's library (`chatterbox-serverless voices create`); a value "
+                             "with a '/' or an audio suffix, or an existing file, is a file (default: the model's "
+                             "built-in voice)")
+    parser.add_argument("--speed", type=float, metavar="X", help="0.25-4: faster or slower, same pitch (1)")
     parser.add_argument("--seed", type=int, metavar="N", help="same text + same seed -> same audio (server default 42)")
     parser.add_argument("--exaggeration", type=float, metavar="X", help="emotion intensity, 0-2 (0.5)")
     parser.add_argument("--cfg-weight", type=float, metavar="X", help="classifier-free guidance weight, 0-2 (0.5)")
@@ -124,15 +130,19 @@ def _output_and_format(args: argparse.Namespace) -> tuple[str, str]:
 def _params(args: argparse.Namespace, text: str, fmt: str) -> dict[str, Any]:
     from .params import encode_audio
     params: dict[str, Any] = {"text": text, "output_format": fmt}
-    for name in ("seed", "exaggeration", "cfg_weight", "temperature", "min_p", "top_p", "repetition_penalty"):
+    for name in ("seed", "exaggeration", "cfg_weight", "temperature", "min_p", "top_p", "repetition_penalty",
+                 "speed"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
     if args.voice:
         if re.match(r"(?i)https?://", args.voice):
             params["reference_audio"] = args.voice
-        else:
-            params["reference_audio"] = encode_audio(args.voice)
+        elif Path(args.voice).expanduser().is_file() or os.sep in args.voice or "/" in args.voice or \
+                Path(args.voice).suffix.lower() in _AUDIO_SUFFIXES:
+            params["reference_audio"] = encode_audio(args.voice)      # a file (an error names it if unreadable)
+        else:                          # a library voice (the server says if this key has none of that name)
+            params["voice"] = args.voice
     return params
 
 

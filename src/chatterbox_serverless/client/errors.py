@@ -99,7 +99,8 @@ def _error_message(response: httpx.Response) -> str:
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("error"):
-        return str(body["error"])
+        error = body["error"]        # OpenAI's shape on /v1/audio/*: {"error": {"message": ...}}
+        return str(error.get("message") or error) if isinstance(error, dict) else str(error)
     text = response.text.strip() if response.content else ""
     if text:
         return text[:200]

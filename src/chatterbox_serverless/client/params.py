@@ -29,6 +29,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "min_p": (0.0, 1.0),
     "top_p": (0.0, 1.0),
     "repetition_penalty": (1.0, 2.0),
+    "speed": (0.25, 4.0),
 }
 SEED_RANGE = (0, 2**63 - 1)      # the server's range (api/schemas.py)
 
@@ -49,6 +50,8 @@ class TTSParams:
     repetition_penalty: float = 1.2
     seed: int = 42
     output_format: OutputFormat = DEFAULT_FORMAT
+    voice: str | None = None                     # a library voice (id or name); not with reference_audio
+    speed: float = 1.0                           # 0.25-4, a time-stretch keeping the pitch
 
     def to_payload(self) -> dict[str, Any]:
         body = {k: v for k, v in asdict(self).items() if v is not None}
@@ -108,6 +111,14 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
         fmt = body["output_format"]
         if fmt not in OUTPUT_FORMATS:
             raise ParameterError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if body.get("voice") is not None:
+        voice = body["voice"]
+        if not isinstance(voice, str) or not voice.strip():
+            raise ParameterError("voice must be a library voice's id or name (or 'default')")
+        if body.get("reference_audio") is not None:
+            raise ParameterError("give either voice or reference_audio, not both")
+    elif "voice" in body:
+        del body["voice"]
     if "reference_audio" in body:
         ref = body["reference_audio"]
         if ref is None:

@@ -161,7 +161,7 @@ def test_configuration_from_arguments_then_environment(monkeypatch):
     ({"text": "a", "min_p": float("nan")}, "min_p must be a finite number"),
     ({"text": "a", "seed": 1.5}, "seed must be an integer"),
     ({"text": "a", "seed": -1}, "seed must be between"),
-    ({"text": "a", "output_format": "aac"}, "output_format must be one of"),
+    ({"text": "a", "output_format": "m4a"}, "output_format must be one of"),
     ({"text": "a", "reference_audio": 12}, "reference_audio must be"),
 ])
 def test_bad_parameters_are_refused_before_sending(client, server, params, message):
