@@ -53,7 +53,8 @@ def chromium() -> tuple[str, str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=300"]
     for cmd in (["apt-get", *lock, "update", "-q"],
-                ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver"]):
+                ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", "chromium", "chromium-driver",
+                 "fonts-liberation"]):
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
@@ -190,8 +191,17 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
     message = error_text(driver)
     assert "needs a valid API key" in message and "missing API key" in message, message
 
+    # a key without credits: the 406 in words
+    broke, _ = server.accounts.create_key("no credits", credits=0, rate_per_min=0)
+    key_input = driver.find_element(By.ID, "api-key")
+    key_input.send_keys(broke)
+    WebDriverWait(driver, 10).until(lambda d: "0 credits available" in d.find_element(By.ID, "account").text)
+    driver.find_element(By.ID, "generate").click()
+    WebDriverWait(driver, 30).until(lambda d: "Not enough credits" in error_text(d))
+    key_input.clear()
+
     # with the key: the built-in voice, the short text takes the sync route
-    driver.find_element(By.ID, "api-key").send_keys(server.extra["key"])
+    key_input.send_keys(server.extra["key"])
     WebDriverWait(driver, 10).until(lambda d: "credits available" in d.find_element(By.ID, "account").text)
     assert driver.execute_script("return sessionStorage.getItem('chatterbox-playground.api-key')") == \
         server.extra["key"]
@@ -256,8 +266,8 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
     assert len(third["history"]) == 3 + (library.status_code == 200)
 
     # nothing went wrong in the page: no console error (CSP violations and failed loads are errors) beyond the
-    # two answers it was meant to get: the 401 without a key, the 404 of the absent voice library
-    expected = ("status of 401", "/v1/audio/voices - Failed to load resource: the server responded with a status "
+    # answers it was meant to get: the 401 without a key, the 406 without credits, the 404 of an absent library
+    expected = ("status of 401", "status of 406", "/v1/audio/voices - Failed to load resource: the server responded with a status "
                                  "of 404")
     logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
             and not (e["source"] == "network" and any(x in e["message"] for x in expected))]

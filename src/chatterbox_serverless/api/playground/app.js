@@ -105,7 +105,7 @@
 
   // The server's `{"error"}` message, with what the status means for the person at the page.
   function explain(status, body, headers) {
-    const msg = (body && (typeof body.error === "string" ? body.error : body.error?.message)) || "";
+    const msg = ((body && (typeof body.error === "string" ? body.error : body.error?.message)) || "").replace(/\.\s*$/, "");
     const said = msg ? `: ${msg}` : "";
     switch (status) {
       case 400: return `The server refused the request${said}.`;
@@ -121,7 +121,8 @@
       case 422: return `The job failed${said}.`;
       case 429: {
         const retry = headers?.get("retry-after");
-        return `Too many requests${said}.` + (retry ? ` Try again in ${retry} s.` : " Try again shortly.");
+        const when = /retry|try again/i.test(msg) ? "" : retry ? ` Try again in ${retry} s.` : " Try again shortly.";
+        return `Too many requests${said}.${when}`;
       }
       case 502: case 503: return `The server cannot synthesize right now${said}.`;
       case 504: return `The server took too long${said}.`;
