@@ -1,12 +1,13 @@
 """The web playground in a real headless Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium)
-against a real server with the `tiny-random` model and keys on: the page loads with no console error (a CSP
-violation would be one), asks for a key in words, builds its parameter form from the OpenAPI schema, and with a
-key typed in it generates with the built-in voice (sync route), with an uploaded WAV clip (queued route: submit,
-poll, fetch `output`), with that clip saved as a library voice (where the server has GET /v1/audio/voices) and with a clip recorded from Chromium's fake microphone (converted to WAV in the page),
-that one as raw pcm (played behind a WAV header);
-each time the <audio> element gets playable audio, the waveform is drawn and the clip joins the history. A phone
-viewport (375 px) has no horizontal scroll. Screenshots are written to $CHATTERBOX_ARTIFACTS (else the test's
-tmp dir) and their paths printed.
+against a real server with the `tiny-random` model and keys on. The page loads with no console error (a CSP
+violation would be one), builds its parameter form from the OpenAPI schema, and says in words what a missing key
+(401) and a key without credits (406) mean. With a key typed in, it generates with the built-in voice (sync
+route), with an uploaded WAV clip (queued route: submit, poll, fetch `output`), with that clip saved as a library
+voice (where the server has GET /v1/audio/voices), and with a clip recorded from Chromium's fake microphone
+(converted to WAV in the page) as raw pcm (played behind a WAV header). Each time the <audio> element gets
+playable audio, the waveform is drawn and the clip joins the history with a download link. A phone viewport
+(375 px) has no horizontal scroll. Screenshots are written to $CHATTERBOX_ARTIFACTS (else the test's tmp dir)
+and their paths printed.
 
 The test installs Chromium and its driver with apt-get when they are missing (CI on a fresh machine runs it), and
 skips, saying why, only where that is impossible (not root, no apt-get, or the install fails).
@@ -14,6 +15,7 @@ skips, saying why, only where that is impossible (not root, no apt-get, or the i
 from __future__ import annotations
 
 import base64
+import io
 import os
 import shutil
 import subprocess
@@ -120,9 +122,7 @@ def error_text(driver) -> str:
 
 def generate(driver) -> dict:
     """Click Generate, wait for the result, and return what the <audio> element and the page show."""
-    driver.find_element(By.ID, "generate").click()
-    WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.body.dataset.state") != "done"
-                                    or d.find_element(By.ID, "generate").is_enabled() is False)
+    driver.find_element(By.ID, "generate").click()     # its handler marks the page "busy" before it returns
     state = wait_state(driver, "done", "error")
     assert state == "done", error_text(driver)
     # the player has playable audio: metadata loaded (readyState >= 1) and a positive duration
@@ -195,14 +195,15 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
     broke, _ = server.accounts.create_key("no credits", credits=0, rate_per_min=0)
     key_input = driver.find_element(By.ID, "api-key")
     key_input.send_keys(broke)
-    WebDriverWait(driver, 10).until(lambda d: "0 credits available" in d.find_element(By.ID, "account").text)
+    WebDriverWait(driver, 10).until(
+        lambda d: '"no credits": 0 credits available' in d.find_element(By.ID, "account").text)
     driver.find_element(By.ID, "generate").click()
     WebDriverWait(driver, 30).until(lambda d: "Not enough credits" in error_text(d))
     key_input.clear()
 
     # with the key: the built-in voice, the short text takes the sync route
     key_input.send_keys(server.extra["key"])
-    WebDriverWait(driver, 10).until(lambda d: "credits available" in d.find_element(By.ID, "account").text)
+    WebDriverWait(driver, 10).until(lambda d: '"playground test": ' in d.find_element(By.ID, "account").text)
     assert driver.execute_script("return sessionStorage.getItem('chatterbox-playground.api-key')") == \
         server.extra["key"]
     first = generate(driver)
@@ -261,14 +262,14 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
     assert third["duration"] > 0 and third["history"][0][1].endswith(".pcm")
     sent = request_params(server, third)["reference_audio"]
     assert sent.startswith("data:audio/wav;base64,")
-    recorded, rate = sf.read(__import__("io").BytesIO(base64.b64decode(sent.split(",", 1)[1])))
+    recorded, rate = sf.read(io.BytesIO(base64.b64decode(sent.split(",", 1)[1])))
     assert rate == 24000 and 1.0 < len(recorded) / rate < 3.0
     assert len(third["history"]) == 3 + (library.status_code == 200)
 
     # nothing went wrong in the page: no console error (CSP violations and failed loads are errors) beyond the
     # answers it was meant to get: the 401 without a key, the 406 without credits, the 404 of an absent library
-    expected = ("status of 401", "status of 406", "/v1/audio/voices - Failed to load resource: the server responded with a status "
-                                 "of 404")
+    expected = ("status of 401", "status of 406",
+                "/v1/audio/voices - Failed to load resource: the server responded with a status of 404")
     logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
             and not (e["source"] == "network" and any(x in e["message"] for x in expected))]
     assert logs == [], logs

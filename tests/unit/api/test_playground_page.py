@@ -99,7 +99,8 @@ def test_what_the_page_reads_from_the_api_is_there(http):
     assert "post" in schema["paths"]["/v1/chatterbox-tts"]
     js = http.get(f"{ASSETS_PATH}/app.js").text
     for fetched in ('call("openapi.json"', 'call("ready"', 'call("v1/account")', 'call("v1/audio/voices")',
-                    "call(`v2/${slug}`", "call(`v1/${slug}`", "call(`v2/requests/${encodeURIComponent(requestId)}/status`"):
+                    "call(`v2/${slug}`", "call(`v1/${slug}`",
+                    "call(`v2/requests/${encodeURIComponent(requestId)}/status`"):
         assert fetched in js, fetched
     assert http.get("/ready").status_code == 200
     r = http.get("/v1/account")
