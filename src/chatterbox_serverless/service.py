@@ -94,6 +94,7 @@ class Service:
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     fetcher: Any = None                     # media.SafeFetcher: reference URLs
     voices: Any = None                      # voices.library.VoiceLibrary beside the store, or None
+    webhooks: Any = None                    # jobs.webhooks.WebhookDispatcher: job results to their webhook_url
     model_name: str = ""
     owns_store: bool = True                 # close() closes the store (and the accounts it opened)
     owns_accounts: bool = False
@@ -106,6 +107,15 @@ class Service:
                 watch(self.worker.notify)
         if self.janitor is not None:
             self.janitor.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
+
+    def webhook_secret(self, owner: str) -> str:
+        """The secret webhooks of `owner`'s jobs are signed with: the key's own, or the server's without keys."""
+        if owner and self.accounts is not None:
+            return self.accounts.store.webhook_secret(owner)
+        from .jobs.webhooks import ServerSecret
+        return ServerSecret(self.settings.data_dir).get()
 
     def stop(self) -> None:
         """Stop the worker (in-flight jobs finish within the grace time, the rest go back to the queue)."""
@@ -114,6 +124,8 @@ class Service:
             self.worker.stop()
         if self.janitor is not None:
             self.janitor.stop()
+        if self.webhooks is not None:
+            self.webhooks.stop()
 
     def close(self) -> None:
         if self.voices is not None:
@@ -159,6 +171,7 @@ def build_service(settings: Settings, *, engine: Any = None, store: JobStore | N
             from .jobs.worker import Janitor
             service.janitor = Janitor(store, max_attempts=settings.max_attempts,
                                       retention_seconds=settings.retention_seconds, accounts=accounts)
+        service.webhooks = make_webhooks(service)
         return service
     except BaseException:
         if own:
@@ -179,6 +192,29 @@ def make_worker(service: Service) -> Any:
                     shutdown_grace=s.shutdown_grace, info={"model": service.model_name, "store": "redis" if s.is_redis else "sqlite"})
     worker.reconcile_with(service.accounts)      # repair of holds left open; billing itself is the store's
     return worker
+
+
+def make_webhooks(service: Service) -> Any:
+    """The webhook dispatcher of every process on the store (jobs/webhooks.py): bodies as GET /v2/requests/{id}
+    answers them (URLs under the base the job was submitted at), POSTed by a SafeFetcher under the reference
+    URLs' address rules (--allow-fetch-hosts), no redirects followed."""
+    import json
+
+    from .api.bodies import JobBodies
+    from .api.signing import UrlSigner
+    from .jobs.webhooks import WebhookDispatcher
+    from .media import SafeFetcher
+
+    s = service.settings
+    bodies = JobBodies(UrlSigner(s.load_url_secret()), s.retention_seconds)
+    poster = SafeFetcher(allow_hosts=s.allow_fetch_hosts, timeout=s.webhook_timeout, max_redirects=0)
+
+    def render(job) -> bytes:
+        body, _ = bodies.body(job.base_url or s.public_url or "", job, with_output=True)
+        return json.dumps(body).encode()
+    return WebhookDispatcher(service.store, render=render, secret_for=service.webhook_secret, post=poster.post,
+                             attempts=s.webhook_attempts, backoff=s.webhook_backoff, timeout=s.webhook_timeout,
+                             retention_seconds=s.retention_seconds)
 
 
 # --- start-up notices ----------------------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class Settings:
     shutdown_grace: float = 30.0       # SIGTERM: seconds to finish in-flight jobs before releasing them
     allow_fetch_hosts: tuple[str, ...] = ()   # reference-audio hosts allowed even on private addresses
     blocked_terms_file: Path | None = None
+    webhook_attempts: int = 8          # deliveries of a job's result to its webhook_url, at most
+    webhook_backoff: float = 25.0      # seconds before the second attempt, doubling after each failure
+    webhook_timeout: float = 10.0      # seconds one attempt may take
     # the OpenAI speech API and the voice library
     model_aliases: tuple[str, ...] = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")   # OpenAI `model` names served
     openai_voices: tuple[str, ...] = ()   # "alloy=default", "echo=NAME" or "echo=voice_ID"; unmapped: built-in
@@ -85,13 +88,13 @@ class Settings:
             raise ValueError("--max-voices must not be negative and --max-voice-bytes must be positive")
         if self.blocked_terms_file is not None:
             self.blocked_terms_file = Path(self.blocked_terms_file)
-        for name in ("max_queue", "max_text_chars", "batch_size", "max_attempts"):
+        for name in ("max_queue", "max_text_chars", "batch_size", "max_attempts", "webhook_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1")
-        for name in ("retention_seconds", "sync_timeout", "lease_seconds", "body_timeout"):
+        for name in ("retention_seconds", "sync_timeout", "lease_seconds", "body_timeout", "webhook_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{_flag(name)} must be positive")
-        for name in ("batch_wait", "shutdown_grace", "price_per_second", "min_price"):
+        for name in ("batch_wait", "shutdown_grace", "price_per_second", "min_price", "webhook_backoff"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must not be negative")
         if self.workers not in (0, 1):
@@ -201,6 +204,12 @@ OPTIONS: tuple[Option, ...] = (
            "ports 80 and 443"),
     Option("blocked_terms_file", "--blocked-terms", "file of blocked terms, one per line: matching jobs end FAILED "
            "(content policy)", type=Path, env="BLOCKED_TERMS"),
+    Option("webhook_attempts", "--webhook-attempts", "attempts to deliver a job's result to its webhook_url "
+           "(default 8)", type=int),
+    Option("webhook_backoff", "--webhook-backoff", "seconds between the first and second webhook attempts, "
+           "doubling after each failure (default 25: 8 attempts span ~53 min; none after the result expires)",
+           type=float),
+    Option("webhook_timeout", "--webhook-timeout", "seconds one webhook attempt may take (default 10)", type=float),
     Option("shutdown_grace", "--shutdown-grace", "seconds to finish in-flight jobs on SIGTERM (default 30)",
            type=float),
     Option("no_auth", "--no-auth", "no API keys: anyone who reaches the server may use it (local setups only; "

@@ -3,7 +3,10 @@ bodies, submitting a job, finding a caller's job. One `ApiContext` per app; rout
 (`routers/*.py: router(ctx) -> APIRouter`)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from ..service import Service
 from .auth import AccountGate
 from .errors import ApiError, echo
 from .middleware import SAFE_ID
+from .bodies import JobBodies
 from .schemas import TTSRequest, describe_validation_error
 from .signing import UrlSigner
 
@@ -29,6 +33,11 @@ log = logging.getLogger("chatterbox_serverless.api")
 MAX_BODY_BYTES = 16 * 1024 * 1024     # a 10 MB reference clip in base64 fits
 NO_WORKER_GRACE_S = 2.0   # a synchronous call waits this long for a live worker before answering 502
 EXT_BY_TYPE = {media_type: name for name, media_type in FORMATS.items()}
+IDEMPOTENCY_HEADER = "idempotency-key"
+IDEMPOTENT_MODES = ("v1", "v2")          # the hosted routes honour Idempotency-Key
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+IDEMPOTENCY_WAIT = 10.0                  # seconds a duplicate waits for the first submission to be stored
+STATE_REPLAYED = "idempotent_replay"     # request.state: the answer is the first submission's job
 
 
 @dataclass
@@ -55,6 +64,7 @@ class ApiContext:
         self.gate = AccountGate(service.accounts)
         self.auth = self.gate.dependency
         self.signer = UrlSigner(self.settings.load_url_secret())
+        self.bodies = JobBodies(self.signer, self.settings.retention_seconds)
         self.metrics = ApiMetrics()
         from ..media.fetch import AllowList
         self.allow_hosts = AllowList(self.settings.allow_fetch_hosts)     # what reference URLs may reach
@@ -70,12 +80,7 @@ class ApiContext:
         return {"status_url": f"{base}/v2/requests/{job_id}/status", "response_url": f"{base}/v2/requests/{job_id}"}
 
     def output_url(self, request: Request, job: Job) -> str | None:
-        if job.state != JobState.COMPLETED or job.finished_at is None:
-            return None
-        ext = EXT_BY_TYPE.get(job.media_type or "", "bin")
-        expires = int(job.finished_at + self.settings.retention_seconds)
-        name = f"{job.id}.{ext}"
-        return f"{self.base_url(request)}/files/{name}?{self.signer.query(name, expires)}"
+        return self.bodies.output_url(self.base_url(request), job)
 
     # --- bodies ----------------------------------------------------------------------------------------------
     async def read_json_body(self, request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
@@ -97,13 +102,14 @@ class ApiContext:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parse_tts(self, request: Request) -> TTSRequest:
-        """The hosted contract's parameters, validated: 400 naming the parameter, 415/413 for the body."""
+    async def parse_tts(self, request: Request, model: type[TTSRequest] = TTSRequest) -> TTSRequest:
+        """The hosted contract's parameters (`model`: TTSRequest, or V2Request with webhook_url), validated: 400
+        naming the parameter, 415/413 for the body."""
         body = await self.read_json_body(request)
         if not body.strip():
             raise ApiError(400, "empty request body: send a JSON object of parameters, at least {\"text\": ...}")
         try:
-            params = TTSRequest.model_validate_json(body)
+            params = model.model_validate_json(body)
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
             if err.get("type") == "json_invalid":
@@ -122,14 +128,72 @@ class ApiContext:
                                                                 allow_hosts=self.allow_hosts))
             except ReferenceAudioError as e:
                 raise ApiError(400, str(e))
+        webhook_url = getattr(params, "webhook_url", None)
+        if webhook_url is not None:
+            from ..jobs.webhooks import WebhookUrlError, check_webhook_url
+            try:
+                webhook_url = check_webhook_url(webhook_url, self.allow_hosts)
+            except WebhookUrlError as e:
+                raise ApiError(400, str(e)) from None
+            return params.model_copy(update={"text": text, "webhook_url": webhook_url})
         return params.model_copy(update={"text": text})
 
     # --- jobs ------------------------------------------------------------------------------------------------
     def submit(self, request: Request, params: TTSRequest, owner: str, mode: str) -> Job:
-        """Hold the credits and queue the job (blocking: call in a thread). 429 when the queue is full."""
+        """Hold the credits and queue the job (blocking: call in a thread). 429 when the queue is full. On the
+        hosted routes, an Idempotency-Key header seen before (same owner, within the retention) with the same
+        parameters returns that first job instead (`request.state.idempotent_replay`), with other ones 409."""
         if params.voice is not None:     # the job records the library voice's id (None: the built-in voice)
             params = params.model_copy(update={"voice": self.resolve_voice(owner, params.voice)})
-        job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json"))
+        webhook_url = getattr(params, "webhook_url", None)
+        job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json", exclude={"webhook_url"}),
+                  webhook_url=webhook_url, base_url=self.base_url(request) if webhook_url else None)
+        key = self.idempotency_key(request) if mode in IDEMPOTENT_MODES else None
+        if key is not None:
+            first = self._reserve_key(owner, key, _fingerprint(job), job.id)
+            if first is not None:        # the same request again: its first job, nothing held or queued
+                setattr(request.state, STATE_REPLAYED, True)
+                log.info("idempotent replay", extra={"request_id": first.id, "mode": mode})
+                return first
+            try:
+                return self._queue(request, params, job, mode)
+            except ApiError:             # refused (credits, rate, queue full): the key may be used again
+                self.store.release_idempotency_key(owner, key, job.id)
+                raise
+        return self._queue(request, params, job, mode)
+
+    @staticmethod
+    def idempotency_key(request: Request) -> str | None:
+        """The request's Idempotency-Key header (400 unless 1-255 printable ASCII characters), or None."""
+        value = request.headers.get(IDEMPOTENCY_HEADER)
+        if value is None:
+            return None
+        if not IDEMPOTENCY_KEY.fullmatch(value):
+            raise ApiError(400, "header 'Idempotency-Key': must be 1 to 255 printable ASCII characters")
+        return value
+
+    def _reserve_key(self, owner: str, key: str, fingerprint: str, job_id: str) -> Job | None:
+        """Reserve the key for `job_id` (None), or the job it was first used for: 409 when that was with another
+        body, or when that submission is still under way after IDEMPOTENCY_WAIT seconds."""
+        deadline = time.monotonic() + IDEMPOTENCY_WAIT
+        while True:
+            first = self.store.claim_idempotency_key(owner, key, fingerprint, job_id, self.settings.retention_seconds)
+            if first is None:
+                return None
+            if first.fingerprint != fingerprint:
+                raise ApiError(409, f"Idempotency-Key {echo(key)!r} was already used with a different request "
+                                    "body; use a new key for a new request")
+            job = self.store.get(first.job_id)
+            if job is not None and job.owner == owner:
+                return job
+            if time.monotonic() > deadline:
+                raise ApiError(409, f"a request with Idempotency-Key {echo(key)!r} is still being submitted; "
+                                    "retry in a few seconds", {"Retry-After": "2"})
+            time.sleep(0.02)    # the first submission is between its reservation and its job
+
+    def _queue(self, request: Request, params: TTSRequest, job: Job, mode: str) -> Job:
+        """Hold the credits for `job` and store it."""
+        owner = job.owner
         max_queue = self.settings.max_queue
         if self.gate.enabled and self.store.stats().by_state.get("QUEUED", 0) >= max_queue:
             self._queue_full(f"{max_queue} jobs are waiting")      # refused before any hold: no ledger entry
@@ -211,11 +275,15 @@ class ApiContext:
         return None
 
     def job_body(self, request: Request, job: Job, with_output: bool) -> tuple[dict[str, Any], int]:
-        """A job's status (or result) body and its HTTP status (422 when FAILED, as the hosted contract)."""
-        body: dict[str, Any] = {"request_id": job.id, "status": job.state.value}
-        if with_output:
-            body["output"] = self.output_url(request, job)
-        body["metrics"] = job.metrics or {}
-        if job.state == JobState.FAILED:
-            body["error"] = job.error or "failed"
-        return body, 422 if job.state == JobState.FAILED else 200
+        """A job's status (or result) body and its HTTP status (422 when FAILED, as the hosted contract), with
+        this server's additive fields (api/bodies.py). Blocking (a store read for a QUEUED job's position)."""
+        position = self.store.queue_position(job.id) if job.state == JobState.QUEUED else None
+        return self.bodies.body(self.base_url(request), job, with_output, position)
+
+
+def _fingerprint(job: Job) -> str:
+    """What makes two submissions "the same request" for an Idempotency-Key: the validated parameters (defaults
+    filled in) and the webhook URL."""
+    canonical = json.dumps({"params": job.params, "webhook_url": job.webhook_url}, sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

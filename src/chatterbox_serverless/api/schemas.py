@@ -69,6 +69,15 @@ class TTSRequest(BaseModel):
                                repetition_penalty=self.repetition_penalty, seed=self.seed)
 
 
+class V2Request(TTSRequest):
+    """The v2 submission: the hosted parameters, and where to POST the result (additive; v1 ignores it)."""
+    webhook_url: str | None = Field(
+        None, description="v2 only: an http(s) URL the result body (as GET /v2/requests/{id} answers it) is POSTed "
+                          "to once the job is COMPLETED or FAILED, signed Standard Webhooks style (webhook-id, "
+                          "webhook-timestamp, webhook-signature; secret: GET /v1/account/webhook-secret), retried "
+                          "with backoff. Same address rules as reference_audio URLs.")
+
+
 class ParameterError(ValueError):
     """A 400 whose message names the parameter."""
 
@@ -93,14 +102,29 @@ class SubmitResponse(BaseModel):
     response_url: str
 
 
-class StatusResponse(BaseModel):
+class WebhookState(BaseModel):
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int = Field(description="Attempts made so far.")
+    last_status: int | None = Field(None, description="The receiver's HTTP status at the last attempt.")
+    last_error: str | None = Field(None, description="Why the last attempt got no answer (refused, timed out).")
+
+
+class _QueueFields(BaseModel):
+    """This server's additive fields (present only where they apply)."""
+    cancelled: bool | None = Field(None, description="true when the client cancelled the job (status FAILED).")
+    queue_position: int | None = Field(None, description="QUEUED jobs: how many jobs will be claimed before this "
+                                                         "one (0: next), in the fair order across API keys.")
+    webhook: WebhookState | None = Field(None, description="Jobs submitted with webhook_url: the delivery.")
+
+
+class StatusResponse(_QueueFields):
     request_id: str
     status: Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
     metrics: dict = Field(default_factory=dict)
     error: str | None = Field(None, description="Present when FAILED (served with HTTP 422).")
 
 
-class ResultResponse(BaseModel):
+class ResultResponse(_QueueFields):
     request_id: str
     status: Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
     output: str | None = Field(None, description="Absolute, signed URL of the audio; expires with the result.")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..engine.chunking import split_text
 from ..engine.contract import Engine, PreparedVoice, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
 from .policy import ContentPolicy
 from .batching import BatchClaimer
@@ -298,12 +299,45 @@ class Worker:
             ready.append((job, request))
         if not ready:
             return
+        # Between stages, progress events double as the check that each job is still ours: one cancelled while
+        # its voice was fetched never reaches the engine, one cancelled during synthesis is not encoded. (The
+        # engine cannot stop one request mid-batch: a job cancelled then costs its share of the batch.)
+        chunks = {job.id: self._chunk_count(request.text) for job, request in ready}
+        held = self._still_held({job.id: {"stage": "synthesizing", "chunks_done": 0, "chunks_total": chunks[job.id]}
+                                 for job, _ in ready})
+        ready = [(job, request) for job, request in ready if job.id in held]
+        if not ready:
+            return
         results, seconds = self._synthesize([r for _, r in ready])
         self.batches_done += 1
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(ready))
+        held = self._still_held({job.id: {"stage": "encoding", "chunks_done": chunks[job.id],
+                                          "chunks_total": chunks[job.id]} if result.error is None else {}
+                                 for (job, _), result in zip(ready, results)})
         for (job, _), result in zip(ready, results):
-            self._finish(job, result, seconds, len(ready), claimed_at)
+            if job.id in held:
+                self._finish(job, result, seconds, len(ready), claimed_at)
+
+    def _chunk_count(self, text: str) -> int:
+        """The chunks the engine cuts `text` into (engine/chunking.py, at the engine's chunk size)."""
+        return len(split_text(text, int(getattr(self.engine, "max_chunk_chars", 280) or 280)) or [""])
+
+    def _still_held(self, updates: dict[str, dict]) -> set[str]:
+        """Record progress events and learn which jobs are still this worker's; a job that is not (cancelled, or
+        its lease lost) is dropped here. If the store cannot answer, all are kept: `complete` refuses a lost job
+        anyway."""
+        try:
+            held = self.store.progress(self.worker_id, updates)
+        except Exception as e:  # noqa: BLE001 - progress is best effort
+            log.warning("could not record progress (%s); going on", e)
+            return set(updates)
+        for job_id in set(updates) - held:
+            log.info("job %s is no longer this worker's (cancelled, or its lease lost): dropped", job_id,
+                     extra={"request_id": job_id})
+            with self._in_hand_lock:
+                self._in_hand.discard(job_id)
+        return held
 
     def _synthesize(self, requests: list[SynthesisRequest]) -> tuple[list[SynthesisResult], float]:
         t0 = time.perf_counter()

@@ -379,6 +379,31 @@ class SafeFetcher:
                 current = nxt
         raise FetchError(f"too many redirects (more than {self.max_redirects})")
 
+    def post(self, url: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+        """POST `body` to `url` (a webhook) under the same address policy and total time limit as `fetch`, and
+        return the HTTP status. Redirects are not followed (a 3xx is returned as it is); the answer's body is
+        read up to 64 KiB and dropped. Raises FetchError when the URL is refused or the request fails."""
+        policy = self._policy()
+        transport = httpx.HTTPTransport(verify=self.ssl_context, trust_env=False)
+        transport._pool = httpcore.ConnectionPool(ssl_context=self.ssl_context, network_backend=_SyncBackend(policy),
+                                                  max_connections=1, retries=0)
+        current = self._check_url(url)
+        args = self._client_args()
+        args["headers"] = {"User-Agent": "chatterbox-serverless (webhook)",
+                           "Content-Type": "application/json", **(headers or {})}
+        with httpx.Client(transport=transport, **args) as client:
+            try:
+                with client.stream("POST", current, content=body) as response:
+                    read = 0
+                    for chunk in response.iter_raw():
+                        read += len(chunk)
+                        if read > 65536:
+                            break
+                        policy.remaining()
+                    return response.status_code
+            except httpx.HTTPError as e:
+                raise self._transport_error(current, e) from None
+
     # -- helpers --
 
     def _policy(self) -> _Policy:

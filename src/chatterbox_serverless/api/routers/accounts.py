@@ -1,5 +1,6 @@
-"""Accounts and admin: GET /v1/account (this key's balance, usage, ledger) and /v1/admin/keys... (admin keys
-only: create, list, show, revoke, add or remove credits)."""
+"""Accounts and admin: GET /v1/account (this key's balance, usage, ledger), GET /v1/account/webhook-secret and
+POST /v1/account/webhook-secret/rotate (the secret this key's webhooks are signed with; with --no-auth, the
+server's), and /v1/admin/keys... (admin keys only: create, list, show, revoke, add or remove credits)."""
 from __future__ import annotations
 
 import json
@@ -59,6 +60,12 @@ async def _parse(ctx: ApiContext, request: Request, model: type[BaseModel]) -> A
 _ERRORS = {code: ERROR_RESPONSES[code] for code in (400, 401, 403, 404)}
 
 
+def _secret_body(secret: str) -> dict:
+    return {"secret": secret, "scheme": "Standard Webhooks v1: webhook-signature = 'v1,' + base64(HMAC-SHA256(key, "
+                                        "webhook-id + '.' + webhook-timestamp + '.' + body)), key = base64-decoded "
+                                        "secret after 'whsec_'"}
+
+
 LEDGER_QUERY = Query(20, ge=0, le=1000, description="How many of the latest ledger entries to include.")
 SINCE_QUERY = Query(None, description="Count usage from this Unix time on (default: since the key was made).")
 
@@ -89,6 +96,24 @@ def router(ctx: ApiContext) -> APIRouter:
         if gate.accounts is None:
             raise ApiError(404, "accounts are disabled on this server (--no-auth)")
         return _summary(getattr(request.state, STATE_ACCOUNT), ledger, since)
+
+    @router.get("/v1/account/webhook-secret", summary="The secret this key's webhooks are signed with")
+    def get_webhook_secret(owner: str = Depends(gate.dependency)) -> dict:
+        return _secret_body(ctx.service.webhook_secret(owner))
+
+    @router.post("/v1/account/webhook-secret/rotate", summary="Replace this key's webhook secret",
+                 responses={409: {"description": "The secret is set by the server's environment"}})
+    def rotate_webhook_secret(request: Request, owner: str = Depends(gate.dependency)) -> dict:
+        if gate.accounts is None:        # --no-auth: the server's own secret
+            from ...jobs.webhooks import ServerSecret
+            try:
+                secret = ServerSecret(ctx.settings.data_dir).rotate()
+            except ValueError as e:
+                raise ApiError(409, str(e)) from None
+        else:
+            secret = gate.accounts.store.rotate_webhook_secret(owner)
+        log.info("webhook secret rotated", extra={"owner": owner or None})
+        return _secret_body(secret)
 
     @router.get("/v1/admin/keys", summary="Admin: every key with its balance and usage")
     def list_keys(request: Request, since: float | None = SINCE_QUERY,
