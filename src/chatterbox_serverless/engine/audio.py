@@ -10,6 +10,8 @@ Each function reproduces, numerically, what the official Chatterbox pipeline get
   s3gen_prompt_mel       S3Gen's prompt mel (Matcha-TTS mel_spectrogram: n_fft 1920, hop 480, log)
   s3_log_mel             the S3 tokenizer's Whisper-style log-mel (128 mels)
   kaldi_fbank            torchaudio.compliance.kaldi.fbank with its defaults (CAMPPlus input)
+  integrated_loudness    pyloudnorm.Meter(sr).integrated_loudness (ITU-R BS.1770-4, K-weighting, gating)
+  normalize_loudness     Turbo's ChatterboxTurboTTS.norm_loudness (scale to -27 LUFS)
 """
 from __future__ import annotations
 
@@ -252,3 +254,110 @@ def kaldi_fbank(wav: torch.Tensor, num_mel_bins: int = 80, sample_frequency: flo
     banks = _kaldi_mel_banks(num_mel_bins, padded, float(sample_frequency), float(low_freq), float(high_freq))
     energies = torch.mm(power, banks.to(device=wav.device, dtype=wav.dtype).T)
     return torch.max(energies, eps).log()
+
+
+# -------------------------------------------------------------------------------------------------- loudness
+#
+# pyloudnorm 0.2 (what the official Turbo uses), reproduced: the two K-weighting biquads of its RBJ-cookbook
+# design (high shelf +4 dB at 1500 Hz, Q 1/sqrt 2; high pass at 38 Hz, Q 0.5), each run in float64 (scipy's
+# lfilter) and stored back into the float32 signal, as pyloudnorm does with a float32 input; then 400 ms blocks
+# overlapping by 75%, mean square per block (a float32 sum, as numpy's), absolute gate -70 LUFS, relative gate
+# -10 LU. The filters are computed here as the convolution with their impulse response (run out until it is
+# below 1e-20 of its peak: 4-5k samples at 24 kHz) through the FFT, which equals the recursion to ~1e-15
+# relative; the float32 rounding that follows absorbs it (a sample can move by one float32 step only where the
+# float64 value sits within ~1e-15 of a rounding boundary).
+
+
+def _biquad(kind: str, gain_db: float, q: float, fc: float, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """(b, a) normalised by a0: pyloudnorm's IIRfilter.generate_coefficients for 'high_shelf' / 'high_pass'."""
+    A = 10 ** (gain_db / 40.0)
+    w0 = 2.0 * np.pi * (fc / rate)
+    alpha = np.sin(w0) / (2.0 * q)
+    if kind == "high_shelf":
+        b0 = A * ((A + 1) + (A - 1) * np.cos(w0) + 2 * np.sqrt(A) * alpha)
+        b1 = -2 * A * ((A - 1) + (A + 1) * np.cos(w0))
+        b2 = A * ((A + 1) + (A - 1) * np.cos(w0) - 2 * np.sqrt(A) * alpha)
+        a0 = (A + 1) - (A - 1) * np.cos(w0) + 2 * np.sqrt(A) * alpha
+        a1 = 2 * ((A - 1) - (A + 1) * np.cos(w0))
+        a2 = (A + 1) - (A - 1) * np.cos(w0) - 2 * np.sqrt(A) * alpha
+    elif kind == "high_pass":
+        b0 = (1 + np.cos(w0)) / 2
+        b1 = -(1 + np.cos(w0))
+        b2 = (1 + np.cos(w0)) / 2
+        a0 = 1 + alpha
+        a1 = -2 * np.cos(w0)
+        a2 = 1 - alpha
+    else:
+        raise ValueError(kind)
+    return np.array([b0, b1, b2]) / a0, np.array([a0, a1, a2]) / a0
+
+
+@lru_cache(maxsize=8)
+def _impulse_response(b: tuple, a: tuple, tol: float = 1e-20, max_len: int = 1 << 16) -> np.ndarray:
+    """h[n] of the biquad (b, a) (direct form, float64), up to where the tail is below tol x its peak."""
+    h = []
+    x1 = x2 = y1 = y2 = 0.0
+    peak, quiet = 0.0, 0
+    for n in range(max_len):
+        x0 = 1.0 if n == 0 else 0.0
+        y0 = b[0] * x0 + b[1] * x1 + b[2] * x2 - a[1] * y1 - a[2] * y2
+        h.append(y0)
+        x2, x1, y2, y1 = x1, x0, y1, y0
+        peak = max(peak, abs(y0))
+        quiet = quiet + 1 if abs(y0) < tol * peak else 0
+        if quiet >= 64:
+            break
+    return np.array(h, dtype=np.float64)
+
+
+def _apply_biquad(x: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """lfilter(b, a, x) in float64 (zero initial state), by FFT convolution with the impulse response."""
+    h = _impulse_response(tuple(b.tolist()), tuple(a.tolist()))
+    n = x.shape[0] + h.shape[0] - 1
+    size = 1 << max(1, (n - 1).bit_length())
+    y = np.fft.irfft(np.fft.rfft(x.astype(np.float64), size) * np.fft.rfft(h, size), size)
+    return y[: x.shape[0]]
+
+
+def integrated_loudness(wav: np.ndarray, rate: int) -> float:
+    """Integrated loudness (LUFS) of a mono signal, as pyloudnorm.Meter(rate).integrated_loudness(wav): -inf for
+    a signal whose blocks are all below the absolute gate. ValueError for one shorter than a block (400 ms)."""
+    import warnings
+    data = np.array(wav, copy=True)
+    if data.ndim != 1 or not np.issubdtype(data.dtype, np.floating):
+        raise ValueError("loudness: a mono floating-point signal is needed")
+    block, overlap = 0.400, 0.75
+    if data.shape[0] < block * rate:
+        raise ValueError("Audio must have length greater than the block size.")
+    for kind, gain, q, fc in (("high_shelf", 4.0, 1 / np.sqrt(2), 1500.0), ("high_pass", 0.0, 0.5, 38.0)):
+        b, a = _biquad(kind, gain, q, fc, rate)
+        data[:] = _apply_biquad(data, b, a)           # float64 result stored in the input's dtype
+    step = 1.0 - overlap
+    T = data.shape[0] / rate
+    n_blocks = int(np.round(((T - block) / (block * step)))) + 1
+    z = np.zeros(n_blocks)
+    for j in range(n_blocks):
+        lo = int(block * (j * step) * rate)
+        hi = int(block * (j * step + 1) * rate)
+        z[j] = (1.0 / (block * rate)) * np.sum(np.square(data[lo:hi]))
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        loud = [-0.691 + 10.0 * np.log10(np.sum([1.0 * z[j]])) for j in range(n_blocks)]
+        gated = [j for j, l_j in enumerate(loud) if l_j >= -70.0]
+        z_avg = np.mean([z[j] for j in gated])
+        gamma_r = -0.691 + 10.0 * np.log10(np.sum([1.0 * z_avg])) - 10.0
+        gated = [j for j, l_j in enumerate(loud) if (l_j > gamma_r and l_j > -70.0)]
+        z_avg = np.nan_to_num(np.array(np.mean([z[j] for j in gated])))
+        return float(-0.691 + 10.0 * np.log10(np.sum([1.0 * z_avg])))
+
+
+def normalize_loudness(wav: np.ndarray, rate: int, target_lufs: float = -27.0) -> np.ndarray:
+    """Turbo's norm_loudness: scale `wav` to `target_lufs`; left as it is when the gain is not finite and positive
+    (a signal under the gate) or the meter cannot measure it (shorter than 400 ms)."""
+    try:
+        gain = 10.0 ** ((target_lufs - integrated_loudness(wav, rate)) / 20.0)
+    except ValueError:
+        return wav
+    if math.isfinite(gain) and gain > 0.0:
+        return wav * gain
+    return wav

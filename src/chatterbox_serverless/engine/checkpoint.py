@@ -122,3 +122,14 @@ def config_from_state_dict(from_state_dict: Callable[..., C], sd: dict[str, torc
         raise CheckpointError(f"{what}: 1 missing key(s): {e.args[0]}") from None
     except (IndexError, ValueError, TypeError) as e:
         raise CheckpointError(f"{what}: not the expected tensors ({type(e).__name__}: {e})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file of the checkpoint (tokenizer files), or CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None

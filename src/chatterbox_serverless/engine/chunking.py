@@ -3,12 +3,16 @@
 The official model degrades past ~300 characters and stops at ~40 s (1000 speech tokens), so a request is cut
 into chunks of at most `max_chars`, preferring sentence ends, then clause punctuation, then spaces. All chunks of
 all requests go through the engine as one batch; their audio is joined with a short equal-power crossfade.
+A paralinguistic tag (`[laugh]`, `[clear throat]`: text.TAG) is never cut: a cut that would fall inside one
+moves before it (or after it, when the tag starts the piece).
 """
 from __future__ import annotations
 
 import re
 
 import numpy as np
+
+from .text import TAG
 
 _SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+')
 _CLAUSE_END = re.compile(r'(?<=[,;:—–])\s+')
@@ -18,14 +22,34 @@ def _pieces(text: str, pattern: re.Pattern) -> list[str]:
     return [p for p in pattern.split(text) if p.strip()]
 
 
+def _tag_around(text: str, i: int) -> tuple[int, int] | None:
+    """The (start, end) of the tag that position i falls strictly inside (a cut at i would split it), if any."""
+    for m in TAG.finditer(text):
+        if m.start() < i < m.end():
+            return m.start(), m.end()
+    return None
+
+
+def _cut(clause: str, max_chars: int) -> int:
+    """Where to cut a clause longer than max_chars: the last space within the limit outside tags, else a hard
+    cut at the limit, moved out of a tag (before it; after it when the tag starts the clause)."""
+    cut = clause.rfind(" ", 0, max_chars + 1)
+    while cut > 0 and _tag_around(clause, cut):
+        cut = clause.rfind(" ", 0, _tag_around(clause, cut)[0])
+    if cut > 0:
+        return cut
+    tag = _tag_around(clause, max_chars)
+    if tag is None:
+        return max_chars
+    return tag[0] if tag[0] > 0 else tag[1]
+
+
 def _split_long(sentence: str, max_chars: int) -> list[str]:
-    """A sentence longer than max_chars: cut at clause punctuation, then at spaces, then hard."""
+    """A sentence longer than max_chars: cut at clause punctuation, then at spaces, then hard (never in a tag)."""
     out: list[str] = []
     for clause in _pieces(sentence, _CLAUSE_END):
         while len(clause) > max_chars:
-            cut = clause.rfind(" ", 0, max_chars + 1)
-            if cut <= 0:
-                cut = max_chars
+            cut = _cut(clause, max_chars)
             out.append(clause[:cut].strip())
             clause = clause[cut:].strip()
         if clause:

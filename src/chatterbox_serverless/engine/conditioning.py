@@ -7,6 +7,9 @@ Official pipeline (chatterbox-tts 0.1.7), reproduced step by step in `VoiceFront
      by the OTHER resampler (torchaudio's sinc) -> CAMPPlus x-vector and S3 prompt tokens (cut so 2*T = mel frames)
   3. T3 prompt: S3 tokens of ref16[:6 s], at most 150
   4. VE speaker embedding of the full ref16, silence-trimmed
+Turbo (`ChatterboxTurboTTS.prepare_conditionals`) differs only in its `VoiceSettings`: the 24 kHz clip must be
+longer than 5 s, is scaled to -27 LUFS (pyloudnorm's meter: audio.integrated_loudness) before anything else, and
+the T3 prompt is the S3 tokens of its first 15 s, at most 375.
 """
 from __future__ import annotations
 
@@ -32,6 +35,16 @@ T3_PROMPT_SECONDS = 6       # T3 speech prompt: first 6 s at 16 kHz
 T3_PROMPT_TOKENS = 150
 MIN_SECONDS = 0.5           # shorter clips cannot be embedded meaningfully (the official code crashes or worse)
 SILENCE_LEVEL = 1e-5        # a clip with no sample above this (-100 dBFS) is silence: its embeddings would be NaN
+
+
+@dataclass(frozen=True)
+class VoiceSettings:
+    """How a variant turns a reference clip into conditionals (engine/variants.py holds each variant's); the
+    defaults are the original model's."""
+    t3_prompt_seconds: float = T3_PROMPT_SECONDS   # T3 speech prompt: the first seconds of the 16 kHz clip
+    t3_prompt_tokens: int = T3_PROMPT_TOKENS       # ... at most this many S3 tokens
+    longer_than_seconds: float | None = None       # the 24 kHz clip must be strictly longer (Turbo: 5)
+    loudness_lufs: float | None = None             # scale the 24 kHz clip to this integrated loudness first (Turbo: -27)
 
 
 @dataclass
@@ -113,8 +126,8 @@ def load_voice_encoder(ckpt_dir: str | Path, config: dict | None = None) -> Voic
 
 
 def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
-                       s3gen_state: dict[str, torch.Tensor] | None = None, config: dict | None = None
-                       ) -> tuple[VoiceEncoder, S3TokenizerV2, CAMPPlus]:
+                       s3gen_state: dict[str, torch.Tensor] | None = None, config: dict | None = None,
+                       s3gen_file: str = "s3gen.safetensors") -> tuple[VoiceEncoder, S3TokenizerV2, CAMPPlus]:
     """The three front-end networks, loaded strictly: VE from ve.safetensors, the tokenizer and speaker encoder
     from the `tokenizer.` / `speaker_encoder.` parts of s3gen.safetensors (pass `s3gen_state` to reuse an
     already-read file; otherwise only those parts are read). Sizes come from tensor shapes; what shapes cannot
@@ -123,17 +136,17 @@ def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     ckpt_dir = Path(ckpt_dir)
     overrides = read_config(ckpt_dir) if config is None else config
     ve = load_voice_encoder(ckpt_dir, overrides)
-    s3 = s3gen_state if s3gen_state is not None else read_safetensors(ckpt_dir / "s3gen.safetensors",
+    s3 = s3gen_state if s3gen_state is not None else read_safetensors(ckpt_dir / s3gen_file,
                                                                        ("tokenizer.", "speaker_encoder."))
     tok_sd, spk_sd = _prefixed(s3, "tokenizer."), _prefixed(s3, "speaker_encoder.")
     if not tok_sd or not spk_sd:
-        raise CheckpointError("s3gen.safetensors has no tokenizer.* or speaker_encoder.* weights")
+        raise CheckpointError(f"{s3gen_file} has no tokenizer.* or speaker_encoder.* weights")
     tok = S3TokenizerV2(config_from_state_dict(S3TokenizerConfig.from_state_dict, tok_sd, overrides.get("s3tokenizer"),
-                                               "s3gen.safetensors (tokenizer.*)"))
-    load_strict(tok, tok_sd, what="s3gen.safetensors (tokenizer.*)")
+                                               f"{s3gen_file} (tokenizer.*)"))
+    load_strict(tok, tok_sd, what=f"{s3gen_file} (tokenizer.*)")
     spk = CAMPPlus(config_from_state_dict(CAMPPlusConfig.from_state_dict, spk_sd, overrides.get("campplus"),
-                                          "s3gen.safetensors (speaker_encoder.*)"))
-    load_strict(spk, spk_sd, what="s3gen.safetensors (speaker_encoder.*)")
+                                          f"{s3gen_file} (speaker_encoder.*)"))
+    load_strict(spk, spk_sd, what=f"{s3gen_file} (speaker_encoder.*)")
     return ve.to(device).eval(), tok.to(device).eval(), spk.to(device).eval()
 
 
@@ -153,12 +166,15 @@ def _as_mono_float32(samples: np.ndarray) -> np.ndarray:
 class VoiceFrontEnd:
     """Computes VoiceConditionals from a reference clip with the given (already placed) networks."""
 
-    def __init__(self, ve: VoiceEncoder, tokenizer: S3TokenizerV2, speaker_encoder: CAMPPlus):
+    def __init__(self, ve: VoiceEncoder, tokenizer: S3TokenizerV2, speaker_encoder: CAMPPlus,
+                 settings: VoiceSettings = VoiceSettings()):
         self.ve, self.tokenizer, self.speaker_encoder = ve, tokenizer, speaker_encoder
+        self.settings = settings
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu") -> "VoiceFrontEnd":
-        return cls(*load_voice_modules(ckpt_dir, device))
+    def load(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu", settings: VoiceSettings = VoiceSettings(),
+             s3gen_file: str = "s3gen.safetensors") -> "VoiceFrontEnd":
+        return cls(*load_voice_modules(ckpt_dir, device, s3gen_file=s3gen_file), settings=settings)
 
     @property
     def device(self) -> torch.device:
@@ -174,8 +190,13 @@ class VoiceFrontEnd:
                              f"give at least {MIN_SECONDS} s (ideally 6-10 s) of speech")
         if not (np.abs(x) > SILENCE_LEVEL).any():
             raise ValueError("reference audio is silent")
-        dev = self.device
+        dev, settings = self.device, self.settings
         wav24 = audio.soxr_resample(x, int(sample_rate), audio.S3GEN_SR)          # librosa.load(sr=24000)
+        if settings.longer_than_seconds is not None and len(wav24) <= settings.longer_than_seconds * audio.S3GEN_SR:
+            raise ValueError(f"reference audio is too short ({len(wav24) / audio.S3GEN_SR:.2f} s); this model needs "
+                             f"more than {settings.longer_than_seconds:g} s of speech (ideally 10-15 s)")
+        if settings.loudness_lufs is not None:
+            wav24 = audio.normalize_loudness(wav24, audio.S3GEN_SR, settings.loudness_lufs)
         ref16 = audio.soxr_resample(wav24, audio.S3GEN_SR, audio.S3_SR)          # librosa.resample, full clip
 
         # S3Gen reference (first 10 s at 24 kHz)
@@ -186,9 +207,9 @@ class VoiceFrontEnd:
         prompt_token, _ = self.tokenizer.tokenize([gen16])
         prompt_token = prompt_token[:, :prompt_feat.shape[1] // 2]
 
-        # T3 speech prompt (first 6 s of ref16) and VE embedding (all of ref16, trimmed)
-        t3_wav = torch.from_numpy(ref16[:T3_PROMPT_SECONDS * audio.S3_SR]).to(dev)
-        t3_tokens, _ = self.tokenizer.tokenize([t3_wav], max_len=T3_PROMPT_TOKENS)
+        # T3 speech prompt (first 6 s of ref16; Turbo 15 s) and VE embedding (all of ref16, trimmed)
+        t3_wav = torch.from_numpy(ref16[:int(settings.t3_prompt_seconds * audio.S3_SR)]).to(dev)
+        t3_tokens, _ = self.tokenizer.tokenize([t3_wav], max_len=settings.t3_prompt_tokens)
         speaker_emb = self.ve.embed_wav(ref16).to(dev)
 
         if not (torch.isfinite(speaker_emb).all() and torch.isfinite(embedding).all()):
@@ -297,10 +318,11 @@ def conditionals_from_bytes(data: bytes, device: torch.device | str = "cpu") -> 
 
 
 def front_end_fingerprint(front_end: VoiceFrontEnd) -> str:
-    """A content hash of the networks that compute conditionals (VE, S3 tokenizer, CAMPPlus): two engines with
-    the same fingerprint compute the same conditionals from the same clip."""
+    """A content hash of the networks that compute conditionals (VE, S3 tokenizer, CAMPPlus) and of the variant's
+    VoiceSettings: two engines with the same fingerprint compute the same conditionals from the same clip."""
     h = hashlib.blake2b(digest_size=16)
     h.update(CONDS_FORMAT.encode())
+    h.update(repr(front_end.settings).encode())
     for part, module in (("ve", front_end.ve), ("tok", front_end.tokenizer), ("spk", front_end.speaker_encoder)):
         for name, tensor in sorted(module.state_dict().items()):
             t = tensor.detach().to("cpu").contiguous()
@@ -312,11 +334,19 @@ def front_end_fingerprint(front_end: VoiceFrontEnd) -> str:
 # ----------------------------------------------------------------------------------------------------- parity
 
 def parity_outputs(ckpt_dir: Path, ref: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
-    """Our versions of the `cond.*` tensors of reference.safetensors, from <ckpt_dir>/reference_voice.wav."""
+    """Our versions of the `cond.*` tensors of reference.safetensors, from <ckpt_dir>/reference_voice.wav, with
+    the front end of the checkpoint's variant (Turbo: also `cond.ref_lufs`, the clip's loudness before scaling)."""
     import soundfile as sf
+    from .variants import detect_variant
     ckpt_dir = Path(ckpt_dir)
+    variant = detect_variant(ckpt_dir)
     samples, sr = sf.read(str(ckpt_dir / "reference_voice.wav"), dtype="float32")
-    conds = VoiceFrontEnd.load(ckpt_dir, "cpu").compute(samples, sr)
-    return {"cond.ve_embedding": conds.speaker_emb, "cond.t3_prompt_tokens": conds.t3_prompt_tokens,
-            "cond.gen_prompt_token": conds.gen_prompt_token, "cond.gen_prompt_feat": conds.gen_prompt_feat,
-            "cond.gen_embedding": conds.gen_embedding}
+    front_end = VoiceFrontEnd.load(ckpt_dir, "cpu", settings=variant.voice, s3gen_file=variant.s3gen_file)
+    conds = front_end.compute(samples, sr)
+    out = {"cond.ve_embedding": conds.speaker_emb, "cond.t3_prompt_tokens": conds.t3_prompt_tokens,
+           "cond.gen_prompt_token": conds.gen_prompt_token, "cond.gen_prompt_feat": conds.gen_prompt_feat,
+           "cond.gen_embedding": conds.gen_embedding}
+    if variant.voice.loudness_lufs is not None:
+        wav24 = audio.soxr_resample(_as_mono_float32(samples), int(sr), audio.S3GEN_SR)
+        out["cond.ref_lufs"] = torch.tensor([audio.integrated_loudness(wav24, audio.S3GEN_SR)], dtype=torch.float64)
+    return out

@@ -1,6 +1,10 @@
 """`chatterbox-serverless parity REFERENCE_DIR`: run this engine on the inputs recorded by the official
 implementation (shared/reference/dump_reference.py) and compare every recorded tensor.
 
+The variant (original, turbo) is recognised from the dump: its checkpoint files (engine/variants.py) and the
+`model` of reference.json must agree; each stage then runs with that variant's parts (Turbo: the -27 LUFS front
+end and `cond.ref_lufs`, GPT-2 T3 without CFG and its sampling chain, the 2-step meanflow flow).
+
 Where the official run drew random numbers, the recorded ones are fed in (T3 is teacher-forced with the
 recorded tokens; the flow gets the recorded noise, the vocoder the recorded excitation). Each stage's part lives
 beside its code as `parity_outputs(ckpt_dir, ref, meta) -> {name: tensor}`; this module only compares.
@@ -31,6 +35,7 @@ STAGES = (  # (module with parity_outputs, names of the recorded tensors it cove
 INPUT_ONLY = {"t3.tokens", "flow.tokens", "flow.noise", "hift.source"}   # recorded randomness / inputs we feed
 REL_TOL = 1e-4
 MIN_P_CUT = {"t3.probs": "min_p"}      # distributions cut at min_p x max probability -> the parameter's name
+CUT_BY_MIN_P = {"original"}            # the variants whose sampling chain has min_p
 
 
 def compare(ours: "torch.Tensor", theirs: "torch.Tensor") -> tuple[float, float, bool]:
@@ -73,6 +78,19 @@ def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
     from safetensors.torch import load_file
     ref = load_file(str(ref_dir / "reference.safetensors"))
     meta = json.loads((ref_dir / "reference.json").read_text())
+    from .checkpoint import CheckpointError
+    from .variants import detect_variant
+    recorded = str(meta.get("model", "original"))
+    try:
+        variant = detect_variant(ref_dir).name
+    except CheckpointError as e:
+        print(f"{e}\nPARITY FAILED", file=out)
+        return False
+    print(f"variant: {variant} (reference.json: {recorded}, {meta.get('package', 'package unknown')})", file=out)
+    if variant != recorded:
+        print(f"the dump was made with --model {recorded}, its files are a {variant} checkpoint\nPARITY FAILED",
+              file=out)
+        return False
     ok = True
     covered: set[str] = set()
     print(f"{'tensor':<24} {'shape':<18} {'max abs err':>12} {'rel err':>10}  result", file=out)
@@ -88,7 +106,7 @@ def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
                 ok = False
                 continue
             at_cut = []
-            if name in MIN_P_CUT:
+            if name in MIN_P_CUT and variant in CUT_BY_MIN_P:
                 diff, rel, good, at_cut = compare_cut_distribution(ours[name].detach().cpu(), ref[name],
                                                                    float(meta.get(MIN_P_CUT[name], 0.05)))
             else:

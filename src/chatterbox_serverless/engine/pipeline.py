@@ -11,6 +11,11 @@ generators seeded `chunk_seed(s, k)`, so the same request gives the same audio a
 bit for bit (S3Gen runs request by request there), on CUDA within the bound stated in speech_to_wav.py (S3Gen
 batched across requests). T3 draws the same tokens either way; its batched logits move by float noise, which
 could change a draw only where the generator's uniform falls within that noise of a cumulative boundary.
+
+The engine is built from a variant's parts (engine/variants.py: `EngineParts`, recognised from the checkpoint's
+files): T3 with its sampling chain, the text front-end, S3Gen with its flow solver, the voice front-end with its
+settings, the built-in voice, and the tokens the variant appends before S3Gen. It runs the same code for every
+variant: the original (CFG, 10-step flow) and Turbo (GPT-2 T3 without CFG, 2-step meanflow, tags in the text).
 """
 from __future__ import annotations
 
@@ -25,16 +30,12 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .checkpoint import read_config
 from .chunking import crossfade_join, max_speech_tokens, split_text
-from .conditioning import (VoiceCache, VoiceConditionals, VoiceFrontEnd, conditionals_from_bytes,
-                           conditionals_to_bytes, front_end_fingerprint, load_builtin_voice, load_voice_encoder)
+from .conditioning import VoiceCache, VoiceConditionals, conditionals_from_bytes, conditionals_to_bytes, front_end_fingerprint
 from .models.flow_decoder import pick_attention
-from .models.s3gen import S3Gen
-from .models.t3 import T3
 from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
 from .t3_decoder import T3Decoder, T3Request
-from .text import TextTokenizer, normalize_text
+from .variants import EngineParts, detect_variant
 from .contract import PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ class ChatterboxEngine:
     """Chatterbox TTS loaded once, serving batches. `synthesize` is serialised by a lock (one batch at a time:
     batching across requests, not threads, is how it shares the model)."""
 
-    def __init__(self, ckpt_dir: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+    def __init__(self, ckpt_dir: str | Path | EngineParts, device: str | None = None,
+                 dtype: str | torch.dtype | None = None,
                  watermark: bool = True, voice_cache_size: int = 64, max_chunk_chars: int = 280,
                  max_rows: int = 32, crossfade_seconds: float = 0.05, compile: bool = False,
                  max_flow_batch: int | None | str = "auto", flow_attention: str = "auto",
@@ -83,8 +85,10 @@ class ChatterboxEngine:
         and vocoder) for one request's chunks at a time, so that a request's audio is bit-identical alone or in
         any batch ("auto": on CPU, where batching across requests is not faster; on CUDA requests are batched
         and the audio moves within speech_to_wav.CUDA_BATCH_ATOL). A request alone is computed the same way
-        either way."""
-        ckpt_dir = Path(ckpt_dir)
+        either way. `ckpt_dir`: a checkpoint directory (its variant recognised from its files and loaded on
+        `device` in `dtype`), or parts already loaded (`Variant.load`; then their device and dtype)."""
+        if isinstance(ckpt_dir, EngineParts):
+            device, dtype = str(ckpt_dir.t3.device), ckpt_dir.t3.dtype
         self.device = _pick_device(device)
         if isinstance(dtype, str):
             dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -94,20 +98,21 @@ class ChatterboxEngine:
         if dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("float16 is for CUDA; on the CPU use float32 (exact) or bfloat16 (fast on CPUs with AMX or AVX512-BF16)")
         self.dtype = dtype
-        config = read_config(ckpt_dir)
-        self.t3 = T3.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype, config=config)
-        self.s3gen = S3Gen.from_checkpoint(ckpt_dir, device=self.device, dtype=dtype, config=config)
+        if isinstance(ckpt_dir, EngineParts):
+            parts = ckpt_dir
+        else:
+            parts = detect_variant(ckpt_dir).load(ckpt_dir, device=self.device, dtype=dtype)
+        self.parts, self.variant = parts, parts.variant
+        self.t3, self.s3gen, self.text = parts.t3, parts.s3gen, parts.text
         estimator = self.s3gen.flow.decoder.estimator
         if flow_attention == "auto":
             c = estimator.config
             flow_attention = pick_attention(c.num_heads, c.attention_head_dim, self.device, dtype)
         estimator.attention = flow_attention
         log.info("flow estimator attention: %s", flow_attention)
-        ve = load_voice_encoder(ckpt_dir, config)
-        front_end = VoiceFrontEnd(ve.to(self.device).eval(), self.s3gen.tokenizer, self.s3gen.speaker_encoder)
-        self.voices = VoiceCache(front_end, max_entries=voice_cache_size)
-        self.builtin_voice = load_builtin_voice(ckpt_dir / "conds.pt", device=self.device)
-        self.tokenizer = TextTokenizer(ckpt_dir / "tokenizer.json")
+        self.voices = VoiceCache(parts.voice_front_end, max_entries=voice_cache_size)
+        self.builtin_voice = parts.builtin_voice
+        self._suffix = torch.tensor(parts.flow_suffix_tokens, dtype=torch.long)
         self.sample_rate = self.s3gen.sample_rate
         self.watermarker = None
         if watermark:
@@ -115,13 +120,13 @@ class ChatterboxEngine:
             self.watermarker = Watermarker(device=self.device)
         self.max_chunk_chars = max_chunk_chars
         self.max_rows = max_rows
-        # the official bound (1000 tokens, 40 s), or what the checkpoint's position table allows
-        self.max_new_tokens = min(1000, self.t3.cfg.max_speech_positions - 1)
+        # the official bound (1000 tokens, 40 s); a chunk's is lower where the model's positions end first
+        self.max_new_tokens = self.variant.max_new_tokens
         self.crossfade_seconds = crossfade_seconds
         self.max_flow_batch = (2 if self.device.type == "cpu" else None) if max_flow_batch == "auto" else max_flow_batch
         self.s3gen_per_request = self.device.type == "cpu" if s3gen_per_request == "auto" else bool(s3gen_per_request)
         # one long-lived decoder: its per-voice prefix cache (text-independent keys/values) outlives a batch
-        self.decoder = T3Decoder(self.t3, max_rows=max_rows)
+        self.decoder = T3Decoder(self.t3, max_rows=max_rows, chain=parts.chain)
         self._lock = threading.Lock()
         if compile:
             self._compile_t3()
@@ -130,11 +135,14 @@ class ChatterboxEngine:
         log.info("compiling T3's decoding step (about a minute on a CPU; cached on disk for the next start)")
         t0 = time.perf_counter()
         self.t3.tfmr.compile_decoding()
-        conds = self.builtin_voice
-        warm = T3Request(text_ids=self.tokenizer.encode(normalize_text("Hello.")), speaker_emb=conds.speaker_emb,
-                         prompt_tokens=conds.t3_prompt_tokens, max_new_tokens=2)
+        cfg, conds = self.t3.cfg, self.builtin_voice
+        speaker = conds.speaker_emb if conds is not None else torch.zeros(1, cfg.speaker_embed_size)
+        prompt = conds.t3_prompt_tokens if conds is not None else torch.zeros(1, 10, dtype=torch.long)
+        # two requests: the compiled step serves two rows or more (one request without CFG is one row)
+        warm = [T3Request(text_ids=self.text.encode(self.text.normalize("Hello.")), speaker_emb=speaker,
+                          prompt_tokens=prompt, max_new_tokens=2) for _ in range(2)]
         with torch.inference_mode():
-            self.decoder.run([warm])
+            self.decoder.run(warm)
         log.info("T3 decoding step compiled in %.1f s", time.perf_counter() - t0)
 
     # --- library voices (contract.VoicePreparer) ----------------------------------------------------------------
@@ -143,7 +151,8 @@ class ChatterboxEngine:
         """What prepared conditionals fit: the front-end networks' content hash (computed once, on first use)."""
         variant = getattr(self, "_voice_variant", None)
         if variant is None:
-            variant = self._voice_variant = "chatterbox:" + front_end_fingerprint(self.voices.front_end)
+            variant = self._voice_variant = (f"chatterbox:{self.variant.name}:"
+                                             + front_end_fingerprint(self.voices.front_end))
         return variant
 
     def prepare_voice(self, voice: VoiceAudio) -> PreparedVoice:
@@ -155,6 +164,9 @@ class ChatterboxEngine:
 
     def _conditionals(self, voice: VoiceAudio | PreparedVoice | None) -> VoiceConditionals:
         if voice is None:
+            if self.builtin_voice is None:
+                raise ValueError("this model has no built-in voice (its checkpoint has no conds.pt): "
+                                 "give reference audio")
             return self.builtin_voice
         if isinstance(voice, PreparedVoice):
             if voice.variant != self.voice_variant:
@@ -217,11 +229,12 @@ class ChatterboxEngine:
         pieces = split_text(req.text, self.max_chunk_chars) or [""]
         out = []
         for k, piece in enumerate(pieces):
-            ids = self.tokenizer.encode(normalize_text(piece))
+            ids = self.text.encode(self.text.normalize(piece))
             seed = chunk_seed(req.params.seed, k)
+            cap = min(self.max_new_tokens, self.t3.max_new_tokens_for(len(ids), conds.t3_prompt_tokens.shape[-1]))
             t3_req = T3Request(text_ids=ids, speaker_emb=conds.speaker_emb, prompt_tokens=conds.t3_prompt_tokens,
                                params=dataclasses.replace(req.params, seed=seed),
-                               max_new_tokens=max_speech_tokens(len(ids), cap=self.max_new_tokens), request_id=req.request_id)
+                               max_new_tokens=max_speech_tokens(len(ids), cap=cap), request_id=req.request_id)
             self.decoder.validate(t3_req)
             out.append(_Chunk(i, k, t3_req, conds, seed))
         return out
@@ -230,7 +243,7 @@ class ChatterboxEngine:
         try:
             return self.decoder.run([c.t3 for c in chunks])
         except Exception:
-            self.decoder = T3Decoder(self.t3, max_rows=self.max_rows)   # its state is unknown after a failure
+            self.decoder = T3Decoder(self.t3, max_rows=self.max_rows, chain=self.parts.chain)   # state unknown now
             raise
 
     def _vocode(self, chunks: list[_Chunk]) -> list[np.ndarray]:
@@ -246,8 +259,9 @@ class ChatterboxEngine:
 
     def _s3gen(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in chunks]
-        mels = tokens_to_mel(self.s3gen, [SpeechItem.from_conditionals(c.tokens, c.conds) for c in chunks],
-                             generators=gens, max_batch=self.max_flow_batch)
+        # the variant's suffix (Turbo: three silence tokens) after each chunk's tokens, as the official code does
+        items = [SpeechItem.from_conditionals(torch.cat([c.tokens.cpu(), self._suffix]), c.conds) for c in chunks]
+        mels = tokens_to_mel(self.s3gen, items, generators=gens, max_batch=self.max_flow_batch)
         wavs = mel_to_wav(self.s3gen, mels, generators=gens)
         return [w.float().cpu().numpy() for w in wavs]
 
@@ -277,8 +291,8 @@ def _reason(e: Exception) -> str:
 
 def load_engine(model: str, data_dir: str | Path | None = None, device: str | None = None,
                 dtype: str | None = None, watermark: bool = True, **options) -> ChatterboxEngine:
-    """Resolve `model` (HF repo id, checkpoint dir, or tiny-random: engine/resolve.py) and load the engine on
-    `device`."""
+    """Resolve `model` (HF repo id, checkpoint dir, tiny-random or tiny-random-turbo: engine/resolve.py) and load
+    the engine of its variant on `device`."""
     from .resolve import resolve_checkpoint
     return ChatterboxEngine(resolve_checkpoint(model, data_dir), device=device, dtype=dtype,
                             watermark=watermark, **options)

@@ -158,9 +158,14 @@ def mel_to_wav(s3gen: S3Gen, mels: Sequence[torch.Tensor],
 
 def parity_outputs(ckpt_dir: Path, ref: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     """This engine's versions of flow.mel, hift.f0, hift.wav, out.wav, out.watermarked, fed the recorded
-    inputs (tokens, conditioning, flow noise; the recorded mel and excitation for the vocoder)."""
+    inputs (tokens, conditioning, flow noise; the recorded mel and excitation for the vocoder), with the flow
+    solver of the checkpoint's variant (Turbo: 2 meanflow steps; its flow.tokens hold the 3 silence tokens)."""
+    from .checkpoint import read_config
+    from .variants import detect_variant
     from .watermark import Watermarker
-    s3gen = S3Gen.from_checkpoint(ckpt_dir)
+    variant = detect_variant(ckpt_dir)
+    s3gen = S3Gen.from_checkpoint(ckpt_dir, config=variant.architecture(read_config(ckpt_dir)),
+                                  filename=variant.s3gen_file)
     item = SpeechItem(ref["flow.tokens"], ref["cond.gen_prompt_token"], ref["cond.gen_prompt_feat"],
                       ref["cond.gen_embedding"])
     out = {"flow.mel": tokens_to_mel(s3gen, [item], noises=[ref["flow.noise"]])[0][None]}

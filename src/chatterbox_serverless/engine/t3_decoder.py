@@ -403,25 +403,37 @@ def teacher_force(model: T3, request: T3Request, tokens: Sequence[int], chain: S
 
 
 def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[str, Tensor]:
-    """This engine's versions of the recorded T3 tensors: `t3.text_tokens` (tokenizer on the normalised text),
-    `t3.logits` (S, 2, V) and `t3.probs` (S, V) teacher-forcing the recorded `t3.tokens`, conditioned on the
-    recorded `cond.ve_embedding` / `cond.t3_prompt_tokens`, in float32 on CPU."""
-    from .text import TextTokenizer, normalize_text
+    """This engine's versions of the recorded T3 tensors: `t3.text_tokens` (the variant's text front-end on the
+    normalised text), `t3.logits` ((S, 2, V) with CFG, (S, V) for Turbo) and `t3.probs` (S, V) teacher-forcing the
+    recorded `t3.tokens`, conditioned on the recorded `cond.ve_embedding` / `cond.t3_prompt_tokens`, with the
+    variant's sampling chain and the recorded parameters, in float32 on CPU."""
+    import dataclasses
+    from .checkpoint import read_config
+    from .variants import detect_variant
     ckpt_dir = Path(ckpt_dir)
-    tokenizer = TextTokenizer(ckpt_dir / "tokenizer.json")
-    text = meta.get("normalised_text") or normalize_text(meta["text"])
-    text_ids = tokenizer.encode(text)
-    model = T3.from_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32)
-    params = SynthesisParams(
+    variant = detect_variant(ckpt_dir)
+    text_front_end = variant.load_text(ckpt_dir)
+    text = meta.get("normalised_text") or text_front_end.normalize(meta["text"])
+    text_ids = text_front_end.encode(text)
+    model = T3.from_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32,
+                               config=variant.architecture(read_config(ckpt_dir)), filename=variant.t3_file)
+
+    @dataclasses.dataclass(frozen=True)
+    class Params(SynthesisParams):     # with Turbo's top_k, which the contract's parameters do not carry
+        top_k: int = 1000
+
+    params = Params(
         exaggeration=float(meta.get("exaggeration", 0.5)), cfg_weight=float(meta.get("cfg_weight", 0.5)),
         temperature=float(meta.get("temperature", 0.8)), min_p=float(meta.get("min_p", 0.05)),
         top_p=float(meta.get("top_p", 1.0)), repetition_penalty=float(meta.get("repetition_penalty", 1.2)),
-        seed=int(meta.get("sample_seed", 0)))
+        seed=int(meta.get("sample_seed", 0)), top_k=int(meta.get("top_k", 1000)))
     tokens = ref["t3.tokens"].reshape(-1).tolist()
     req = T3Request(text_ids=text_ids, speaker_emb=ref["cond.ve_embedding"],
                     prompt_tokens=ref["cond.t3_prompt_tokens"], params=params, max_new_tokens=len(tokens))
-    res = teacher_force(model, req, tokens)
+    res = teacher_force(model, req, tokens, chain=variant.load_chain())
+    logits = res.logits
+    if "t3.logits" in ref and ref["t3.logits"].dim() == 2:        # recorded without a CFG row dimension
+        logits = logits[:, 0]
     return {"t3.text_tokens": torch.tensor(text_ids, dtype=ref["t3.text_tokens"].dtype
                                            if "t3.text_tokens" in ref else torch.int32),
-            "t3.logits": res.logits, "t3.probs": res.probs}
-
+            "t3.logits": logits, "t3.probs": res.probs}

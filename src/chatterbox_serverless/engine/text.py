@@ -1,14 +1,24 @@
-"""Text front-end of T3: the official punctuation normalisation and the `tokenizer.json` text tokenizer.
+"""Text front-ends of T3: text -> normalised text -> token ids, one per variant (engine/variants.py picks it).
 
-`normalize_text` reproduces chatterbox-tts 0.1.7 `tts.punc_norm` exactly (same replacements, same order), so the
-token ids match the official ones. `TextTokenizer.encode` replaces every space with `[SPACE]` and runs the HF
-`tokenizers` model, as the official `EnTokenizer` does; `[START]` / `[STOP]` are added by the caller.
+English (the original model): `normalize_text` reproduces chatterbox-tts 0.1.7 `tts.punc_norm` exactly (same
+replacements, same order), so the token ids match the official ones. `TextTokenizer.encode` replaces every space
+with `[SPACE]` and runs the HF `tokenizers` model of `tokenizer.json`, as the official `EnTokenizer` does;
+`[START]` / `[STOP]` are added by T3 (`T3.frame_text`).
+
+GPT-2 BPE (Turbo): `normalize_text_turbo` is 0.1.7 `tts_turbo.punc_norm` (its own, shorter list), and
+`BPETokenizer` is what `AutoTokenizer.from_pretrained(ckpt_dir)(text, truncation=True).input_ids` gives: GPT-2's
+byte-level BPE, no BOS/EOS added, the 19 paralinguistic tags (`[laugh]`, `[clear throat]`, ...) as added tokens
+matched whole before the BPE (so a tag is one id wherever it stands), cut at `model_max_length`. It reads
+`tokenizer.json` when the checkpoint has one, else builds the same tokenizer from the Hugging Face files
+`vocab.json` + `merges.txt` (+ `added_tokens.json`, `tokenizer_config.json`), as transformers converts them.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+import re
+
+from .checkpoint import CheckpointError, read_json
 
 START = "[START]"
 STOP = "[STOP]"
@@ -80,3 +90,159 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(list(ids), skip_special_tokens=False)
         return text.replace(" ", "").replace(SPACE, " ").replace(STOP, "").replace(UNK, "")
+
+
+class EnglishFrontEnd:
+    """The original model's text front-end: `normalize_text`, then `TextTokenizer` (tokenizer.json)."""
+    name = "english"
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.tokenizer = TextTokenizer(Path(ckpt_dir) / "tokenizer.json")
+        self.vocab_size = self.tokenizer.vocab_size
+
+    def normalize(self, text: str) -> str:
+        return normalize_text(text)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+# ------------------------------------------------------------------------------------------------------- Turbo
+
+# (old, new), applied in this order, as in 0.1.7 tts_turbo.punc_norm (no "...", " - " or ";" there).
+_TURBO_PUNCTUATION = (
+    ("\u2026", ", "),   # …
+    (":", ","),
+    ("\u2014", "-"),    # em dash
+    ("\u2013", "-"),    # en dash
+    (" ,", ","),
+    ("\u201c", '"'),    # “
+    ("\u201d", '"'),    # ”
+    ("\u2018", "'"),    # ‘
+    ("\u2019", "'"),    # ’
+)
+
+
+def normalize_text_turbo(text: str) -> str:
+    """Turbo's punctuation clean-up (tts_turbo.punc_norm): as `normalize_text`, with Turbo's replacement list."""
+    if len(text) == 0:
+        return EMPTY_TEXT_REPLACEMENT
+    if text[0].islower():
+        text = text[0].upper() + text[1:]
+    text = " ".join(text.split())
+    for old, new in _TURBO_PUNCTUATION:
+        text = text.replace(old, new)
+    text = text.rstrip(" ")
+    if not text.endswith(_SENTENCE_ENDERS):
+        text += "."
+    return text
+
+
+DEFAULT_MODEL_MAX_LENGTH = 1024      # GPT-2's; tokenizer_config.json may say otherwise
+
+
+class BPETokenizer:
+    """GPT-2 byte-level BPE from a checkpoint directory's Hugging Face tokenizer files (see the module docstring).
+    `encode` gives the ids of `tokenizer(text, truncation=True).input_ids`."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+        ckpt_dir = Path(ckpt_dir)
+        config_path = ckpt_dir / "tokenizer_config.json"
+        config = read_json(config_path) if config_path.is_file() else {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path} must hold an object")
+        if config.get("add_bos_token") or config.get("add_eos_token"):
+            raise CheckpointError(f"{config_path}: a GPT-2 tokenizer adding BOS/EOS tokens is not Turbo's")
+        self.model_max_length = int(config.get("model_max_length") or DEFAULT_MODEL_MAX_LENGTH)
+        if self.model_max_length > 10 ** 9:      # transformers' "no limit" sentinel (int(1e30))
+            self.model_max_length = 10 ** 9
+        tok_json, vocab, merges = (ckpt_dir / n for n in ("tokenizer.json", "vocab.json", "merges.txt"))
+        if tok_json.is_file():
+            try:
+                tok = Tokenizer.from_file(str(tok_json))
+            except Exception as e:   # not JSON, not a tokenizers file
+                raise CheckpointError(f"{tok_json} is not a tokenizers file ({type(e).__name__}: {e})") from None
+            self.source = tok_json.name
+        elif vocab.is_file() and merges.is_file():
+            vocab_map = read_json(vocab)
+            if not isinstance(vocab_map, dict):
+                raise CheckpointError(f"{vocab} must map tokens to ids")
+            try:
+                lines = merges.read_text(encoding="utf-8").splitlines()
+                pairs = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError("a line is not two tokens separated by one space")
+                tok = Tokenizer(models.BPE(vocab=vocab_map, merges=pairs, dropout=None, continuing_subword_prefix="",
+                                           end_of_word_suffix="", fuse_unk=False))
+            except Exception as e:
+                raise CheckpointError(f"{merges} / {vocab}: not a GPT-2 BPE ({type(e).__name__}: {e})") from None
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
+            tok.decoder = decoders.ByteLevel()
+            tok.post_processor = processors.ByteLevel(trim_offsets=False)
+            added_path = ckpt_dir / "added_tokens.json"
+            added = read_json(added_path) if added_path.is_file() else {}
+            if not isinstance(added, dict):
+                raise CheckpointError(f"{added_path} must map tokens to ids")
+            for content, expected in sorted(added.items(), key=lambda kv: kv[1]):
+                tok.add_tokens([AddedToken(content, special=False, normalized=True)])
+                if tok.token_to_id(content) != expected:
+                    raise CheckpointError(f"{added_path}: {content!r} should have id {expected}, the vocabulary "
+                                          f"gives it {tok.token_to_id(content)}")
+            for special in _special_tokens(ckpt_dir, config):
+                if tok.token_to_id(special) is None:
+                    raise CheckpointError(f"{ckpt_dir}: special token {special!r} is not in {vocab.name}")
+                tok.add_special_tokens([AddedToken(special, special=True, normalized=False)])
+            self.source = f"{vocab.name} + {merges.name}"
+        else:
+            raise CheckpointError(f"{ckpt_dir} has no GPT-2 tokenizer: it needs tokenizer.json, or vocab.json and "
+                                  f"merges.txt (with added_tokens.json for the paralinguistic tags)")
+        tok.no_truncation()
+        tok.no_padding()
+        self.tokenizer = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.tags = sorted(t.content for t in tok.get_added_tokens_decoder().values()
+                           if TAG.fullmatch(t.content))
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        return list(ids[: self.model_max_length])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _special_tokens(ckpt_dir: Path, config: dict) -> list[str]:
+    """bos/eos/unk/pad token strings of tokenizer_config.json / special_tokens_map.json."""
+    path = ckpt_dir / "special_tokens_map.json"
+    mapping = read_json(path) if path.is_file() else {}
+    found = []
+    for source in (mapping if isinstance(mapping, dict) else {}, config):
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = source.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str) and value not in found:
+                found.append(value)
+    return found
+
+
+TAG = re.compile(r"\[[^\[\]]{1,40}\]")      # a paralinguistic tag: [laugh], [clear throat]
+
+
+class GPT2FrontEnd:
+    """Turbo's text front-end: `normalize_text_turbo`, then `BPETokenizer`."""
+    name = "gpt2-bpe"
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.tokenizer = BPETokenizer(ckpt_dir)
+        self.vocab_size = self.tokenizer.vocab_size
+
+    def normalize(self, text: str) -> str:
+        return normalize_text_turbo(text)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+FRONT_ENDS = {c.name: c for c in (EnglishFrontEnd, GPT2FrontEnd)}

@@ -1,10 +1,12 @@
-"""`tiny-random`: a small randomly initialised checkpoint in the official file layout, generated on the spot.
+"""`tiny-random` and `tiny-random-turbo`: small randomly initialised checkpoints in a variant's official file
+layout, generated on the spot.
 
-It exercises exactly the loading and inference code the real checkpoint does (same files, same keys, strict
-loading), at a size that runs in a fraction of a second on a CPU. Its weights are random, so it speaks noise.
+They exercise exactly the loading and inference code the real checkpoints do (same files, same keys, strict
+loading), at a size that runs in a fraction of a second on a CPU. Their weights are random, so they speak noise.
 Sizes that tensor shapes cannot tell (head counts, upsampling rates) go into `serverless_config.json`
-(checkpoint.CONFIG_FILE, read by checkpoint.read_config). `engine/resolve.py` writes it on first use of
-`--model tiny-random`.
+(checkpoint.CONFIG_FILE, read by checkpoint.read_config). `engine/resolve.py` writes them on first use of
+`--model tiny-random` / `--model tiny-random-turbo`. The Turbo one has the official repo's text files: a small
+GPT-2-style byte-level BPE in vocab.json + merges.txt, the 19 paralinguistic tags in added_tokens.json.
 """
 from __future__ import annotations
 
@@ -49,18 +51,56 @@ def synthetic_voice(sample_rate: int = 24000, seconds: float = 4.0, seed: int = 
     return (0.3 * sig / np.abs(sig).max()).astype(np.float32)
 
 
+TURBO_TAGS = ["[laugh]", "[chuckle]", "[gasp]", "[cough]", "[sigh]", "[groan]", "[sniff]", "[shush]", "[clear throat]",
+              "[angry]", "[crying]", "[dramatic]", "[fear]", "[happy]", "[narration]", "[sarcastic]", "[surprised]",
+              "[whispering]", "[advertisement]"]
+_BPE_TEXT = [
+    "Hi there, Sarah here from the support team calling you back.", "Have you got one minute to chat?",
+    "The quick brown fox jumps over the lazy dog.", "Thanks for calling, how can I help you today?",
+    "Please hold while I transfer you to the right department.", "Well, that was unexpected, wasn't it?",
+    "It costs about twelve dollars and fifty cents, and it ships tomorrow morning.",
+    "Numbers like 0 1 2 3 4 5 6 7 8 9 and punctuation: commas, dots; dashes - quotes \"' (brackets) [tags]!",
+]
+
+
+def write_bpe_tokenizer(target: Path, vocab_size: int = 400) -> int:
+    """Turbo's tokenizer files in the official repo layout (vocab.json, merges.txt, added_tokens.json,
+    special_tokens_map.json, tokenizer_config.json): a byte-level BPE trained on a few sentences, then the tags.
+    Returns the vocabulary size, tags included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_BPE_TEXT * 4, trainer)
+    tok.model.save(str(target))                      # vocab.json, merges.txt
+    base = tok.get_vocab_size()
+    (target / "added_tokens.json").write_text(json.dumps({t: base + i for i, t in enumerate(TURBO_TAGS)}, indent=1))
+    special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    (target / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
+    (target / "tokenizer_config.json").write_text(json.dumps(
+        dict(special, tokenizer_class="GPT2Tokenizer", model_max_length=1024, add_prefix_space=False,
+             add_bos_token=False), indent=1))
+    return base + len(TURBO_TAGS)
+
+
 def _jsonable(cfg) -> dict:
     return dataclasses.asdict(cfg)      # tuples become JSON lists when written
 
 
-def write_tiny_checkpoint(target: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a complete tiny random checkpoint to `target` (atomically: a half-written one is never seen)."""
+def write_tiny_checkpoint(target: str | os.PathLike, seed: int = 0, variant: str = "original") -> Path:
+    """Write a complete tiny random checkpoint of `variant` ("original" or "turbo", engine/variants.py) to
+    `target` (atomically: a half-written one is never seen)."""
     from safetensors.torch import save_file
     from .checkpoint import CONFIG_FILE
     from .conditioning import VoiceFrontEnd, save_builtin_voice
     from .models.s3gen import S3Gen, S3GenConfig
     from .models.t3 import T3, T3Config
     from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+    from .variants import VARIANTS
+
+    spec = VARIANTS[variant]
 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,21 +108,32 @@ def write_tiny_checkpoint(target: str | os.PathLike, seed: int = 0) -> Path:
     try:
         torch.manual_seed(seed)
         ve_cfg, s3_cfg = VoiceEncoderConfig.tiny(), S3GenConfig.tiny()
-        # T3 takes the voice encoder's embedding, and text chunks as long as the pipeline makes them
-        t3_cfg = dataclasses.replace(T3Config.tiny(), speaker_embed_size=ve_cfg.embed_size, max_text_positions=402)
+        if spec.flow.get("solver") == "meanflow":
+            s3_cfg.flow.solver, s3_cfg.flow.n_timesteps = "meanflow", spec.flow.get("n_timesteps", 2)
+            s3_cfg.flow.decoder.meanflow = True
+        if spec.t3.get("backbone") == "gpt2":
+            n_text = write_bpe_tokenizer(tmp)
+            t3_cfg = dataclasses.replace(T3Config.tiny_turbo(), speaker_embed_size=ve_cfg.embed_size,
+                                         text_vocab_size=n_text, backbone_vocab_size=n_text,
+                                         prompt_len=spec.t3.get("prompt_len", 375))
+        else:
+            write_char_tokenizer(tmp / "tokenizer.json")
+            # T3 takes the voice encoder's embedding, and text chunks as long as the pipeline makes them
+            t3_cfg = dataclasses.replace(T3Config.tiny(), speaker_embed_size=ve_cfg.embed_size, max_text_positions=402)
         ve, t3, s3gen = VoiceEncoder(ve_cfg).eval(), T3(t3_cfg).eval(), S3Gen(s3_cfg).eval()
-        for name, module in (("ve", ve), ("t3_cfg", t3), ("s3gen", s3gen)):
+        for name, module in (("ve", ve), (spec.t3_file.removesuffix(".safetensors"), t3),
+                             (spec.s3gen_file.removesuffix(".safetensors"), s3gen)):
             save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
                       str(tmp / f"{name}.safetensors"))
-        write_char_tokenizer(tmp / "tokenizer.json")
         config = {"voice_encoder": _jsonable(ve_cfg), "t3": _jsonable(t3_cfg),
                   "s3tokenizer": _jsonable(s3_cfg.tokenizer), "campplus": _jsonable(s3_cfg.speaker_encoder),
                   "flow": _jsonable(s3_cfg.flow), "hift": _jsonable(s3_cfg.mel2wav)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         # The built-in voice: conditionals of a synthetic clip, computed by the checkpoint's own front-end.
-        front_end = VoiceFrontEnd.load(tmp, device="cpu")
+        front_end = VoiceFrontEnd.load(tmp, device="cpu", settings=spec.voice, s3gen_file=spec.s3gen_file)
+        seconds = max(4.0, (spec.voice.longer_than_seconds or 0) + 1)
         with torch.inference_mode():
-            conds = front_end.compute(synthetic_voice(seed=seed), 24000)
+            conds = front_end.compute(synthetic_voice(seconds=seconds, seed=seed), 24000)
         save_builtin_voice(conds, tmp / "conds.pt")
         try:
             tmp.rename(target)

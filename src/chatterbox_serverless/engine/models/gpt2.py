@@ -57,6 +57,7 @@ class Conv1D(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
+        nn.init.normal_(self.weight, std=0.02)          # as transformers' Conv1D (the checkpoint replaces it)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight

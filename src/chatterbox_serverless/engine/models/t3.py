@@ -141,7 +141,8 @@ class T3Config:
             raise CheckpointError(f"T3: not a T3 checkpoint of the {backbone}/{conditioning} architecture, "
                                   f"missing key(s) {', '.join(absent)}")
         hidden = sd["text_emb.weight"].shape[1]
-        num_heads = int(overrides.pop("num_heads", cls.num_heads))
+        # GPT-2 sizes all have 64-dimensional heads (small 12 x 64, medium 16 x 64); Llama's default is T3's 16
+        num_heads = int(overrides.pop("num_heads", max(1, hidden // 64) if backbone == "gpt2" else cls.num_heads))
         found = dict(backbone=backbone, conditioning=conditioning, hidden_size=hidden, num_heads=num_heads,
                      text_vocab_size=sd["text_emb.weight"].shape[0], speech_vocab_size=sd["speech_emb.weight"].shape[0],
                      speaker_embed_size=sd["cond_enc.spkr_enc.weight"].shape[1])

@@ -1,0 +1,182 @@
+"""The Chatterbox family as data: one `Variant` per model, from which the engine is built.
+
+A variant says which files make its checkpoint, the architecture of each network (the sizes always come from
+the tensors, so the official sizes, smaller ones of the same architecture and the tiny test checkpoints load
+through the same code), how text becomes token ids, how a reference clip becomes conditionals, how a speech
+token is sampled, and how the flow solves. `Variant.load` builds the parts (`EngineParts`) and the engine
+(engine/pipeline.py) works with those parts only: no other module branches on a model's name.
+
+    variant    T3 file / backbone / conditioning                 text front-end         sampling     flow solver
+    original   t3_cfg.safetensors, Llama 520M, perceiver+emotion  English (tokenizer.json) CFG, min_p  10-step CFG cosine
+    turbo      t3_turbo_v1.safetensors, GPT-2, raw 375-token      GPT-2 BPE + tags        top_k, top_p  2-step meanflow
+               prompt                                                                     (no CFG)      (+3 silence tokens)
+
+A variant is recognised from a checkpoint directory by its T3 file (`detect_variant`), and from a Hugging Face
+repo id by the table `REPOS` (`variant_for_repo`; engine/resolve.py downloads only the variant's files).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, read_config
+from .conditioning import VoiceConditionals, VoiceFrontEnd, VoiceSettings, load_builtin_voice, load_voice_encoder
+from .models.s3gen import S3Gen
+from .models.t3 import T3
+from .sampling import CHAINS, SamplingChain
+from .text import FRONT_ENDS
+
+S3GEN_SIL = 4299          # the S3 token of silence (Turbo appends three before S3Gen)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    repo_id: str                                  # the official Hugging Face repo
+    t3_file: str
+    s3gen_file: str
+    text_files: tuple[tuple[str, ...], ...]       # the text front-end's files: any one complete group will do
+    t3: dict                                      # T3 architecture (T3Config fields: backbone, conditioning, ...)
+    flow: dict                                    # S3Gen flow architecture (FlowConfig fields, "decoder": {...})
+    text_front_end: str                           # text.FRONT_ENDS
+    sampling: str                                 # sampling.CHAINS
+    voice: VoiceSettings = field(default_factory=VoiceSettings)
+    flow_suffix_tokens: tuple[int, ...] = ()      # appended to every chunk's speech tokens before S3Gen
+    builtin_voice_required: bool = True           # conds.pt must be there (else: requests must bring a voice)
+    extra_files: tuple[str, ...] = ()             # downloaded with the checkpoint when the repo has them
+    ve_file: str = "ve.safetensors"
+    builtin_voice_file: str = "conds.pt"
+    max_new_tokens: int = 1000                    # the official bound per chunk (40 s)
+
+    # ---- files ----------------------------------------------------------------------------------------------
+    def required_files(self) -> list[str]:
+        files = [self.ve_file, self.t3_file, self.s3gen_file, *self.text_files[0]]
+        return files + ([self.builtin_voice_file] if self.builtin_voice_required else [])
+
+    def missing_files(self, ckpt_dir: str | Path) -> list[str]:
+        """What the directory lacks for this variant (for the text files: the first group's, when no group is
+        complete)."""
+        d = Path(ckpt_dir)
+        missing = [f for f in self.required_files() if f not in self.text_files[0] and not (d / f).is_file()]
+        if not any(all((d / f).is_file() for f in group) for group in self.text_files):
+            missing += [f for f in self.text_files[0] if not (d / f).is_file()]
+        return missing
+
+    def download_patterns(self) -> list[str]:
+        """`allow_patterns` for huggingface_hub.snapshot_download: this variant's files only."""
+        text = [f for group in self.text_files for f in group]
+        return list(dict.fromkeys([self.ve_file, self.t3_file, self.s3gen_file, *text, self.builtin_voice_file,
+                                   *self.extra_files]))
+
+    # ---- parts ------------------------------------------------------------------------------------------------
+    def architecture(self, config: dict) -> dict:
+        """The checkpoint's configuration (serverless_config.json, sizes) with this variant's architecture merged
+        in: its "t3" and "flow" sections."""
+        merged = copy.deepcopy(config)
+        merged["t3"] = {**merged.get("t3", {}), **self.t3}
+        flow = merged.setdefault("flow", {})
+        for k, v in self.flow.items():
+            if isinstance(v, dict):
+                flow[k] = {**flow.get(k, {}), **v}
+            else:
+                flow[k] = v
+        return merged
+
+    def load_text(self, ckpt_dir: str | Path):
+        """The text front-end alone (FRONT_ENDS[self.text_front_end] on the directory's files)."""
+        return FRONT_ENDS[self.text_front_end](Path(ckpt_dir))
+
+    def load_chain(self) -> SamplingChain:
+        return CHAINS[self.sampling]()
+
+    def load(self, ckpt_dir: str | Path, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> "EngineParts":
+        """Load every part from `ckpt_dir`, strictly (CheckpointError naming the file on any problem)."""
+        ckpt_dir = Path(ckpt_dir)
+        device = torch.device(device)
+        missing = self.missing_files(ckpt_dir)
+        if missing:
+            raise CheckpointError(f"{ckpt_dir} is not a complete Chatterbox {self.name} checkpoint: "
+                                  f"{', '.join(missing)} missing.")
+        config = self.architecture(read_config(ckpt_dir))
+        text = self.load_text(ckpt_dir)
+        t3 = T3.from_checkpoint(ckpt_dir, device=device, dtype=dtype, config=config, filename=self.t3_file)
+        if text.vocab_size > t3.cfg.text_vocab_size:
+            raise CheckpointError(f"{ckpt_dir}: the text tokenizer has {text.vocab_size} ids, {self.t3_file} embeds "
+                                  f"{t3.cfg.text_vocab_size}")
+        s3gen = S3Gen.from_checkpoint(ckpt_dir, device=device, dtype=dtype, config=config, filename=self.s3gen_file)
+        ve = load_voice_encoder(ckpt_dir, config)
+        front_end = VoiceFrontEnd(ve.to(device).eval(), s3gen.tokenizer, s3gen.speaker_encoder, settings=self.voice)
+        voice_path = ckpt_dir / self.builtin_voice_file
+        builtin = load_builtin_voice(voice_path, device=device) if voice_path.is_file() else None
+        return EngineParts(self, t3, self.load_chain(), text, s3gen, front_end, builtin)
+
+
+@dataclass
+class EngineParts:
+    """What the engine is made of: the networks, loaded, and the variant's choices, ready to use."""
+    variant: Variant
+    t3: T3
+    chain: SamplingChain              # how T3's logits become tokens
+    text: Any                         # text front-end: .normalize(text) -> str, .encode(text) -> ids
+    s3gen: S3Gen                      # tokenizer, speaker encoder, flow (with the variant's solver), vocoder
+    voice_front_end: VoiceFrontEnd    # a clip -> VoiceConditionals, with the variant's settings
+    builtin_voice: VoiceConditionals | None
+
+    @property
+    def sample_rate(self) -> int:
+        return self.s3gen.sample_rate
+
+    @property
+    def flow_suffix_tokens(self) -> tuple[int, ...]:
+        return self.variant.flow_suffix_tokens
+
+
+ORIGINAL = Variant(
+    name="original", repo_id="ResembleAI/chatterbox",
+    t3_file="t3_cfg.safetensors", s3gen_file="s3gen.safetensors", text_files=(("tokenizer.json",),),
+    t3=dict(backbone="llama", conditioning="perceiver"),
+    flow=dict(solver="cfg-cosine", n_timesteps=10, decoder=dict(meanflow=False)),
+    text_front_end="english", sampling="cfg-min_p", voice=VoiceSettings())
+
+TURBO = Variant(
+    name="turbo", repo_id="ResembleAI/chatterbox-turbo",
+    t3_file="t3_turbo_v1.safetensors", s3gen_file="s3gen_meanflow.safetensors",
+    text_files=(("vocab.json", "merges.txt"), ("tokenizer.json",)),
+    extra_files=("added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"),
+    t3=dict(backbone="gpt2", conditioning="prompt", prompt_len=375),
+    flow=dict(solver="meanflow", n_timesteps=2, decoder=dict(meanflow=True)),
+    text_front_end="gpt2-bpe", sampling="turbo",
+    voice=VoiceSettings(t3_prompt_seconds=15, t3_prompt_tokens=375, longer_than_seconds=5.0, loudness_lufs=-27.0),
+    flow_suffix_tokens=(S3GEN_SIL,) * 3, builtin_voice_required=False)
+
+VARIANTS = {v.name: v for v in (ORIGINAL, TURBO)}
+REPOS = {v.repo_id.lower(): v for v in VARIANTS.values()}
+
+
+def detect_variant(ckpt_dir: str | Path) -> Variant:
+    """The variant whose T3 file the directory holds; CheckpointError when none or several do."""
+    d = Path(ckpt_dir)
+    found = [v for v in VARIANTS.values() if (d / v.t3_file).is_file()]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        names = " or ".join(v.t3_file for v in VARIANTS.values())
+        raise CheckpointError(f"{d} is not a Chatterbox checkpoint: it has no {names}.")
+    raise CheckpointError(f"{d} holds the T3 files of several models ({', '.join(v.t3_file for v in found)}); "
+                          f"keep one model per directory.")
+
+
+def variant_for_repo(repo_id: str) -> Variant | None:
+    """The variant of an official Hugging Face repo id (case-insensitive), or None for another repo."""
+    return REPOS.get(repo_id.lower())
+
+
+def variant_for_files(names: list[str]) -> Variant | None:
+    """The variant whose T3 file is among `names` (a repo's file list), when exactly one is."""
+    found = [v for v in VARIANTS.values() if v.t3_file in names]
+    return found[0] if len(found) == 1 else None
