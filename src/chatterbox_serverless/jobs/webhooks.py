@@ -47,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..media import MediaError
 from .store import Job, JobStore, WebhookDelivery
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ EXPIRED = "the result expired before it could be delivered"
 
 Render = Callable[[Job], bytes]                       # a job -> the JSON body to send
 SecretFor = Callable[[str], str]                      # an owner (account id, "" without auth) -> its secret
-Post = Callable[[str, bytes, dict], int]              # (url, body, headers) -> HTTP status; raises on failure
+Post = Callable[[str, bytes, dict], int]              # (url, body, headers) -> HTTP status; raises MediaError
+                                                      # (FetchError) with a reason for the URL's owner
 
 
 class WebhookUrlError(ValueError):
@@ -263,9 +265,17 @@ class WebhookDispatcher:
             timestamp = int(time.time())
             headers = {"webhook-id": job.id, "webhook-timestamp": str(timestamp),
                        "webhook-signature": sign(self.secret_for(job.owner), job.id, timestamp, body)}
-            status = self.post(job.webhook_url, body, headers)
-        except Exception as e:  # noqa: BLE001 - refused, unreachable, timed out: the reason is shown to the owner
-            error = str(e)[:300] or type(e).__name__
+        except Exception:   # noqa: BLE001 - the server's problem (its store, its secret): logged, not shown
+            log.exception("could not prepare the webhook of %s", job.id, extra={"request_id": job.id})
+            error = "the server could not prepare this attempt"
+        else:
+            try:
+                status = self.post(job.webhook_url, body, headers)
+            except MediaError as e:      # refused, unreachable, timed out: written for the owner of the URL
+                error = str(e)[:300] or type(e).__name__
+            except Exception:   # noqa: BLE001 - anything else is ours: logged, not shown
+                log.exception("webhook attempt of %s failed", job.id, extra={"request_id": job.id})
+                error = "the request could not be made"
         if status is not None and 200 <= status < 300:
             outcome, delay = "delivered", 0.0
         else:
