@@ -370,3 +370,15 @@ def test_idempotent_v1_and_bad_keys(tmp_path, where):
         assert c.post(V2, json={"text": TEXT}, headers={"idempotency-key": "k" * 255}).status_code == 200
         acc = wait_until(lambda: (a := account(c))["held"] == 0 and a)
         assert [e["kind"] for e in acc["ledger"]].count("hold") == 2
+
+
+def test_a_refused_submission_frees_its_idempotency_key(tmp_path, where):
+    with server(tmp_path, where) as s, client(s, credits=0) as c:
+        r = c.post(V2, json={"text": TEXT}, headers={"idempotency-key": "retry-me"})
+        assert r.status_code == 406                                   # nothing queued: the key is free again
+        acc_id = account(c)["id"]
+        s.accounts.store.adjust(acc_id, 10, "top-up")
+        r = c.post(V2, json={"text": TEXT}, headers={"idempotency-key": "retry-me"})
+        assert r.status_code == 200 and "idempotent-replayed" not in r.headers
+        again = c.post(V2, json={"text": TEXT}, headers={"idempotency-key": "retry-me"})
+        assert again.json()["request_id"] == r.json()["request_id"] and again.headers["idempotent-replayed"] == "true"
