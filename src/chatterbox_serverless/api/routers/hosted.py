@@ -150,8 +150,12 @@ def router(ctx: ApiContext) -> APIRouter:
                     return
             if not events:
                 job = await run_in_threadpool(store.get, job_id)
-                if job is None or job.state.terminal:    # expired, or resumed after its end: nothing more
+                if job is None:                          # expired
                     return
+                if job.state.terminal:                   # its terminal event was written with the state: one
+                    if not await run_in_threadpool(store.job_events, job_id, after, 1):   # more look, or done
+                        return                           # (resumed after the end)
+                    continue
                 if job.state == JobState.QUEUED:
                     now = await run_in_threadpool(store.queue_position, job_id)
                     if now is not None and now != position:
