@@ -566,6 +566,9 @@ class SQLiteJobStore(JobStore):
                        max_attempts: int) -> list[WebhookDelivery]:
         if limit <= 0:
             return []
+        if not self._reader().execute("SELECT 1 FROM webhook_deliveries WHERE hook_state = 'pending' AND "
+                                      "hook_due <= ? LIMIT 1", (time.time(),)).fetchone():
+            return []                   # the usual answer of a poll, without taking the writer
 
         def tx(conn: sqlite3.Connection) -> list[WebhookDelivery]:
             now, out = time.time(), []
