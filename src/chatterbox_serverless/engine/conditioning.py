@@ -295,23 +295,21 @@ def conditionals_to_bytes(conds: VoiceConditionals) -> bytes:
     """`conds` as safetensors bytes (lossless: the same tensors come back)."""
     from safetensors.torch import save
     tensors = {name: getattr(conds, name).detach().to("cpu").contiguous() for name in _CONDS_FIELDS}
-    return save(tensors, metadata={"format": CONDS_FORMAT, "emotion_adv": repr(float(conds.emotion_adv))})
+    tensors["format"] = torch.frombuffer(bytearray(CONDS_FORMAT.encode()), dtype=torch.uint8)
+    tensors["emotion_adv"] = torch.tensor([float(conds.emotion_adv)], dtype=torch.float64)
+    return save(tensors)
 
 
 def conditionals_from_bytes(data: bytes, device: torch.device | str = "cpu") -> VoiceConditionals:
     """The VoiceConditionals `conditionals_to_bytes` wrote. ValueError for anything else."""
-    import json
-    import struct
-
     from safetensors.torch import load
     try:
-        (n,) = struct.unpack("<Q", data[:8])
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-        if meta.get("format") != CONDS_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        tensors = load(data)
+        tensors = load(bytes(data))
+        fmt = bytes(tensors["format"].numpy()).decode()
+        if fmt != CONDS_FORMAT:
+            raise ValueError(f"format {fmt!r}")
         conds = VoiceConditionals(*(tensors[name] for name in _CONDS_FIELDS),
-                                  emotion_adv=float(meta.get("emotion_adv", 0.5)))
+                                  emotion_adv=float(tensors["emotion_adv"][0]))
     except Exception as e:  # noqa: BLE001 - truncated, not safetensors, other keys
         raise ValueError(f"stored voice conditionals are unreadable ({type(e).__name__}: {e})") from None
     return conds.to(device)
