@@ -64,7 +64,7 @@ def create_app(service: Service) -> FastAPI:
     if service.settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_origins),
-                           allow_methods=["GET", "POST", "HEAD", "OPTIONS"],
+                           allow_methods=["GET", "POST", "DELETE", "HEAD", "OPTIONS"],
                            allow_headers=["authorization", "x-api-key", "content-type", "x-request-id"],
                            expose_headers=["x-request-id", "x-remaining-credits", "x-seed-value", "retry-after"])
     app.add_middleware(BodyTimeout, body_timeout=service.settings.body_timeout)
