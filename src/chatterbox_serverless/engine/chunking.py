@@ -99,3 +99,49 @@ def max_speech_tokens(n_text_tokens: int, cap: int = 1000) -> int:
     token plus 2 s of slack never truncates real speech but stops the babbling tails the model produces on very
     short inputs ("Hi!") when it misses its stop token."""
     return int(min(cap, 50 + 6 * n_text_tokens))
+
+
+class CrossfadeStream:
+    """`crossfade_join`, incrementally: `push(clip)` returns the joined audio that no later clip can change, and
+    holds back the tail the next clip will be crossfaded with; `push(clip, last=True)` (or `finish()`) returns
+    the rest. The returned pieces concatenate to exactly `crossfade_join(clips, ...)` (the same float operations
+    on the same samples). Pieces shorter than `min_samples` are held and returned with the next one (so that
+    every piece is long enough to carry a watermark), except at the end."""
+
+    def __init__(self, sample_rate: int, fade_seconds: float = 0.05, min_samples: int = 0):
+        self.n_fade = int(fade_seconds * sample_rate)
+        self.min_samples = int(min_samples)
+        self.tail = np.zeros(0, dtype=np.float32)      # the joined audio's last samples, not handed out yet
+        self.ready = np.zeros(0, dtype=np.float32)     # final samples held back as too short a piece
+        self.total = 0                                  # length of the joined audio so far
+
+    def push(self, clip: np.ndarray, last: bool = False) -> np.ndarray:
+        clip = np.asarray(clip, dtype=np.float32)
+        if len(clip):
+            if self.total == 0:
+                joined = clip
+                self.total = len(clip)
+            else:
+                n = min(self.n_fade, self.total, len(clip))
+                if n == 0:
+                    joined = np.concatenate([self.tail, clip])
+                else:
+                    t = (np.arange(n, dtype=np.float32) + 0.5) / n
+                    fade_in, fade_out = np.sin(0.5 * np.pi * t), np.cos(0.5 * np.pi * t)
+                    mixed = self.tail[-n:] * fade_out + clip[:n] * fade_in
+                    joined = np.concatenate([self.tail[:len(self.tail) - n], mixed, clip[n:]])
+                self.total += len(clip) - n
+            keep = 0 if last else min(self.n_fade, self.total)
+            cut = len(joined) - keep
+            self.ready = np.concatenate([self.ready, joined[:cut]])
+            self.tail = joined[cut:]
+        elif last:
+            self.ready, self.tail = np.concatenate([self.ready, self.tail]), self.tail[:0]
+        if last or len(self.ready) >= max(1, self.min_samples):
+            out, self.ready = self.ready, self.ready[:0]
+            return out
+        return self.ready[:0]
+
+    def finish(self) -> np.ndarray:
+        """Everything not handed out yet (the held tail, a held short piece)."""
+        return self.push(np.zeros(0, dtype=np.float32), last=True)

@@ -3,7 +3,7 @@ parameters, voices, results, and the `Engine` protocol the worker drives)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class SynthesisRequest:
     params: SynthesisParams = field(default_factory=SynthesisParams)
     voice: VoiceAudio | PreparedVoice | None = None   # None: the checkpoint's built-in voice (conds.pt)
     request_id: str = ""
+    stream: bool = False      # hand the audio over piece by piece (`Engine.synthesize`'s on_audio) as it is made
 
 
 @dataclass
@@ -52,13 +53,25 @@ class SynthesisResult:
     metrics: dict = field(default_factory=dict)   # e.g. {"speech_tokens": n, "audio_seconds": s}
 
 
+# on_audio(request_id, seq, samples): piece `seq` (0, 1, ...) of a streamed request's audio, mono float32 at the
+# engine's sample rate. Called from the engine's thread, in order; may raise to stop that request (it then fails).
+OnAudio = Callable[[str, int, np.ndarray], None]
+
+
 class Engine(Protocol):
     """What the worker needs from an engine: a batch of requests in, one result each out, in order.
 
-    A failure of one request is reported in its own result and never fails the others."""
+    A failure of one request is reported in its own result and never fails the others.
+
+    Streaming: for a request with `stream=True`, an engine that streams calls `on_audio(request_id, seq, samples)`
+    with its audio in pieces, in order, as they are made; the pieces concatenate to exactly the audio of its
+    result (so a streamed request's result is what was streamed). A request whose `on_audio` raised fails with
+    the reason. Without `on_audio`, or for `stream=False`, nothing is streamed. An engine may ignore `stream`
+    (and take no `on_audio`): its clients then get the audio when the request is done."""
     sample_rate: int
 
-    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]: ...
+    def synthesize(self, requests: Sequence[SynthesisRequest], on_audio: OnAudio | None = None
+                   ) -> list[SynthesisResult]: ...
 
 
 class VoicePreparer(Protocol):

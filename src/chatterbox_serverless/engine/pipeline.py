@@ -6,7 +6,20 @@
              ─► chunks joined with a short crossfade ─► Perth watermark ─► result
 
 A failure of one request (bad voice, text the model cannot take, an error in a batched stage) is reported in
-its own result; the others go on. Randomness is per request: chunk k of a request with seed s draws from
+its own result; the others go on.
+
+Streaming (`SynthesisRequest.stream` with an `on_audio` callback): T3 is driven step by step (submit/step, the
+same decoding loop `T3Decoder.run` is) and, between two steps, each streamed request whose next chunk (in
+order) has its tokens gets that chunk vocoded, joined (`chunking.CrossfadeStream`: the chunk minus the tail the
+next chunk is crossfaded with, that joined region then opening the next piece), watermarked and handed to
+`on_audio`, while the other rows keep decoding. Streamed requests' chunks are submitted chunk index first, so
+every streamed request's first chunk decodes in the first rows. So audio streams between sentence chunks: a
+one-chunk request's audio comes in one piece, when it is done. Each piece is watermarked on its own (pieces
+under MIN_PIECE_SECONDS wait for the next, so every piece is long enough to carry the mark), and the streamed
+request's result is the concatenation of its pieces: it differs from the same request unstreamed only by the
+watermark's edges at the piece joins (and, on CUDA, by S3Gen batching noise: its chunks are vocoded one at a
+time). Same tokens either way. A batch without streamed requests runs exactly as before (`T3Decoder.run`, S3Gen
+after T3): it pays nothing for streaming. Randomness is per request: chunk k of a request with seed s draws from
 generators seeded `chunk_seed(s, k)`, so the same request gives the same audio alone or in any batch: on CPU
 bit for bit (S3Gen runs request by request there), on CUDA within the bound stated in speech_to_wav.py (S3Gen
 batched across requests). T3 draws the same tokens either way; its batched logits move by float noise, which
@@ -30,16 +43,18 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .chunking import crossfade_join, max_speech_tokens, split_text
+from .chunking import CrossfadeStream, crossfade_join, max_speech_tokens, split_text
 from .conditioning import VoiceCache, VoiceConditionals, conditionals_from_bytes, conditionals_to_bytes, front_end_fingerprint
 from .models.flow_decoder import pick_attention
 from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
 from .t3_decoder import T3Decoder, T3Request
 from .variants import EngineParts, detect_variant
-from .contract import PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
+from .contract import OnAudio, PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+MIN_PIECE_SECONDS = 0.25     # a streamed piece shorter than this is held and sent with the next (watermarkable)
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -59,6 +74,17 @@ class _Chunk:
     seed: int
     tokens: torch.Tensor | None = None
     wav: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class _Stream:
+    """A streamed request's state: its chunks in order, the next one to vocode, the join, the pieces sent."""
+    request_id: str
+    chunks: list[_Chunk]
+    joiner: CrossfadeStream
+    next: int = 0
+    pieces: list[np.ndarray] = dataclasses.field(default_factory=list)
+    first_audio_s: float | None = None
 
 
 def _pick_device(device: str | None) -> torch.device:
@@ -175,14 +201,18 @@ class ChatterboxEngine:
         return self.voices.get(voice)
 
     # ------------------------------------------------------------------------------------------------------------
-    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
+    def synthesize(self, requests: Sequence[SynthesisRequest], on_audio: OnAudio | None = None
+                   ) -> list[SynthesisResult]:
+        """One result per request, in order. Requests with `stream=True` hand their audio to `on_audio` piece
+        by piece as it is made (see the module docstring); without `on_audio` nothing streams."""
         with self._lock, torch.inference_mode():
-            return self._synthesize(list(requests))
+            return self._synthesize(list(requests), on_audio)
 
-    def _synthesize(self, requests: list[SynthesisRequest]) -> list[SynthesisResult]:
+    def _synthesize(self, requests: list[SynthesisRequest], on_audio: OnAudio | None = None
+                    ) -> list[SynthesisResult]:
         errors: dict[int, str] = {}
         timings = {"conditioning_s": 0.0, "t3_s": 0.0, "s3gen_s": 0.0, "watermark_s": 0.0}
-        t0 = time.perf_counter()
+        started = t0 = time.perf_counter()
         chunks: list[_Chunk] = []
         for i, req in enumerate(requests):
             try:
@@ -191,17 +221,31 @@ class ChatterboxEngine:
                 errors[i] = _reason(e)
         timings["conditioning_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        live = [c for c in chunks if c.request not in errors]
-        for c, res in self._isolated(live, self._decode, errors):
-            c.tokens = res.speech_tokens
-        timings["t3_s"] = time.perf_counter() - t0
+        streams: dict[int, _Stream] = {}
+        if on_audio is not None:
+            min_samples = int(MIN_PIECE_SECONDS * self.sample_rate)
+            for i, req in enumerate(requests):
+                if req.stream and i not in errors:
+                    streams[i] = _Stream(req.request_id, sorted((c for c in chunks if c.request == i),
+                                                                key=lambda c: c.index),
+                                         CrossfadeStream(self.sample_rate, self.crossfade_seconds, min_samples))
 
         t0 = time.perf_counter()
-        live = [c for c in chunks if c.request not in errors and c.tokens is not None and c.tokens.numel() > 0]
+        live = [c for c in chunks if c.request not in errors]
+        if streams:
+            self._decode_streaming(live, errors, streams, on_audio, timings, started)
+            timings["t3_s"] = time.perf_counter() - t0 - timings["s3gen_s"] - timings["watermark_s"]
+        else:
+            for c, res in self._isolated(live, self._decode, errors):
+                c.tokens = res.speech_tokens
+            timings["t3_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        live = [c for c in chunks if c.request not in errors and c.request not in streams
+                and c.tokens is not None and c.tokens.numel() > 0]
         for c, wav in self._isolated(live, self._vocode, errors):
             c.wav = wav
-        timings["s3gen_s"] = time.perf_counter() - t0
+        timings["s3gen_s"] += time.perf_counter() - t0
 
         results = []
         for i, req in enumerate(requests):
@@ -209,20 +253,89 @@ class ChatterboxEngine:
                 results.append(SynthesisResult(error=errors[i]))
                 continue
             mine = sorted((c for c in chunks if c.request == i), key=lambda c: c.index)
-            clips = [c.wav for c in mine if c.wav is not None]
-            if not clips:
-                results.append(SynthesisResult(error="the model produced no speech for this text"))
-                continue
-            audio = crossfade_join(clips, self.sample_rate, self.crossfade_seconds)
-            if self.watermarker is not None:
-                t1 = time.perf_counter()
-                audio = self.watermarker.apply(audio, self.sample_rate)
-                timings["watermark_s"] += time.perf_counter() - t1
+            extra = {}
+            if i in streams:      # what was streamed is the audio (watermarked piece by piece)
+                pieces = streams[i].pieces
+                if not pieces:
+                    results.append(SynthesisResult(error="the model produced no speech for this text"))
+                    continue
+                audio = np.concatenate(pieces)
+                extra = {"stream_pieces": len(pieces), "first_audio_s": round(streams[i].first_audio_s or 0.0, 4)}
+            else:
+                clips = [c.wav for c in mine if c.wav is not None]
+                if not clips:
+                    results.append(SynthesisResult(error="the model produced no speech for this text"))
+                    continue
+                audio = crossfade_join(clips, self.sample_rate, self.crossfade_seconds)
+                if self.watermarker is not None:
+                    t1 = time.perf_counter()
+                    audio = self.watermarker.apply(audio, self.sample_rate)
+                    timings["watermark_s"] += time.perf_counter() - t1
             n_tokens = sum(int(c.tokens.numel()) for c in mine if c.tokens is not None)
             results.append(SynthesisResult(audio=audio, metrics={
                 "audio_seconds": round(len(audio) / self.sample_rate, 3), "speech_tokens": n_tokens,
-                "chunks": len(mine), "batch_size": len(requests), **{k: round(v, 4) for k, v in timings.items()}}))
+                "chunks": len(mine), "batch_size": len(requests), **extra,
+                **{k: round(v, 4) for k, v in timings.items()}}))
         return results
+
+    # --- streaming ----------------------------------------------------------------------------------------------
+    def _decode_streaming(self, live: list[_Chunk], errors: dict[int, str], streams: dict[int, _Stream],
+                          on_audio: OnAudio, timings: dict, started: float) -> None:
+        """T3 over `live` step by step; after each step, the streamed requests' chunks that are next in line and
+        decoded are vocoded and handed over (`_advance`). A failing step: the decoder is rebuilt and the chunks
+        not yet decoded are decoded as the batch path does (request by request if need be); streams go on."""
+        by_request = {id(c.t3): c for c in live}
+        # chunk index first: every streamed request's first chunk is admitted in the first rows (the order changes
+        # no request's tokens: each chunk draws from its own generator, alone or in any batch)
+        for c in sorted(live, key=lambda c: (c.index, c.request)):
+            self.decoder.submit(c.t3)
+        try:
+            while self.decoder.busy:
+                finished = self.decoder.step()
+                for res in finished:
+                    c = by_request.get(id(res.request))
+                    if c is not None:
+                        c.tokens = res.speech_tokens
+                for r in {by_request[id(res.request)].request for res in finished if id(res.request) in by_request}:
+                    if r in streams and r not in errors:
+                        self._advance(r, streams[r], errors, on_audio, timings, started)
+        except Exception:
+            log.exception("streamed decoding failed; decoding what is left request by request")
+            self.decoder = T3Decoder(self.t3, max_rows=self.max_rows, chain=self.parts.chain)
+            left = [c for c in live if c.tokens is None and c.request not in errors]
+            for c, res in self._isolated(left, self._decode, errors):
+                c.tokens = res.speech_tokens
+        for r, stream in streams.items():
+            if r not in errors:
+                self._advance(r, stream, errors, on_audio, timings, started)
+
+    def _advance(self, r: int, stream: _Stream, errors: dict[int, str], on_audio: OnAudio, timings: dict,
+                 started: float) -> None:
+        """Vocode, join, watermark and hand over request r's next chunks while they are decoded, in order."""
+        n = len(stream.chunks)
+        while stream.next < n and stream.chunks[stream.next].tokens is not None:
+            c = stream.chunks[stream.next]
+            last = stream.next == n - 1
+            try:
+                if c.tokens.numel() > 0:
+                    t0 = time.perf_counter()
+                    c.wav = self._s3gen([c])[0]
+                    timings["s3gen_s"] += time.perf_counter() - t0
+                piece = stream.joiner.push(c.wav if c.wav is not None else np.zeros(0, np.float32), last=last)
+                stream.next += 1
+                if len(piece):
+                    if self.watermarker is not None:
+                        t0 = time.perf_counter()
+                        piece = self.watermarker.apply(piece, self.sample_rate)
+                        timings["watermark_s"] += time.perf_counter() - t0
+                    on_audio(stream.request_id, len(stream.pieces), piece)
+                    stream.pieces.append(piece)
+                    if stream.first_audio_s is None:
+                        stream.first_audio_s = time.perf_counter() - started
+            except Exception as e:     # its vocoding, or its consumer, failed: this request alone
+                log.warning("streamed request %s failed: %s", stream.request_id, e)
+                errors[r] = _reason(e)
+                return
 
     def _plan(self, i: int, req: SynthesisRequest) -> list[_Chunk]:
         conds = self._conditionals(req.voice)

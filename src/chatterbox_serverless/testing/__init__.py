@@ -34,7 +34,12 @@ from .http import live_server
 class FakeEngineForTests:
     """Engine double: a sine tone per request (frequency from the seed, +50 Hz with a reference voice; silence
     with amplitude=0) lasting base_seconds + seconds_per_char * len(text) (at most max_seconds), after `delay`
-    seconds per batch. Texts containing `fail_marker` fail alone; `raise_marker` makes the whole batch raise."""
+    seconds per batch. Texts containing `fail_marker` fail alone; `raise_marker` makes the whole batch raise.
+
+    Streaming (`on_audio` and requests with `stream=True`): the tone is cut into one piece per sentence (cut points
+    in proportion to the characters), handed over in order with `piece_delay` seconds before each piece (the
+    batch's `delay` comes first); the pieces concatenate to the request's audio. A text containing
+    `fail_after_marker` fails after its first piece was handed over."""
     sample_rate: int = 24000
     delay: float = 0.0
     fail_marker: str = "FAIL-ME"
@@ -46,6 +51,8 @@ class FakeEngineForTests:
     batches: list[list[str]] = field(default_factory=list)      # request ids per call, for assertions
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     voice_variant: str = "fake:1"
+    piece_delay: float = 0.0
+    fail_after_marker: str = "FAIL-MID-STREAM"
     prepared: list[str] = field(default_factory=list)            # clips prepared (library voices), by hash
 
     def prepare_voice(self, voice: VoiceAudio) -> PreparedVoice:
@@ -56,7 +63,7 @@ class FakeEngineForTests:
             self.prepared.append(digest)
         return PreparedVoice(self.voice_variant, digest.encode())
 
-    def synthesize(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult]:
+    def synthesize(self, requests: Sequence[SynthesisRequest], on_audio=None) -> list[SynthesisResult]:
         with self.lock:
             self.batches.append([r.request_id for r in requests])
         if any(self.raise_marker in r.text for r in requests):
@@ -75,8 +82,35 @@ class FakeEngineForTests:
             t = np.arange(int(seconds * self.sample_rate), dtype=np.float32) / self.sample_rate
             freq = 200.0 + (r.params.seed % 50) * 10 + (50.0 if r.voice is not None else 0.0)
             audio = (self.amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-            out.append(SynthesisResult(audio=audio, metrics={"audio_seconds": len(audio) / self.sample_rate}))
+            metrics = {"audio_seconds": len(audio) / self.sample_rate}
+            if r.stream and on_audio is not None:
+                try:
+                    metrics["stream_pieces"] = self._stream(r, audio, on_audio)
+                except Exception as e:   # noqa: BLE001 - the consumer stopped it, or the marker: this one fails
+                    out.append(SynthesisResult(error=f"fake engine: streaming stopped: {e}"))
+                    continue
+            out.append(SynthesisResult(audio=audio, metrics=metrics))
         return out
+
+    def _stream(self, r: SynthesisRequest, audio: np.ndarray, on_audio) -> int:
+        """One piece per sentence, in order, `piece_delay` seconds before each; returns how many."""
+        from ..engine.chunking import _SENTENCE_END, _pieces
+        sentences = _pieces(" ".join(r.text.split()), _SENTENCE_END) or [r.text]
+        ends, total = [0], sum(len(s) for s in sentences)
+        for s in sentences:
+            ends.append(ends[-1] + len(s))
+        cuts = [round(len(audio) * e / total) for e in ends]
+        seq = 0
+        for a, b in zip(cuts, cuts[1:]):
+            if b <= a:
+                continue
+            if self.piece_delay:
+                time.sleep(self.piece_delay)
+            on_audio(r.request_id, seq, audio[a:b].copy())
+            seq += 1
+            if self.fail_after_marker in r.text:
+                raise RuntimeError("this text fails after its first piece")
+        return seq
 
 
 class SilentEngineForTests(FakeEngineForTests):
