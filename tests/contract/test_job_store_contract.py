@@ -1030,3 +1030,109 @@ def test_concurrent_dispatchers_never_make_one_attempt_twice(store, reopen):
     for t in threads:
         t.join(60)
     assert sorted(got) == sorted((j.id, 1) for j in jobs)
+
+
+# --- the chunk channel (streamed audio) --------------------------------------------------------------------------
+
+def chunks_of(read) -> list[tuple[int, bytes]]:
+    return [(c.seq, c.data) for c in read.chunks]
+
+
+def test_chunks_are_appended_by_the_holder_and_read_in_order_by_any_instance(store, reopen):
+    job = submit(store, stream=True)
+    first = store.read_chunks(job.id)
+    assert (first.state, first.attempt, first.chunks, first.restarted, first.end) == (JobState.QUEUED, 0, [], False, False)
+    store.claim("w1", 1, LEASE)
+    other = reopen()
+    payloads = [bytes([i]) * (1000 + i) + b"\x00\xff" for i in range(3)]
+    for seq, data in enumerate(payloads):
+        assert store.append_chunk(job.id, "w1", seq, data) is True
+        read = other.read_chunks(job.id, after=seq - 1)
+        assert read.state is JobState.PROCESSING and read.attempt == 1 and not read.end and not read.restarted
+        assert chunks_of(read) == [(seq, data)]
+    assert chunks_of(other.read_chunks(job.id)) == list(enumerate(payloads))
+    assert chunks_of(other.read_chunks(job.id, after=0, attempt=1, limit=1)) == [(1, payloads[1])]
+    assert store.complete(job.id, "w1", b"whole", "audio/wav", {})
+    done = other.read_chunks(job.id, after=-1, attempt=1)
+    assert done.state is JobState.COMPLETED and done.end and chunks_of(done) == list(enumerate(payloads))
+    page = other.read_chunks(job.id, after=-1, attempt=1, limit=2)     # more follow: not the end yet
+    assert len(page.chunks) == 2 and not page.end
+    assert other.read_chunks(job.id, after=1, attempt=1, limit=2).end
+    assert store.read_chunks(str(uuid.uuid4())) is None
+
+
+def test_only_the_lease_holder_appends(store):
+    job = submit(store)
+    assert store.append_chunk(job.id, "w1", 0, b"queued") is False        # nobody holds it
+    store.claim("w1", 1, LEASE)
+    assert store.append_chunk(job.id, "w2", 0, b"not mine") is False
+    assert store.append_chunk(job.id, "w1", 0, b"mine") is True
+    store.cancel(job.id)
+    assert store.append_chunk(job.id, "w1", 1, b"after cancel") is False
+    read = store.read_chunks(job.id, attempt=1)
+    assert read.state is JobState.FAILED and read.end and chunks_of(read) == [(0, b"mine")]
+
+
+def test_chunks_are_numbered_without_gaps_and_a_retried_write_is_harmless(store):
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    with pytest.raises(ValueError):
+        store.append_chunk(job.id, "w1", 1, b"gap")                        # 0 first
+    assert store.append_chunk(job.id, "w1", 0, b"zero")
+    assert store.append_chunk(job.id, "w1", 0, b"zero") is True            # the same write again: no-op
+    with pytest.raises(ValueError):
+        store.append_chunk(job.id, "w1", 0, b"another zero")
+    with pytest.raises(ValueError):
+        store.append_chunk(job.id, "w1", 2, b"gap")
+    assert chunks_of(store.read_chunks(job.id)) == [(0, b"zero")]
+
+
+def test_a_retried_job_restarts_its_stream_and_a_reader_of_the_old_attempt_is_told(store, reopen):
+    job = submit(store)
+    store.claim("w1", 1, 0.05)
+    assert store.append_chunk(job.id, "w1", 0, b"first attempt, piece 0")
+    assert store.append_chunk(job.id, "w1", 1, b"first attempt, piece 1")
+    reader = reopen()
+    seen = reader.read_chunks(job.id, after=-1, attempt=None)
+    assert seen.attempt == 1 and len(seen.chunks) == 2
+    time.sleep(0.15)
+    assert store.recover_expired(3) == 1                   # the worker died: back in the queue
+    restarted = reader.read_chunks(job.id, after=1, attempt=1)
+    assert restarted.restarted and restarted.chunks == [] and restarted.state is JobState.QUEUED
+    store.claim("w2", 1, LEASE)                             # the new attempt's stream starts empty
+    assert store.append_chunk(job.id, "w1", 2, b"late piece of the dead worker") is False
+    again = reader.read_chunks(job.id, after=1, attempt=1)
+    assert again.restarted and again.attempt == 2 and again.chunks == []
+    assert chunks_of(reader.read_chunks(job.id, attempt=2)) == []
+    assert store.append_chunk(job.id, "w2", 0, b"second attempt, piece 0")
+    assert chunks_of(reader.read_chunks(job.id, after=-1, attempt=2)) == [(0, b"second attempt, piece 0")]
+    assert chunks_of(reader.read_chunks(job.id)) == [(0, b"second attempt, piece 0")]
+    assert store.complete(job.id, "w2", b"whole", "audio/wav", {})
+    assert reader.read_chunks(job.id, after=0, attempt=1).restarted       # still the old attempt: told, not spliced
+
+
+def test_a_released_job_and_one_handed_back_for_later_start_new_attempts(store):
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    assert store.append_chunk(job.id, "w1", 0, b"a")
+    assert store.release(job.id, "w1")                       # the attempt does not count, but its stream is over
+    assert store.read_chunks(job.id, after=0, attempt=1).restarted
+    (claimed,) = store.claim("w2", 1, LEASE)
+    assert claimed.attempts == 1                             # as before release
+    fresh = store.read_chunks(job.id)
+    assert fresh.attempt == 2 and fresh.chunks == []          # ... but a new stream attempt, never attempt 1 again
+    assert store.append_chunk(job.id, "w2", 0, b"b")
+    assert store.retry_later(job.id, "w2", STORAGE_REASON, 30.0)
+    later = store.read_chunks(job.id, after=0, attempt=2)
+    assert later.restarted and later.state is JobState.PROCESSING
+
+
+def test_chunks_go_with_the_job(store, reopen):
+    job = submit(store)
+    store.claim("w1", 1, LEASE)
+    assert store.append_chunk(job.id, "w1", 0, b"x" * 4096)
+    assert store.complete(job.id, "w1", b"whole", "audio/wav", {})
+    time.sleep(0.05)
+    assert store.purge_expired(0.01) == 1
+    for s in (store, reopen()):
+        assert s.read_chunks(job.id) is None

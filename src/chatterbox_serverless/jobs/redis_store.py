@@ -29,6 +29,9 @@ Keys (all under `prefix`, default "cbx:"; use a hash tag such as "{cbx}:" on Red
                           (the state, attempts and last answer are `wh_*` fields of the job's hash)
     idem:<owner>:<sha256 of the key>  string  an idempotency key's reservation (JSON: job id, fingerprint,
                           time), SET with the retention as its TTL
+    chunks:<id>   stream  the chunk channel: a streamed job's pieces, entry id <attempt>-<seq + 1> (so XADD
+                          refuses a piece out of order); deleted by the claim that starts a new attempt (the
+                          job's `claims` field, counting every claim), the job's TTL once it is terminal
 
 Queue position: claims serve owners in `owners` order (score = when last served, ties by owner id), one job
 each per round, so a job's position is exact at the moment it is read: its rank in its owner's queue, plus, for
@@ -73,8 +76,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .files import write_atomically
-from .store import (CANCELLED_REASON, LOST_ATTEMPT, IdempotencyRecord, Job, JobEvent, JobState, JobStore,
-                    QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
+from .store import (CANCELLED_REASON, LOST_ATTEMPT, AudioChunk, ChunkRead, IdempotencyRecord, Job, JobEvent,
+                    JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ local function finish(id, k, state, t, retention_ms, worker)
   end
   redis.call('PEXPIRE', k, retention_ms)
   redis.call('PEXPIRE', P .. 'ev:' .. id, retention_ms)
+  redis.call('PEXPIRE', P .. 'chunks:' .. id, retention_ms)
   redis.call('XADD', P .. 'events', 'MAXLEN', '~', ARGV[2], '*', 'job', id, 'state', state, 'worker', worker)
 end
 """
@@ -168,6 +172,8 @@ while #out < limit and guard < limit + 1000 do
     if redis.call('HGET', k, 'state') == 'QUEUED' then
       redis.call('HSET', k, 'state', 'PROCESSING', 'worker_id', worker, 'lease_until', until_, 'retry_reason', '')
       redis.call('HINCRBY', k, 'attempts', 1)
+      redis.call('HINCRBY', k, 'claims', 1)
+      redis.call('DEL', P .. 'chunks:' .. id)
       if (redis.call('HGET', k, 'started_at') or '') == '' then
         redis.call('HSET', k, 'started_at', string.format('%.6f', t))
       end
@@ -307,7 +313,7 @@ for _, state in ipairs({'COMPLETED', 'FAILED'}) do
     local k = P .. 'job:' .. id
     local s = redis.call('HGET', k, 'state')
     if s == false or s == state then
-      redis.call('DEL', k, P .. 'audio:' .. id, P .. 'ev:' .. id)
+      redis.call('DEL', k, P .. 'audio:' .. id, P .. 'ev:' .. id, P .. 'chunks:' .. id)
       redis.call('ZREM', P .. 'hooks', id)
     end
     redis.call('ZREM', z, id)
@@ -434,6 +440,53 @@ end
 return 1
 """
 
+# ARGV: P, maxlen, id, worker, seq, data  -> 1 appended (or already there, same bytes), 0 not held; errors
+_APPEND_CHUNK = _LUA_COMMON + r"""
+local id, worker, seq = ARGV[3], ARGV[4], tonumber(ARGV[5])
+local k = P .. 'job:' .. id
+local h = redis.call('HMGET', k, 'state', 'worker_id', 'claims')
+if h[1] ~= 'PROCESSING' or h[2] ~= worker then return 0 end
+local attempt = tonumber(h[3] or '0') or 0
+local s = P .. 'chunks:' .. id
+local have = 0
+local last = redis.call('XREVRANGE', s, '+', '-', 'COUNT', 1)
+if #last > 0 then
+  local a, n = string.match(last[1][1], '^(%d+)-(%d+)$')
+  if tonumber(a) == attempt then have = tonumber(n) end
+end
+if seq < have then
+  local e = redis.call('XRANGE', s, attempt .. '-' .. (seq + 1), attempt .. '-' .. (seq + 1))
+  if #e == 1 and e[1][2][2] == ARGV[6] then return 1 end
+  return redis.error_reply('chunk ' .. seq .. ' of this attempt is already stored with other data')
+end
+if seq > have then
+  return redis.error_reply('chunk ' .. seq .. ' would leave a gap: the next chunk of this attempt is ' .. have)
+end
+redis.call('XADD', s, attempt .. '-' .. (seq + 1), 'd', ARGV[6])
+return 1
+"""
+
+# ARGV: P, maxlen, id, attempt ('' = current), after, limit  -> false (unknown) or
+#   {state, attempt, restarted (0|1), more (0|1), seq, data, seq, data, ...}   (read-only)
+_READ_CHUNKS = _LUA_COMMON + r"""
+local id = ARGV[3]
+local h = redis.call('HMGET', P .. 'job:' .. id, 'state', 'claims', 'worker_id')
+if not h[1] then return false end
+local state, claims = h[1], tonumber(h[2] or '0') or 0
+local over = (state == 'QUEUED' and claims > 0) or (state == 'PROCESSING' and (h[3] or '') == '')
+if ARGV[4] ~= '' and (tonumber(ARGV[4]) ~= claims or over) then return {state, claims, 1, 0} end
+local limit = tonumber(ARGV[6])
+local entries = redis.call('XRANGE', P .. 'chunks:' .. id, claims .. '-' .. (tonumber(ARGV[5]) + 2),
+                           claims .. '-18446744073709551615', 'COUNT', limit + 1)
+local out = {state, claims, 0, (#entries > limit) and 1 or 0}
+for i = 1, math.min(#entries, limit) do
+  local _, n = string.match(entries[i][1], '^(%d+)-(%d+)$')
+  out[#out + 1] = tonumber(n) - 1
+  out[#out + 1] = entries[i][2][2]
+end
+return out
+"""
+
 # What the scripts carry when no billing is attached (RedisJobStore.attach_billing composes the account store's
 # BILLING_LUA in its place).
 _NO_BILLING = r"""
@@ -459,7 +512,7 @@ def _job_fields(job: Job) -> list[str]:
             "error", "", "metrics", json.dumps(job.metrics or {}), "media_type", "", "worker_id", "",
             "lease_until", "", "audio_path", "", "retry_reason", "", "webhook_url", job.webhook_url or "",
             "base_url", job.base_url or "", "cancelled", "", "wh_state", "", "wh_attempts", "0", "wh_status", "",
-            "wh_error", "", "wh_claimer", ""]
+            "wh_error", "", "wh_claimer", "", "claims", "0"]
 
 
 def _job_from_hash(h: dict[str, str]) -> Job:
@@ -524,7 +577,8 @@ class RedisJobStore(JobStore):
             ("fail", _FAIL), ("release", _RELEASE), ("retry_later", _RETRY_LATER), ("recover", _RECOVER),
             ("purge", _PURGE), ("cancel", _CANCEL), ("position", _POSITION), ("progress", _PROGRESS),
             ("idempotency", _IDEMPOTENCY), ("idempotency_release", _IDEMPOTENCY_RELEASE),
-            ("claim_webhooks", _CLAIM_WEBHOOKS), ("finish_webhook", _FINISH_WEBHOOK))}
+            ("claim_webhooks", _CLAIM_WEBHOOKS), ("finish_webhook", _FINISH_WEBHOOK),
+            ("append_chunk", _APPEND_CHUNK), ("read_chunks", _READ_CHUNKS))}
 
     def attach_billing(self, account_store) -> None:
         """Bill jobs with their terminal transitions: `account_store` is the Redis account store on this server
@@ -799,6 +853,26 @@ class RedisJobStore(JobStore):
         for job_id, data in updates.items():
             args += [job_id, json.dumps({**data, "type": "progress", "at": now}) if data else ""]
         return {i.decode() for i in self._run("progress", worker_id, *args)}
+
+    def append_chunk(self, job_id: str, worker_id: str, seq: int, data: bytes) -> bool:
+        try:
+            return bool(self._run("append_chunk", job_id, worker_id, int(seq), bytes(data)))
+        except redis.ResponseError as e:
+            if "already stored" in str(e) or "leave a gap" in str(e):
+                raise ValueError(str(e)) from None
+            raise
+
+    def read_chunks(self, job_id: str, after: int = -1, attempt: int | None = None,
+                    limit: int = 100) -> ChunkRead | None:
+        limit = max(1, int(limit))
+        raw = self._run("read_chunks", job_id, "" if attempt is None else int(attempt), int(after), limit)
+        if not raw:
+            return None
+        state, current, restarted, more = JobState(raw[0].decode()), int(raw[1]), bool(raw[2]), bool(raw[3])
+        if restarted:
+            return ChunkRead(state=state, attempt=current, chunks=[], restarted=True)
+        chunks = [AudioChunk(seq=int(raw[i]), data=raw[i + 1]) for i in range(4, len(raw), 2)]
+        return ChunkRead(state=state, attempt=current, chunks=chunks, end=state.terminal and not more)
 
     @staticmethod
     def _key_hash(key: str) -> str:

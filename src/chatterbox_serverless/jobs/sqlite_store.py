@@ -16,7 +16,9 @@ claims of one job at a time would: `queue_position` counts exactly that order.
 Queue conventions (jobs/store.py): `job_events` holds each job's numbered events, `webhook_deliveries` the
 delivery of a job's result to its webhook (created in the terminal transition's transaction, claimed with a
 lease: `hook_due` is both when it is due and, while an attempt runs, when that attempt's lease ends),
-`idempotency_keys` the (owner, key) reservations (primary key: two submissions cannot both reserve one).
+`idempotency_keys` the (owner, key) reservations (primary key: two submissions cannot both reserve one),
+`job_chunks` the chunk channel (a streamed job's pieces, keyed by job, attempt and number; `claims` counts a
+job's claims, the attempt number; `claim` deletes the previous attempt's pieces, `purge_expired` the job's).
 
 A full disk, a read-only data dir: `submit` raises (nothing was accepted); `complete` raises OSError or
 StoreUnavailable after removing its partial file, and the job stays PROCESSING under its lease, so the worker
@@ -40,8 +42,8 @@ import time
 from pathlib import Path
 
 from .files import write_atomically
-from .store import (CANCELLED_REASON, LOST_ATTEMPT, IdempotencyRecord, Job, JobEvent, JobState, JobStore,
-                    QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
+from .store import (CANCELLED_REASON, LOST_ATTEMPT, AudioChunk, ChunkRead, IdempotencyRecord, Job, JobEvent,
+                    JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +101,19 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     PRIMARY KEY (owner, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency_keys(expires_at);
+CREATE TABLE IF NOT EXISTS job_chunks (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, attempt, seq)
+);
 """
 # columns added after the first release, added at open when missing: (column, declaration)
 _JOB_MIGRATIONS = (("retry_reason", "TEXT"),    # why the job was handed back by `retry_later` (its FAILED
                                                 # reason if it runs out of attempts); cleared at the next claim
-                   ("webhook_url", "TEXT"), ("base_url", "TEXT"), ("cancelled", "INTEGER NOT NULL DEFAULT 0"))
+                   ("webhook_url", "TEXT"), ("base_url", "TEXT"), ("cancelled", "INTEGER NOT NULL DEFAULT 0"),
+                   ("claims", "INTEGER NOT NULL DEFAULT 0"))   # every claim counts here: the stream attempt
 
 _COLUMNS = ("id, owner, params, state, created_at, started_at, finished_at, attempts, error, metrics, "
             "media_type, worker_id, lease_until, webhook_url, base_url, cancelled")
@@ -378,8 +388,9 @@ class SQLiteJobStore(JobStore):
                              "ON CONFLICT(owner) DO UPDATE SET turn = excluded.turn", (owner, turn))
                 conn.execute(
                     "UPDATE jobs SET state = 'PROCESSING', worker_id = ?, lease_until = ?, attempts = attempts + 1, "
-                    "started_at = COALESCE(started_at, ?), retry_reason = NULL WHERE id = ?",
+                    "claims = claims + 1, started_at = COALESCE(started_at, ?), retry_reason = NULL WHERE id = ?",
                     (worker_id, now + lease_seconds, now, job_id))
+                conn.execute("DELETE FROM job_chunks WHERE job_id = ?", (job_id,))    # a new attempt's stream
             marks = ",".join("?" * len(picked))
             rows = conn.execute(f"SELECT {_COLUMNS} FROM jobs WHERE id IN ({marks})", [p[0] for p in picked])
             jobs = {r[0]: _row_to_job(r) for r in rows}
@@ -543,6 +554,53 @@ class SQLiteJobStore(JobStore):
             return held
         return self._write(tx)
 
+    def append_chunk(self, job_id: str, worker_id: str, seq: int, data: bytes) -> bool:
+        seq, data = int(seq), bytes(data)
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT claims FROM jobs WHERE id = ? AND state = 'PROCESSING' AND worker_id = ?",
+                               (job_id, worker_id)).fetchone()
+            if row is None:
+                return False
+            attempt = row[0]
+            (have,) = conn.execute("SELECT COUNT(*) FROM job_chunks WHERE job_id = ? AND attempt = ?",
+                                   (job_id, attempt)).fetchone()
+            if seq < have:
+                (stored,) = conn.execute("SELECT data FROM job_chunks WHERE job_id = ? AND attempt = ? AND seq = ?",
+                                         (job_id, attempt, seq)).fetchone()
+                if bytes(stored) != data:
+                    raise ValueError(f"chunk {seq} of this attempt is already stored with other data")
+                return True
+            if seq > have:
+                raise ValueError(f"chunk {seq} would leave a gap: the next chunk of this attempt is {have}")
+            conn.execute("INSERT INTO job_chunks (job_id, attempt, seq, data) VALUES (?, ?, ?, ?)",
+                         (job_id, attempt, seq, sqlite3.Binary(data)))
+            return True
+        return self._write(tx)
+
+    def read_chunks(self, job_id: str, after: int = -1, attempt: int | None = None,
+                    limit: int = 100) -> ChunkRead | None:
+        limit = max(1, int(limit))
+        conn = self._reader()
+        conn.execute("BEGIN")           # one snapshot: the state and the chunks
+        try:
+            row = conn.execute("SELECT state, claims, worker_id, finished_at FROM jobs WHERE id = ?",
+                               (job_id,)).fetchone()
+            if row is None:
+                return None
+            state, claims, worker_id, finished = JobState(row[0]), row[1], row[2], row[3]
+            if finished is not None and finished < time.time() - self.retention_seconds:
+                return None
+            over = (state == JobState.QUEUED and claims > 0) or (state == JobState.PROCESSING and not worker_id)
+            if attempt is not None and (attempt != claims or over):
+                return ChunkRead(state=state, attempt=claims, chunks=[], restarted=True)
+            rows = conn.execute("SELECT seq, data FROM job_chunks WHERE job_id = ? AND attempt = ? AND seq > ? "
+                                "ORDER BY seq LIMIT ?", (job_id, claims, int(after), limit + 1)).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        chunks = [AudioChunk(seq=seq, data=bytes(data)) for seq, data in rows[:limit]]
+        return ChunkRead(state=state, attempt=claims, chunks=chunks, end=state.terminal and len(rows) <= limit)
+
     def claim_idempotency_key(self, owner: str, key: str, fingerprint: str, job_id: str, ttl: float,
                               stale_after: float = 30.0) -> IdempotencyRecord | None:
         def tx(conn: sqlite3.Connection) -> IdempotencyRecord | None:
@@ -642,7 +700,7 @@ class SQLiteJobStore(JobStore):
 
         def tx(conn: sqlite3.Connection) -> list[str | None]:
             files = [r[0] for r in conn.execute("SELECT audio_file FROM jobs WHERE finished_at < ?", (cutoff,))]
-            for table in ("job_events", "webhook_deliveries"):
+            for table in ("job_events", "webhook_deliveries", "job_chunks"):
                 conn.execute(f"DELETE FROM {table} WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < ?)",
                              (cutoff,))
             conn.execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))

@@ -30,6 +30,14 @@ Queue conventions (all additive to the hosted contract; each is atomic in the st
     round-robin-by-owner order, if nothing else arrived (a new owner's first job can still go ahead of it).
   * idempotency keys: `claim_idempotency_key` reserves (owner, key) for one job id atomically, so concurrent
     duplicates create one job.
+  * chunk channel: a job's audio as it is made (streamed jobs), readable by any replica while the worker writes
+    it. `append_chunk` (the lease holder only) appends piece `seq` of the current attempt; `read_chunks` returns
+    the pieces after a position with the attempt they belong to and whether the stream is over. Every claim
+    starts a new attempt (its number: the job's claims so far, released and recovered ones included, so it
+    never repeats) and drops the previous attempt's pieces in the same transition; a reader that follows an
+    attempt which is over (the job was retried, or is back in the queue) gets `restarted`, never pieces of two
+    attempts. Pieces are kept until the job is purged (SQLite: a table; Redis: a stream per job with the job's
+    TTL).
 """
 from __future__ import annotations
 
@@ -85,6 +93,23 @@ class JobEvent:
     seq: int                                  # 1, 2, ... per job: the SSE id (resume with Last-Event-ID)
     type: str                                 # "state" (data["status"]) or "progress" (data["stage"], chunks)
     data: dict                                # what happened, with "at" (Unix time)
+
+
+@dataclass
+class AudioChunk:
+    seq: int                                  # 0, 1, ... within its attempt
+    data: bytes                               # opaque to the store (the worker's encoding: media/stream.py)
+
+
+@dataclass
+class ChunkRead:
+    """What `read_chunks` saw, in one consistent read."""
+    state: JobState                           # the job's state
+    attempt: int                              # the stream attempt the job is on (0: never claimed)
+    chunks: list[AudioChunk]                  # of `attempt`, numbered above `after`, in order
+    restarted: bool = False                   # the attempt asked for is over (retried / requeued): its stream is
+                                              # gone, and nothing of it may be joined with a later attempt's
+    end: bool = False                         # the job is terminal and no chunk follows these: nothing more comes
 
 
 @dataclass
@@ -228,6 +253,21 @@ class JobStore(ABC):
         """Record attempt `attempt` of `claimer`: outcome "delivered", "failed" (no more attempts) or "retry"
         (due again in `retry_in` seconds), with the receiver's HTTP status or an error. False when that
         attempt is not the current one of that claimer (its lease ran out and another took it)."""
+
+    @abstractmethod
+    def append_chunk(self, job_id: str, worker_id: str, seq: int, data: bytes) -> bool:
+        """Append piece `seq` of the job's current attempt, only if `worker_id` holds the job (PROCESSING under its
+        lease): False otherwise (cancelled, taken, finished). `seq` must be the attempt's next number (0 first):
+        appending a piece already there with the same bytes is a no-op (a retried write) that returns True;
+        with other bytes, or leaving a gap, ValueError."""
+
+    @abstractmethod
+    def read_chunks(self, job_id: str, after: int = -1, attempt: int | None = None,
+                    limit: int = 100) -> ChunkRead | None:
+        """The job's pieces numbered above `after` (at most `limit`), of `attempt` (None: the current one), in
+        one consistent read with the job's state. When `attempt` is given and is not the one the job is on, or
+        the job went back to the queue since (its attempt is over), `restarted` is set, no pieces are returned,
+        and `attempt` is the current one. None when the job is unknown or expired."""
 
     def attach_billing(self, account_store) -> None:
         """Close credit holds with the jobs' terminal transitions, atomically (see the module docstring).
