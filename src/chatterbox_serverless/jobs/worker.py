@@ -10,6 +10,13 @@ its jobs back to the queue.
 Billing is not the worker's: the store settles or releases a job's credit hold with its terminal transition
 (`JobStore.attach_billing`). The worker's maintenance may repair holds (`reconcile_with(accounts)`), nothing more.
 
+Streamed jobs (params `stream: true`): the engine hands their audio over piece by piece (`on_audio`), and each
+piece is appended to the job's chunk channel (`JobStore.append_chunk`, as media/stream.py's 16-bit PCM) as it
+comes, so API replicas can send it while the job runs; the completed job stores its whole encoded audio as any
+job does. A piece the store refuses (the job was cancelled or taken) stops that request in the engine; one it
+cannot write (storage down) hands the job back like a result that cannot be stored (a new attempt: readers are
+told the stream restarted). Engines without `on_audio` just don't stream (readers get the file at the end).
+
 Storage failures are the server's, not the job's: when the result cannot be stored (read-only or full disk, the
 store unreachable), the job is handed back with `store.retry_later` for a later attempt, after a backoff that
 doubles from the lease length, and the worker stops claiming until `store.writable()` says storage works again.
@@ -19,6 +26,8 @@ in a job carries a server path (`public_reason`).
 from __future__ import annotations
 
 import errno
+import hashlib
+import inspect
 import logging
 import os
 import re
@@ -33,7 +42,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..engine.chunking import split_text
-from ..engine.contract import Engine, PreparedVoice, SynthesisParams, SynthesisRequest, SynthesisResult, VoiceAudio
+from ..engine.contract import (Engine, OnAudio, PreparedVoice, SynthesisParams, SynthesisRequest, SynthesisResult,
+                               VoiceAudio)
 from .policy import ContentPolicy
 from .batching import BatchClaimer
 from .store import Job, JobStore
@@ -96,6 +106,21 @@ class WorkerMetrics:
         self.busy = Gauge("chatterbox_worker_busy", "1 while the engine runs a batch", registry=self.registry)
 
 
+class _Stream:
+    """A streamed job in the batch: digests of the pieces appended, and what stopped its stream, if anything."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.digests: list[bytes] = []
+        self.failure: BaseException | None = None     # the store could not take a piece (storage)
+        self.lost = False                              # the store refused a piece: no longer this worker's job
+        self.diverged = False                          # a second run of the request made other audio
+
+
+class StreamStopped(Exception):
+    """Raised from on_audio to stop a streamed request in the engine."""
+
+
 def synthesis_params(params: dict) -> SynthesisParams:
     """The engine's parameters from a job's stored params (validated by the API at submit)."""
     return SynthesisParams(**{k: params[k] for k in SynthesisParams.__dataclass_fields__ if k in params})
@@ -146,6 +171,10 @@ class Worker:
         self.batches_done = 0
         self.storage_problem: str | None = None     # why storage failed; no claims until store.writable()
         self._next_storage_check = 0.0
+        try:        # engines that take on_audio stream (the contract's optional part)
+            self.engine_streams = "on_audio" in inspect.signature(engine.synthesize).parameters
+        except (TypeError, ValueError):
+            self.engine_streams = False
 
     def reconcile_with(self, accounts: Accounts | None) -> None:
         """Let this worker's maintenance repair credit holds (`accounts.maybe_reconcile(store.get)`): holds whose
@@ -292,7 +321,8 @@ class Worker:
                     continue
             try:
                 request = SynthesisRequest(text=text, params=synthesis_params(job.params), voice=voice,
-                                           request_id=job.id)
+                                           request_id=job.id,
+                                           stream=bool(job.params.get("stream")) and self.engine_streams)
             except Exception as e:
                 self._fail(job, f"invalid parameters: {e}")
                 continue
@@ -308,7 +338,8 @@ class Worker:
         ready = [(job, request) for job, request in ready if job.id in held]
         if not ready:
             return
-        results, seconds = self._synthesize([r for _, r in ready])
+        streams = {job.id: _Stream(job) for job, request in ready if request.stream}
+        results, seconds = self._synthesize([r for _, r in ready], self._on_audio(streams) if streams else None)
         self.batches_done += 1
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(ready))
@@ -316,7 +347,10 @@ class Worker:
                                           "chunks_total": chunks[job.id]} if result.error is None else {}
                                  for (job, _), result in zip(ready, results)})
         for (job, _), result in zip(ready, results):
-            if job.id in held:
+            stream = streams.get(job.id)
+            if stream is not None and (stream.failure is not None or stream.lost or stream.diverged):
+                self._stream_stopped(stream)
+            elif job.id in held:
                 self._finish(job, result, seconds, len(ready), claimed_at)
 
     def _chunk_count(self, text: str) -> int:
@@ -339,11 +373,50 @@ class Worker:
                 self._in_hand.discard(job_id)
         return held
 
-    def _synthesize(self, requests: list[SynthesisRequest]) -> tuple[list[SynthesisResult], float]:
+    def _on_audio(self, streams: dict[str, _Stream]) -> OnAudio:
+        """The engine's on_audio for this batch: each piece appended to its job's chunk channel, in order."""
+        rate = int(self.engine.sample_rate)
+        from ..media.stream import pack_piece
+
+        def on_audio(request_id: str, seq: int, samples: np.ndarray) -> None:
+            stream = streams[request_id]
+            data = pack_piece(samples, rate)
+            digest = hashlib.sha256(data).digest()
+            if seq < len(stream.digests):       # the request runs again (its batch failed): same audio, or stop
+                if stream.digests[seq] != digest:
+                    stream.diverged = True
+                    raise StreamStopped("a second run made other audio than the pieces already streamed")
+                return
+            try:
+                held = self.store.append_chunk(request_id, self.worker_id, seq, data)
+            except Exception as e:  # noqa: BLE001 - storage: the job is handed back (see _stream_stopped)
+                stream.failure = e
+                raise StreamStopped("the streamed audio could not be stored") from e
+            if not held:
+                stream.lost = True
+                raise StreamStopped("the job is no longer this worker's (cancelled, or its lease lost)")
+            stream.digests.append(digest)
+        return on_audio
+
+    def _stream_stopped(self, stream: _Stream) -> None:
+        job = stream.job
+        if stream.failure is not None:          # as a result that cannot be stored: a later attempt
+            self._retry_later(job, stream.failure)
+        elif stream.lost:
+            log.info("job %s is no longer this worker's (cancelled, or its lease lost): its stream stopped", job.id,
+                     extra={"request_id": job.id})
+            self._drop(job)
+        else:
+            self._fail(job, "the engine failed while this request's audio was streaming, and running it again "
+                            "gave other audio than what was already sent; submit it again")
+
+    def _synthesize(self, requests: list[SynthesisRequest], on_audio: OnAudio | None = None
+                    ) -> tuple[list[SynthesisResult], float]:
         t0 = time.perf_counter()
         self.metrics.busy.set(1)
         try:
-            results = list(self.engine.synthesize(requests))
+            results = list(self.engine.synthesize(requests, on_audio=on_audio) if on_audio is not None
+                           else self.engine.synthesize(requests))
             if len(results) != len(requests):
                 raise RuntimeError(f"the engine returned {len(results)} results for {len(requests)} requests")
         except Exception as e:
@@ -352,7 +425,7 @@ class Worker:
                 results = [SynthesisResult(error=f"synthesis failed: {type(e).__name__}: {e}")]
             else:   # isolate the failing request(s): run each alone
                 log.warning("batch of %d failed (%s); running its requests one by one", len(requests), e)
-                results = [self._synthesize([r])[0][0] for r in requests]
+                results = [self._synthesize([r], on_audio if r.stream else None)[0][0] for r in requests]
         finally:
             self.metrics.busy.set(0)
         return results, time.perf_counter() - t0
