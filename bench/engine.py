@@ -1,11 +1,14 @@
 """Engine speed on full-size weights: this engine vs the official chatterbox-tts package, same weights, one run.
+The model is the checkpoint's (engine/variants.py recognises it from the files): the original (ChatterboxTTS) or
+Turbo (ChatterboxTurboTTS: GPT-2 T3 without CFG, 2-step meanflow S3Gen, its own example text with a tag).
 
     python bench/engine.py CKPT_DIR [--tokens 50,140] [--concurrent 8] [--dtypes float32,bfloat16,bfloat16+compile]
                            [--threads 2]
                            [--official-python /tmp/chatterbox-refvenv/bin/python]
 
-CKPT_DIR is a checkpoint in the official layout (e.g. /tmp/refs/a: full-size random weights). Both sides use the
-checkpoint's built-in voice (conds.pt), the same text, CFG (cfg_weight 0.5), and decode up to --tokens speech
+CKPT_DIR is a checkpoint in the official layout (e.g. /tmp/refs/a, or /tmp/refs/turbo-a for Turbo: full-size random
+weights). Both sides use the checkpoint's built-in voice (conds.pt), the same text, the class's default sampling
+(original: CFG, cfg_weight 0.5; Turbo: top_k 1000, top_p 0.95, no CFG), and decode up to --tokens speech
 tokens per request (random weights almost never draw EOS, so both produce the same number; the counts are
 printed). The official package runs in its own virtualenv in a subprocess (`T3.inference`, one request at a time:
 it has no batching, so its aggregate rate at N concurrent requests is its single-request rate). Times include
@@ -64,6 +67,26 @@ def peak_rss_mb() -> float:
 
 
 TEXT = "Welcome to Chatterbox TTS, where your text turns into captivating audio effortlessly."
+TURBO_TEXT = ("Hi there, Sarah here from MochaFone calling you back [chuckle], have you got one minute to chat "
+              "about the billing issue?")      # the official Turbo example
+
+
+def model_of(ckpt: Path) -> str:
+    """The checkpoint's variant name (original, turbo)."""
+    from chatterbox_serverless.engine.variants import detect_variant
+    return detect_variant(ckpt).name
+
+
+def text_for(model: str) -> str:
+    return TURBO_TEXT if model == "turbo" else TEXT
+
+
+def params_for(model: str, seed: int):
+    """The official class's default sampling parameters (what its generate() uses)."""
+    from chatterbox_serverless.engine.contract import SynthesisParams
+    if model == "turbo":
+        return SynthesisParams(temperature=0.8, top_p=0.95, repetition_penalty=1.2, seed=seed)  # top_k: 1000
+    return SynthesisParams(seed=seed)
 
 OFFICIAL_T3 = r"""
 import json, sys, time, torch
@@ -105,6 +128,35 @@ print("RESULT " + json.dumps(run(tokens)))
 """
 
 
+OFFICIAL_T3_TURBO = r"""
+import json, sys, time, torch
+from chatterbox.tts_turbo import ChatterboxTurboTTS, punc_norm
+ckpt, tokens, text, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+torch.set_num_threads(threads)
+model = ChatterboxTurboTTS.from_local(ckpt, "cpu")
+t3 = model.t3
+ids = model.tokenizer(punc_norm(text), return_tensors="pt", padding=True, truncation=True).input_ids
+stamps = []
+_forward = type(t3.tfmr).forward
+def timed_forward(self, *a, **k):
+    out = _forward(self, *a, **k)
+    stamps.append(time.perf_counter())
+    return out
+type(t3.tfmr).forward = timed_forward
+def run(n):
+    torch.manual_seed(0)
+    stamps.clear()
+    t = time.perf_counter()
+    out = t3.inference_turbo(model.conds.t3, ids, temperature=0.8, top_k=1000, top_p=0.95, repetition_penalty=1.2,
+                             max_gen_len=n - 1)
+    end = time.perf_counter()
+    return {"tokens": out.shape[-1], "seconds": end - t, "prefill_s": stamps[0] - t, "decode_s": end - stamps[0],
+            "decode_forwards": len(stamps) - 1}
+run(3)
+print("RESULT " + json.dumps(run(tokens)))
+"""
+
+
 def run_result(cmd: list[str]) -> dict:
     """Run a measuring subprocess (its own process: its own threads and peak memory); parse its RESULT line."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"), timeout=3600)
@@ -115,7 +167,9 @@ def run_result(cmd: list[str]) -> dict:
 
 
 def t3_official(ckpt: Path, tokens: int, threads: int, python: str) -> dict:
-    r = run_result([python, "-c", OFFICIAL_T3, str(ckpt), str(tokens), TEXT, str(threads)])
+    model = model_of(ckpt)
+    script = OFFICIAL_T3_TURBO if model == "turbo" else OFFICIAL_T3
+    r = run_result([python, "-c", script, str(ckpt), str(tokens), text_for(model), str(threads)])
     return summarise(r["tokens"], r["seconds"], r["prefill_s"], r["decode_s"], r["decode_forwards"])
 
 
@@ -136,32 +190,39 @@ def variant(spec: str) -> tuple[str, bool]:
 
 
 def load_engine_t3(ckpt: Path, spec: str):
+    """The variant's T3 (sizes and architecture as the engine loads them), its sampling chain, the built-in voice's
+    T3 conditioning and the bench text's ids."""
     import torch
+    from chatterbox_serverless.engine.checkpoint import read_config
     from chatterbox_serverless.engine.models.t3 import T3
-    from chatterbox_serverless.engine.text import TextTokenizer, normalize_text
+    from chatterbox_serverless.engine.variants import detect_variant
     dtype_name, compile = variant(spec)
-    model = T3.from_checkpoint(ckpt, dtype=getattr(torch, dtype_name))
+    v = detect_variant(ckpt)
+    model = T3.from_checkpoint(ckpt, dtype=getattr(torch, dtype_name), config=v.architecture(read_config(ckpt)),
+                               filename=v.t3_file)
     if compile:
         model.tfmr.compile_decoding()        # compiled during t3_engine's warm-up
     conds = torch.load(ckpt / "conds.pt", weights_only=True)["t3"]
-    text_ids = TextTokenizer(ckpt / "tokenizer.json").encode(normalize_text(TEXT))
-    return model, conds, text_ids
+    text = v.load_text(ckpt)
+    text_ids = text.encode(text.normalize(text_for(v.name)))
+    return model, conds, text_ids, v
 
 
-def t3_engine(model, conds, text_ids, tokens: int, concurrent: int) -> dict:
+def t3_engine(model, conds, text_ids, tokens: int, concurrent: int, v) -> dict:
     from chatterbox_serverless.engine.t3_decoder import T3Decoder, T3Request
-    from chatterbox_serverless.engine.contract import SynthesisParams
 
     def requests(n, max_new):
         return [T3Request(text_ids=text_ids, speaker_emb=conds["speaker_emb"],
                           prompt_tokens=conds["cond_prompt_speech_tokens"],
-                          params=SynthesisParams(seed=i), max_new_tokens=max_new) for i in range(n)]
+                          params=params_for(v.name, i), max_new_tokens=max_new) for i in range(n)]
+
+    def decoder(rows):
+        return T3Decoder(model, max_rows=rows, chain=v.load_chain())
 
     out = {}
-    warm = T3Decoder(model, max_rows=2 * concurrent)
+    warm = decoder(2 * concurrent)
     warm.run(requests(2, 3))                     # warm-up; leaves the voice's prefix in this decoder's cache
-    cases = (("single, new voice", 1, T3Decoder(model, max_rows=2)), ("single", 1, warm),
-             ("concurrent", concurrent, warm))
+    cases = (("single, new voice", 1, decoder(2)), ("single", 1, warm), ("concurrent", concurrent, warm))
     for label, n, dec in cases:
         results = []
         t = time.perf_counter()
@@ -213,11 +274,45 @@ print("RESULT " + json.dumps(r))
 """
 
 
+OFFICIAL_PIPELINE_TURBO = r"""
+import json, sys, time, torch
+from chatterbox.tts_turbo import ChatterboxTurboTTS, punc_norm
+from chatterbox.models.s3gen.const import S3GEN_SIL
+ckpt, text, threads = sys.argv[1], sys.argv[3], int(sys.argv[4])
+counts = [int(n) for n in sys.argv[2].split(",")]
+torch.set_num_threads(threads)
+model = ChatterboxTurboTTS.from_local(ckpt, "cpu")
+def generate(n):
+    # ChatterboxTurboTTS.generate's body with the token bound (random weights almost never draw EOS)
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        ids = model.tokenizer(punc_norm(text), return_tensors="pt", padding=True, truncation=True).input_ids
+        speech = model.t3.inference_turbo(t3_cond=model.conds.t3, text_tokens=ids, temperature=0.8, top_k=1000,
+                                          top_p=0.95, repetition_penalty=1.2, max_gen_len=n - 1)
+        speech = speech[speech < 6561]
+        speech = torch.cat([speech, torch.tensor([S3GEN_SIL, S3GEN_SIL, S3GEN_SIL]).long()])
+        t_t3 = time.perf_counter()
+        wav, _ = model.s3gen.inference(speech_tokens=speech, ref_dict=model.conds.gen, n_cfm_timesteps=2)
+        wav = wav.squeeze(0).detach().cpu().numpy()
+        t_s3 = time.perf_counter()
+        out = model.watermarker.apply_watermark(wav, sample_rate=model.sr)
+    end = time.perf_counter()
+    return {"seconds": end - t, "t3_s": t_t3 - t, "s3gen_s": t_s3 - t_t3, "watermark_s": end - t_s3,
+            "audio_s": len(out) / model.sr, "speech_tokens": int(speech.numel()) - 3}
+generate(3)
+r = {str(n): generate(n) for n in counts}
+r["peak_rss_mb"] = peak_rss_mb()
+print("RESULT " + json.dumps(r))
+"""
+
+
 def pipeline_official(ckpt: Path, tokens: list[int], threads: int, python: str) -> dict:
     """chatterbox-tts 0.1.7, the whole `generate` (T3 -> S3Gen -> watermark) for one request, built-in voice, once
     per token bound: {"50": {...}, ..., "peak_rss_mb": ...}."""
-    script = inspect.getsource(peak_rss_mb) + OFFICIAL_PIPELINE
-    return run_result([python, "-c", script, str(ckpt), ",".join(map(str, tokens)), TEXT, str(threads)])
+    model = model_of(ckpt)
+    script = inspect.getsource(peak_rss_mb) + (OFFICIAL_PIPELINE_TURBO if model == "turbo" else OFFICIAL_PIPELINE)
+    return run_result([python, "-c", script, str(ckpt), ",".join(map(str, tokens)), text_for(model), str(threads)])
 
 
 def pipeline_engine(ckpt: Path, tokens: list[int], concurrent: int, spec: str) -> dict:
@@ -225,18 +320,19 @@ def pipeline_engine(ckpt: Path, tokens: list[int], concurrent: int, spec: str) -
     then `concurrent` requests in one batch (different seeds, as concurrent clients would send):
     {"50": {"single": ..., "concurrent": ...}, ..., "peak_rss_mb": ...}."""
     from chatterbox_serverless.engine.pipeline import ChatterboxEngine
-    from chatterbox_serverless.engine.contract import SynthesisParams, SynthesisRequest
+    from chatterbox_serverless.engine.contract import SynthesisRequest
 
     dtype_name, compile = variant(spec)
     engine = ChatterboxEngine(ckpt, device="cpu", dtype=dtype_name, compile=compile)
+    model, text = engine.variant.name, text_for(engine.variant.name)
     engine.max_new_tokens = max(tokens)
-    engine.synthesize([SynthesisRequest(TEXT, SynthesisParams(seed=99))])        # warm-up
+    engine.synthesize([SynthesisRequest(text, params_for(model, 99))])        # warm-up
     out = {}
     for bound in tokens:
         engine.max_new_tokens = bound         # the same bound as the official run (random weights rarely stop)
         out[str(bound)] = {}
         for label, n in (("single", 1), ("concurrent", concurrent)):
-            reqs = [SynthesisRequest(TEXT, SynthesisParams(seed=i)) for i in range(n)]
+            reqs = [SynthesisRequest(text, params_for(model, i)) for i in range(n)]
             t = time.perf_counter()
             results = engine.synthesize(reqs)
             seconds = time.perf_counter() - t
@@ -253,7 +349,7 @@ def pipeline_engine(ckpt: Path, tokens: list[int], concurrent: int, spec: str) -
 
 
 def print_pipeline(rows, official, bound: int, args) -> None:
-    print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt}, built-in voice, {bound} speech "
+    print(f"\nWhole pipeline (text -> T3 -> S3Gen -> watermark), {args.ckpt} ({model_of(args.ckpt)}), built-in voice, {bound} speech "
           f"tokens/request, {args.threads} threads, {machine()}")
     print("RTF: compute seconds per audio second (lower is faster); audio s/s: aggregate audio seconds per second;\n"
           "T3 x, S3Gen x: the official's seconds per audio second in that stage / the engine's (at N requests, the\n"
@@ -336,9 +432,9 @@ def run_t3_stage(args) -> None:
     if args.official_python:
         officials = {n: t3_official(args.ckpt, n, args.threads, args.official_python) for n in args.tokens}
     for dtype in [d for d in args.dtypes.split(",") if d]:
-        model, conds, text_ids = load_engine_t3(args.ckpt, dtype)
+        model, conds, text_ids, v = load_engine_t3(args.ckpt, dtype)
         with torch.inference_mode():
-            engines[dtype] = {n: t3_engine(model, conds, text_ids, n, args.concurrent) for n in args.tokens}
+            engines[dtype] = {n: t3_engine(model, conds, text_ids, n, args.concurrent, v) for n in args.tokens}
         del model
     for bound in args.tokens:
         rows, official = [], officials.get(bound)
@@ -353,7 +449,8 @@ def run_t3_stage(args) -> None:
             rows.append((f"engine ({dtype})", "1 (new voice)", r["single, new voice"]))
             rows.append((f"engine ({dtype})", "1", r["single"]))
             rows.append((f"engine ({dtype})", str(args.concurrent), r["concurrent"]))
-        print(f"\nT3 speech tokens/s, {args.ckpt}, {bound} tokens/request, CFG on, "
+        print(f"\nT3 speech tokens/s, {args.ckpt} ({model_of(args.ckpt)}), {bound} tokens/request, "
+              f"{'no CFG' if model_of(args.ckpt) == 'turbo' else 'CFG on'}, "
               f"{args.threads} threads, {machine()}, torch {torch.__version__}")
         print("tokens/s: all tokens / total time (prefill included); decode tokens/s: after the prefill")
         print(f"{'implementation':28s} {'requests':>15s} {'tokens':>6s} {'seconds':>8s} {'prefill s':>9s} "

@@ -9,7 +9,8 @@ from pathlib import Path
 def add_engine_arguments(parser) -> None:
     a = parser.add_argument
     a("--model", default=os.environ.get("CHATTERBOX_MODEL", "ResembleAI/chatterbox"),
-      help="Hugging Face repo id, checkpoint directory, or tiny-random (default ResembleAI/chatterbox)")
+      help="Hugging Face repo id (ResembleAI/chatterbox, ResembleAI/chatterbox-turbo), checkpoint directory (the "
+           "model is recognised from its files), tiny-random or tiny-random-turbo (default ResembleAI/chatterbox)")
     a("--device", default=os.environ.get("CHATTERBOX_DEVICE", "auto"), help="cpu, cuda, cuda:N or auto (default auto)")
     a("--dtype", default=os.environ.get("CHATTERBOX_DTYPE", "float32"), choices=("float32", "bfloat16", "float16"),
       help="T3 and flow-matching precision: float32 (default, exact parity with the official pipeline), "

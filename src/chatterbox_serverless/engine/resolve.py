@@ -39,7 +39,7 @@ def resolve_checkpoint(model: str, data_dir: str | os.PathLike | None = None) ->
         absent = variant.missing_files(path)
         if absent:
             raise CheckpointError(f"{path} is not a Chatterbox checkpoint: {', '.join(absent)} missing "
-                                  f"(it holds {variant.t3_file}, a {variant.name} model).")
+                                  f"(it holds {variant.t3_file}: the {variant.name} model).")
         return path
     tinies = " or ".join(f"--model {t}" for t in TINY_MODELS)
     if model.startswith(("/", ".", "~")) or path.exists():
