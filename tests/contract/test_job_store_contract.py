@@ -1099,6 +1099,7 @@ def test_a_retried_job_restarts_its_stream_and_a_reader_of_the_old_attempt_is_to
     assert store.recover_expired(3) == 1                   # the worker died: back in the queue
     restarted = reader.read_chunks(job.id, after=1, attempt=1)
     assert restarted.restarted and restarted.chunks == [] and restarted.state is JobState.QUEUED
+    assert reader.read_chunks(job.id).chunks == []          # a new reader never starts on an attempt that is over
     store.claim("w2", 1, LEASE)                             # the new attempt's stream starts empty
     assert store.append_chunk(job.id, "w1", 2, b"late piece of the dead worker") is False
     again = reader.read_chunks(job.id, after=1, attempt=1)

@@ -18,7 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
-from ..jobs.store import Job, JobState, QueueFull
+from ..jobs.store import ChunkRead, Job, JobState, QueueFull
 from ..media import FORMATS
 from ..service import Service
 from .auth import AccountGate
@@ -146,7 +146,8 @@ class ApiContext:
         if params.voice is not None:     # the job records the library voice's id (None: the built-in voice)
             params = params.model_copy(update={"voice": self.resolve_voice(owner, params.voice)})
         webhook_url = getattr(params, "webhook_url", None)
-        job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json", exclude={"webhook_url"}),
+        exclude = {"webhook_url"} | (set() if params.stream else {"stream"})   # unstreamed jobs: params as before
+        job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json", exclude=exclude),
                   webhook_url=webhook_url, base_url=self.base_url(request) if webhook_url else None)
         key = self.idempotency_key(request) if mode in IDEMPOTENT_MODES else None
         if key is not None:
@@ -226,11 +227,8 @@ class ApiContext:
         except VoiceError as e:
             raise ApiError(e.status, e.message) from None
 
-    async def run_and_wait(self, request: Request, params: TTSRequest, owner: str, mode: str
-                           ) -> tuple[Job, bytes, str]:
-        """Queue a job and wait for it (the synchronous routes): 502 when no worker is alive (after a short grace
-        for a restart), 422 when the job FAILED, 504 when it is not done within sync_timeout (it goes on: the body
-        carries its status URLs). Returns the COMPLETED job, its audio and media type."""
+    async def _live_worker(self) -> None:
+        """502 when no worker is alive (after a short grace for a restart)."""
         reason = await run_in_threadpool(self.no_worker_reason)
         deadline = time.monotonic() + NO_WORKER_GRACE_S
         while reason and time.monotonic() < deadline:     # ride out a worker restart before answering 502
@@ -238,6 +236,44 @@ class ApiContext:
             reason = await run_in_threadpool(self.no_worker_reason)
         if reason:
             raise ApiError(502, f"service temporarily unavailable: {reason}")
+
+    async def run_and_stream(self, request: Request, params: TTSRequest, owner: str, mode: str
+                             ) -> tuple[Job, ChunkRead | None, tuple[bytes, str] | None]:
+        """Queue a streamed job (`params.stream`) and wait for its first piece (the synchronous routes, streaming):
+        502/422/504 as `run_and_wait`, within sync_timeout. See `wait_for_audio` for what it returns."""
+        await self._live_worker()
+        job = await run_in_threadpool(self.submit, request, params, owner, mode)
+        return await self.wait_for_audio(request, job.id, self.settings.sync_timeout)
+
+    async def wait_for_audio(self, request: Request, job_id: str, timeout: float
+                             ) -> tuple[Job, ChunkRead | None, tuple[bytes, str] | None]:
+        """Wait for a job's first streamed piece: (job, the read that holds its first pieces, None). A job that
+        COMPLETED without pieces (its worker's engine does not stream): (job, None, (audio, media type)). 422 when
+        it FAILED, 504 when nothing came within `timeout` (the job goes on), 404 when it expired."""
+        from .audio_stream import first_piece
+        read = await first_piece(self.store, job_id, timeout)
+        ids = {"x-request-id": job_id}
+        job = await run_in_threadpool(self.store.get, job_id)
+        if read is None or job is None:
+            raise ApiError(404, f"request {job_id} expired before its audio could be sent", ids)
+        if read.chunks:
+            return job, read, None
+        if job.state == JobState.FAILED:
+            raise ApiError(422, job.error or "failed", ids, request_id=job_id, status="FAILED")
+        if job.state != JobState.COMPLETED:
+            raise ApiError(504, f"no audio came within {timeout:g} s; the request goes on: poll its status_url",
+                           ids, request_id=job_id, status=job.state.value, **self.job_urls(request, job_id))
+        audio = await run_in_threadpool(self.store.get_audio, job_id)
+        if audio is None:
+            raise ApiError(404, f"request {job_id} expired before its audio could be sent", ids)
+        return job, None, audio
+
+    async def run_and_wait(self, request: Request, params: TTSRequest, owner: str, mode: str
+                           ) -> tuple[Job, bytes, str]:
+        """Queue a job and wait for it (the synchronous routes): 502 when no worker is alive (after a short grace
+        for a restart), 422 when the job FAILED, 504 when it is not done within sync_timeout (it goes on: the body
+        carries its status URLs). Returns the COMPLETED job, its audio and media type."""
+        await self._live_worker()
         job = await run_in_threadpool(self.submit, request, params, owner, mode)
         final = await anyio.to_thread.run_sync(self.store.wait, job.id, self.settings.sync_timeout,
                                                limiter=self.wait_limiter)

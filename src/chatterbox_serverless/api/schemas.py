@@ -43,6 +43,20 @@ class TTSRequest(BaseModel):
                           "model's built-in voice. Not together with reference_audio.")
     speed: float = Field(1.0, ge=0.25, le=4.0, description="Playback speed of the result, 0.25-4: a time-stretch "
                                                            "that keeps the pitch (billed on the unstretched audio).")
+    stream: bool = Field(False, description="Send the audio while it is generated, sentence chunk by sentence chunk "
+                                            "(v1: a chunked response; v2: GET /v2/requests/{id}/audio follows it). "
+                                            "wav then has a streaming header (sizes 0xFFFFFFFF), mp3/ogg/opus/aac "
+                                            "come as frames, pcm raw; flac cannot be streamed.")
+
+    @field_validator("stream")
+    @classmethod
+    def _streamable(cls, stream: bool, info: ValidationInfo) -> bool:
+        from ..media.stream import STREAM_FORMATS
+        fmt = info.data.get("output_format")
+        if stream and fmt is not None and fmt not in STREAM_FORMATS:
+            raise PydanticCustomError("stream_format", "output_format '{fmt}' cannot be streamed (use one of {ok}, or "
+                                      "stream: false)", {"fmt": fmt, "ok": ", ".join(STREAM_FORMATS)})
+        return stream
 
     @field_validator("voice")
     @classmethod

@@ -475,6 +475,7 @@ if not h[1] then return false end
 local state, claims = h[1], tonumber(h[2] or '0') or 0
 local over = (state == 'QUEUED' and claims > 0) or (state == 'PROCESSING' and (h[3] or '') == '')
 if ARGV[4] ~= '' and (tonumber(ARGV[4]) ~= claims or over) then return {state, claims, 1, 0} end
+if over then return {state, claims, 0, 0} end       -- what is left of an attempt that is over: nobody's to read
 local limit = tonumber(ARGV[6])
 local entries = redis.call('XRANGE', P .. 'chunks:' .. id, claims .. '-' .. (tonumber(ARGV[5]) + 2),
                            claims .. '-18446744073709551615', 'COUNT', limit + 1)

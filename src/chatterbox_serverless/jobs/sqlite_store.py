@@ -594,6 +594,8 @@ class SQLiteJobStore(JobStore):
             over = (state == JobState.QUEUED and claims > 0) or (state == JobState.PROCESSING and not worker_id)
             if attempt is not None and (attempt != claims or over):
                 return ChunkRead(state=state, attempt=claims, chunks=[], restarted=True)
+            if over:                    # what is left of an attempt that is over is nobody's to read
+                return ChunkRead(state=state, attempt=claims, chunks=[])
             rows = conn.execute("SELECT seq, data FROM job_chunks WHERE job_id = ? AND attempt = ? AND seq > ? "
                                 "ORDER BY seq LIMIT ?", (job_id, claims, int(after), limit + 1)).fetchall()
         finally:

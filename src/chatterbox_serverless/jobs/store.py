@@ -267,7 +267,8 @@ class JobStore(ABC):
         """The job's pieces numbered above `after` (at most `limit`), of `attempt` (None: the current one), in
         one consistent read with the job's state. When `attempt` is given and is not the one the job is on, or
         the job went back to the queue since (its attempt is over), `restarted` is set, no pieces are returned,
-        and `attempt` is the current one. None when the job is unknown or expired."""
+        and `attempt` is the current one; with `attempt` None, an attempt that is over has no pieces to read
+        (they are dropped when the next attempt starts). None when the job is unknown or expired."""
 
     def attach_billing(self, account_store) -> None:
         """Close credit holds with the jobs' terminal transitions, atomically (see the module docstring).

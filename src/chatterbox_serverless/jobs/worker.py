@@ -380,7 +380,7 @@ class Worker:
 
         def on_audio(request_id: str, seq: int, samples: np.ndarray) -> None:
             stream = streams[request_id]
-            data = pack_piece(samples, rate)
+            data = pack_piece(samples, rate, str(stream.job.params.get("output_format") or "mp3"))
             digest = hashlib.sha256(data).digest()
             if seq < len(stream.digests):       # the request runs again (its batch failed): same audio, or stop
                 if stream.digests[seq] != digest:

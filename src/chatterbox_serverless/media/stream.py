@@ -1,9 +1,11 @@
 """Streamed audio: the pieces of the chunk channel, and encoders that turn pieces into a format's bytes as they
 arrive.
 
-The worker stores each piece the engine hands over as `pack_piece(samples, rate)`: a 4-byte little-endian sample
-rate, then the samples as 16-bit little-endian PCM (the same rounding as media/encode.py's pcm and libsndfile's
-16-bit wav: round(x * 32767), clipped), so the HTTP layer can encode it in any format without the engine.
+The worker stores each piece the engine hands over as `pack_piece(samples, rate, fmt)`: a 4-byte little-endian
+sample rate, then the samples as 16-bit little-endian PCM, quantised as the job's stored file is (pcm:
+round(x * 32767), media/encode.py's; every other format: libsndfile's own float-to-16-bit conversion, as the
+stored wav holds it), so a streamed wav or pcm carries exactly the samples of the file the job stores, and the
+HTTP layer can encode a piece in any format without the engine.
 
 `StreamEncoder(fmt, rate, speed)`: `feed(int16 samples)` returns the bytes that can leave now, `finish()` the rest.
 Every output format but flac streams (see STREAM_FORMATS):
@@ -43,14 +45,25 @@ class StreamError(MediaError):
 
 
 # --- pieces of the chunk channel -----------------------------------------------------------------------------
-def to_pcm16(samples: np.ndarray) -> np.ndarray:
+def to_pcm16(samples: np.ndarray, fmt: str = "pcm") -> np.ndarray:
+    """Float samples as 16-bit PCM the way the stored file of `fmt` holds them (see the module docstring)."""
     x = np.nan_to_num(np.asarray(samples, dtype=np.float32).reshape(-1), nan=0.0, posinf=0.0, neginf=0.0)
-    return np.round(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2")
+    x = np.clip(x, -1.0, 1.0)
+    if fmt == "pcm" or not len(x):
+        return np.round(x * 32767.0).astype("<i2")
+    import io
+
+    import soundfile as sf
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, mode="w", samplerate=8000, channels=1, format="RAW", subtype="PCM_16",
+                      endian="LITTLE") as f:
+        f.write(x)
+    return np.frombuffer(buf.getvalue(), dtype="<i2")
 
 
-def pack_piece(samples: np.ndarray, sample_rate: int) -> bytes:
-    """A piece as stored in the chunk channel: rate (uint32 LE) + 16-bit PCM (LE)."""
-    return struct.pack("<I", int(sample_rate)) + to_pcm16(samples).tobytes()
+def pack_piece(samples: np.ndarray, sample_rate: int, fmt: str = "pcm") -> bytes:
+    """A piece as stored in the chunk channel: rate (uint32 LE) + 16-bit PCM (LE), quantised for `fmt`."""
+    return struct.pack("<I", int(sample_rate)) + to_pcm16(samples, fmt).tobytes()
 
 
 def unpack_piece(data: bytes) -> tuple[int, np.ndarray]:
@@ -199,7 +212,7 @@ class StreamEncoder:
 
     def _encode(self, x: np.ndarray, flush: bool = False) -> bytes:
         if self.fmt in ("pcm", "wav"):      # after a tempo change or a resampler
-            return self._header() + to_pcm16(x).tobytes()
+            return self._header() + to_pcm16(x, self.fmt).tobytes()
         import av
         if len(x):
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.clip(x, -1.0, 1.0))[None, :], format="flt",

@@ -12,6 +12,13 @@ and this server's queue conventions, additive (a client of the hosted contract s
     GET  /v2/requests/{id}/events      Server-Sent Events of its state changes and progress, resumable with
                                        Last-Event-ID, ending after the terminal event
     webhook_url (v2 body), Idempotency-Key (v1/v2 header), queue_position (status/result of a QUEUED job)
+
+and streaming, additive (`"stream": true` in the body; without it nothing changes):
+
+    POST /v1/chatterbox-tts            {"stream": true}: the audio as it is generated (chunked), from the job's
+                                       chunk channel (api/audio_stream.py), once its first piece exists
+    GET  /v2/requests/{id}/audio       a job's audio: the whole file once COMPLETED; while QUEUED / PROCESSING, a
+                                       job submitted with "stream": true is streamed as it is generated
 """
 from __future__ import annotations
 
@@ -24,9 +31,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ...media import FORMATS
-from ...jobs.store import JobState
+from ...jobs.store import ChunkRead, Job, JobState
+from ..audio_stream import cut_on_failure, encoded_audio
 from ..context import EXT_BY_TYPE, NO_WORKER_GRACE_S, STATE_REPLAYED, ApiContext  # noqa: F401 - re-exported
 from ..errors import ERROR_RESPONSES, NOT_ENOUGH_CREDITS, ApiError, echo
+from ..fileresponse import serve_file
 from ..schemas import ErrorResponse, ResultResponse, StatusResponse, SubmitResponse, TTSRequest, V2Request
 
 SLUG = "chatterbox-tts"
@@ -68,6 +77,12 @@ def router(ctx: ApiContext) -> APIRouter:
                        **ERROR_RESPONSES, **NOT_ENOUGH_CREDITS})
     async def run_v1(request: Request, owner: str = Depends(auth)):
         params = await ctx.parse_tts(request)
+        if params.stream:
+            job, first, audio = await ctx.run_and_stream(request, params, owner, "v1")   # 502/422/504 as ApiError
+            headers = {"x-request-id": job.id, "x-seed-value": str(params.seed), "cache-control": "no-store"}
+            if getattr(request.state, STATE_REPLAYED, False):
+                headers["idempotent-replayed"] = "true"
+            return audio_response(job, first, audio, headers)
         job, data, media_type = await ctx.run_and_wait(request, params, owner, "v1")   # 502/422/504 as ApiError
         final, ids = job, {"x-request-id": job.id}
         headers = {**ids, "x-seed-value": str(params.seed), "cache-control": "no-store",
@@ -96,6 +111,56 @@ def router(ctx: ApiContext) -> APIRouter:
         job = ctx.find(request_id, owner)
         body, code = ctx.job_body(request, job, with_output)
         return JSONResponse(body, status_code=code, headers={"x-request-id": job.id})
+
+    @r.get("/v2/requests/{request_id}/audio", summary="A job's audio (streamed while it is generated)",
+           responses={200: {"content": {t: {} for t in FORMATS.values()},
+                            "description": "The audio file; for a job submitted with stream: true that is still "
+                                           "running, the audio as it is generated (chunked)"},
+                      409: {"model": ErrorResponse, "description": "Not COMPLETED, and not submitted with stream: "
+                                                                   "true"},
+                      422: {"model": ErrorResponse, "description": "The job FAILED"},
+                      504: {"model": ErrorResponse, "description": "No audio within the sync limit (it goes on)"},
+                      **ERROR_RESPONSES})
+    async def audio_v2(request: Request, request_id: str, owner: str = Depends(auth)):
+        """COMPLETED: the audio file (Range and If-None-Match answered, as the `output` URL). QUEUED or PROCESSING
+        and submitted with `"stream": true`: the audio as it is generated, once its first piece exists (waiting up
+        to the sync limit: 504 then, the job goes on); if the job fails after that, the response ends early
+        (an incomplete chunked body). FAILED: 422."""
+        job = await run_in_threadpool(ctx.find, request_id, owner)
+        ids = {"x-request-id": job.id}
+        if job.state == JobState.FAILED:
+            raise ApiError(422, job.error or "failed", ids, request_id=job.id, status="FAILED")
+        if job.state != JobState.COMPLETED:
+            if not job.params.get("stream"):
+                raise ApiError(409, f"request {job.id} is {job.state.value}: its audio is served once it is COMPLETED "
+                                    "(poll its status_url); submit with \"stream\": true to hear it while it is made",
+                               ids, request_id=job.id, status=job.state.value)
+            job, first, audio = await ctx.wait_for_audio(request, job.id, ctx.settings.sync_timeout)
+            if first is not None:
+                return audio_response(job, first, None, {**ids, "cache-control": "no-store"})
+        fmt = str(job.params.get("output_format") or "mp3")
+        ext = EXT_BY_TYPE.get(job.media_type or "", fmt)
+        headers = {**ids, "cache-control": "private, no-cache",
+                   "content-disposition": f'inline; filename="{job.id}.{ext}"'}
+        path_of = getattr(store, "audio_file", None)     # a file on disk: streamed, not read whole
+        path = await run_in_threadpool(path_of, job.id) if path_of else None
+        if path is not None:
+            return serve_file(path, job.media_type or "application/octet-stream", headers, etag_key=job.id)
+        audio = await run_in_threadpool(store.get_audio, job.id)
+        if audio is None:
+            raise ApiError(404, f"request {job.id} expired before its audio could be sent", ids)
+        return serve_file(audio[0], audio[1], headers)
+
+    def audio_response(job: Job, first: ChunkRead | None, audio: tuple[bytes, str] | None,
+                       headers: dict) -> Response:
+        """A streamed job's audio: from its chunk channel as it comes, or (its worker did not stream) the file."""
+        fmt = str(job.params.get("output_format") or "mp3")
+        headers = {**headers, "content-disposition": f'inline; filename="{job.id}.{fmt}"'}
+        if first is None:
+            return Response(content=audio[0], media_type=audio[1], headers=headers)
+        body = encoded_audio(store, job.id, first, fmt, float(job.params.get("speed") or 1.0))
+        return StreamingResponse(cut_on_failure(body, job.id), media_type=FORMATS[fmt],
+                                 headers={**headers, "x-accel-buffering": "no"})
 
     @r.post("/v2/requests/{request_id}/cancel", response_model=StatusResponse, summary="Cancel a job",
             responses={409: {"model": ErrorResponse, "description": "The job already finished"}, **ERROR_RESPONSES})

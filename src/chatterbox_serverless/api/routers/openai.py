@@ -8,9 +8,13 @@
 A speech request is a job like `/v1/chatterbox-tts`'s (`ApiContext.run_and_wait`): same keys (Bearer or
 x-api-key), credits, rate limits, queue, worker. Errors on these routes are OpenAI's shape (api/errors.py).
 
-Streaming, today: the status must be known before the first byte, and the engine produces a request's audio
-when all of it is made, so the response starts when the job has COMPLETED; its body is then sent in chunks
-(`Transfer-Encoding: chunked`, SSE deltas). `audio_chunks` is where audio produced while generating plugs in.
+Streaming: every speech request in a format that streams (all but flac, media/stream.py) is a streamed job,
+and the response starts as soon as the job's first piece of audio exists (the status must be known before the
+first byte: a job that fails before that is an error response): `audio_chunks` follows the job's chunk channel
+(api/audio_stream.py), encoding each piece as it comes (`Transfer-Encoding: chunked`; SSE: one or more
+`speech.audio.delta` per piece). The audio streams between sentence chunks: a one-chunk input comes when it is
+done. After the first byte a failure can only end the stream: the raw audio body is cut (an incomplete chunked
+body), SSE sends an `error` event. flac: the whole file once the job has COMPLETED, sent in chunks.
 """
 from __future__ import annotations
 
@@ -20,11 +24,15 @@ import time
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ...jobs.store import ChunkRead, JobStore
 from ...media.formats import MEDIA_TYPES, OutputFormatName
+from ...media.stream import STREAM_FORMATS
 from ...voices.library import BUILTIN_VOICE, OPENAI_VOICES
+from ..audio_stream import StreamInterrupted, cut_on_failure, encoded_audio
 from ..context import ApiContext
 from ..errors import ApiError
 from ..schemas import TTSRequest, describe_validation_error
@@ -108,14 +116,25 @@ def router(ctx: ApiContext) -> APIRouter:
                              "description": "The audio (chunked), or server-sent events"}})
     async def speech(request: Request, owner: str = Depends(auth)):
         body, params = await parse(request)
-        job, data, media_type = await ctx.run_and_wait(request, params, owner, "openai")
-        headers = {"x-request-id": job.id, "cache-control": "no-store", "x-seed-value": str(params.seed)}
-        chunks = audio_chunks(data, params.output_format)
+        if params.output_format in STREAM_FORMATS:
+            params = params.model_copy(update={"stream": True})
+            job, first, audio = await ctx.run_and_stream(request, params, owner, "openai")
+        else:
+            job, data, media_type = await ctx.run_and_wait(request, params, owner, "openai")
+            first, audio = None, (data, media_type)
+        headers = {"x-request-id": job.id, "cache-control": "no-store", "x-seed-value": str(params.seed),
+                   "x-accel-buffering": "no"}
+        chunks = audio_chunks(ctx.store, job.id, first, audio, params.output_format, params.speed)
+
+        async def usage() -> dict[str, int]:
+            final = await run_in_threadpool(ctx.store.get, job.id) if first is not None else job
+            tokens = int(((final.metrics if final else None) or {}).get("speech_tokens") or 0)
+            return {"input_tokens": len(params.text), "output_tokens": tokens,
+                    "total_tokens": len(params.text) + tokens}
         if body.stream_format == "sse":
-            usage = {"input_tokens": len(params.text), "output_tokens": int(job.metrics.get("speech_tokens") or 0)}
-            usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
             return StreamingResponse(sse_events(chunks, usage), media_type="text/event-stream", headers=headers)
-        return StreamingResponse(chunks, media_type=media_type, headers=headers)
+        return StreamingResponse(cut_on_failure(chunks, job.id), media_type=MEDIA_TYPES[params.output_format],
+                                 headers=headers)
 
     @r.get("/v1/models", summary="The models this server serves (OpenAI's list)")
     def list_models(owner: str = Depends(auth)):
@@ -131,18 +150,33 @@ def router(ctx: ApiContext) -> APIRouter:
     return r
 
 
-async def audio_chunks(data: bytes, fmt: str) -> AsyncIterator[bytes]:
-    """The audio as body chunks (pcm: whole 16-bit samples in every chunk)."""
+async def audio_chunks(store: JobStore, job_id: str, first: ChunkRead | None, audio: tuple[bytes, str] | None,
+                       fmt: str, speed: float = 1.0) -> AsyncIterator[bytes]:
+    """The audio as body chunks of at most CHUNK_BYTES (pcm: whole 16-bit samples in every chunk): the job's chunk
+    channel encoded as it is generated (`first`: the read holding its first pieces), or the stored file."""
     step = CHUNK_BYTES - CHUNK_BYTES % 2
+    if first is not None:
+        async for data in encoded_audio(store, job_id, first, fmt, speed):     # pcm: even lengths
+            for i in range(0, len(data), step):
+                yield data[i:i + step]
+        return
+    data = audio[0]
     for i in range(0, len(data), step):
         yield data[i:i + step]
 
 
-async def sse_events(chunks: AsyncIterator[bytes], usage: dict[str, int]) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        event = {"type": "speech.audio.delta", "audio": base64.b64encode(chunk).decode("ascii")}
-        yield f"data: {json.dumps(event)}\n\n".encode()
-    yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': usage})}\n\n".encode()
+async def sse_events(chunks: AsyncIterator[bytes], usage) -> AsyncIterator[bytes]:
+    """`speech.audio.delta` per chunk, then `speech.audio.done` with `await usage()`; if the stream is interrupted
+    after it started, an `error` event (OpenAI's error object) ends it instead."""
+    try:
+        async for chunk in chunks:
+            event = {"type": "speech.audio.delta", "audio": base64.b64encode(chunk).decode("ascii")}
+            yield f"data: {json.dumps(event)}\n\n".encode()
+    except StreamInterrupted as e:
+        error = {"message": str(e), "type": "server_error", "param": None, "code": "stream_interrupted"}
+        yield f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n".encode()
+        return
+    yield f"data: {json.dumps({'type': 'speech.audio.done', 'usage': await usage()})}\n\n".encode()
 
 
 __all__ = ["router", "SpeechRequest"]
