@@ -1,6 +1,7 @@
 """OpenAI's speech API through the official `openai` SDK, against the real app on a real socket with the engine
 double: every response format decodes, streaming (chunked body, SSE events parsed with the SDK's own SSE
-decoder), speed, the SDK's exception classes with the server's message, models."""
+decoder; with_streaming_response gets its first chunk before the job completes; a failure mid-stream), speed,
+the SDK's exception classes with the server's message, models."""
 from __future__ import annotations
 
 import base64
@@ -190,3 +191,49 @@ def test_no_worker_is_a_server_error(tmp_path):
         with pytest.raises(openai.InternalServerError) as e:
             c.audio.speech.create(model="tts-1", input="hi", voice="alloy")
         assert e.value.status_code == 502 and "no worker" in e.value.message
+
+
+SENTENCES = "The first sentence is here. A second one follows it. Then a third one. And the fourth, the last."
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """The double hands over one piece per sentence, 0.4 s apart: a four-sentence input takes 1.6 s."""
+    engine = FakeEngineForTests(piece_delay=0.4, max_seconds=10.0)
+    with start_server(tmp_path_factory.mktemp("oai-slow"), engine=engine, batch_wait=0.0) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("fmt", ["pcm", "mp3", "wav"])
+def test_with_streaming_response_gets_its_first_chunk_before_the_job_completes(slow_server, fmt):
+    import time
+    with openai.OpenAI(api_key="unused", base_url=slow_server.url + "/v1", max_retries=0, timeout=30) as c:
+        with c.audio.speech.with_streaming_response.create(model="tts-1", input=SENTENCES, voice="alloy",
+                                                           response_format=fmt) as response:
+            arrivals = [(time.time(), chunk) for chunk in response.iter_bytes(chunk_size=None)]
+            job_id = response.headers["x-request-id"]
+    job = slow_server.store.get(job_id)
+    assert job.state.value == "COMPLETED" and job.metrics["stream_pieces"] == 4
+    assert arrivals[0][0] < job.finished_at - 0.4        # the first chunk, at least a piece before the end
+    x, rate = decode(b"".join(chunk for _, chunk in arrivals), fmt)
+    assert abs(len(x) / rate - (0.1 + 0.01 * len(SENTENCES))) < 0.1
+
+
+def test_sse_deltas_arrive_while_the_job_runs_and_a_late_failure_is_an_error_event(slow_server):
+    import time
+    from openai._streaming import SSEDecoder
+    with openai.OpenAI(api_key="unused", base_url=slow_server.url + "/v1", max_retries=0, timeout=30) as c:
+        with c.audio.speech.with_streaming_response.create(model="tts-1", input=SENTENCES, voice="alloy",
+                                                           response_format="pcm", stream_format="sse") as response:
+            events = [(time.time(), sse) for sse in SSEDecoder().iter_bytes(response.iter_bytes())]
+            job = slow_server.store.get(response.headers["x-request-id"])
+        assert events[0][0] < job.finished_at - 0.4 and json.loads(events[-1][1].data)["type"] == "speech.audio.done"
+        with c.audio.speech.with_streaming_response.create(model="tts-1", input="One. FAIL-MID-STREAM two. Three.",
+                                                           voice="alloy", response_format="pcm",
+                                                           stream_format="sse") as response:
+            assert response.status_code == 200
+            events = list(SSEDecoder().iter_bytes(response.iter_bytes()))
+    assert json.loads(events[0].data)["type"] == "speech.audio.delta"
+    assert events[-1].event == "error"
+    error = json.loads(events[-1].data)["error"]
+    assert error["code"] == "stream_interrupted" and "failed" in error["message"]
