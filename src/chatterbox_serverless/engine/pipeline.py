@@ -6,7 +6,9 @@
              ─► chunks joined with a short crossfade ─► Perth watermark ─► result
 
 A failure of one request (bad voice, text the model cannot take, an error in a batched stage) is reported in
-its own result; the others go on.
+its own result; the others go on. `abort(request_id)` (from any thread, while `synthesize` runs) stops a request
+at T3's next decoding step (its rows retired, `T3Decoder.abort`) and skips its S3Gen work; its result is the error
+"cancelled", and the other requests' audio is what it would have been without the abort.
 
 Streaming (`SynthesisRequest.stream` with an `on_audio` callback): T3 is driven step by step (submit/step, the
 same decoding loop `T3Decoder.run` is) and, between two steps, each streamed request whose next chunk (in
@@ -54,6 +56,7 @@ from .contract import OnAudio, PreparedVoice, SynthesisRequest, SynthesisResult,
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CANCELLED = "cancelled"     # the error of a request stopped by `ChatterboxEngine.abort`
 MIN_PIECE_SECONDS = 0.25     # a streamed piece shorter than this is held and sent with the next (watermarkable)
 
 
@@ -154,6 +157,8 @@ class ChatterboxEngine:
         # one long-lived decoder: its per-voice prefix cache (text-independent keys/values) outlives a batch
         self.decoder = T3Decoder(self.t3, max_rows=max_rows, chain=parts.chain)
         self._lock = threading.Lock()
+        self._aborted: set[str] = set()          # request ids aborted during the current `synthesize`
+        self._abort_lock = threading.Lock()
         if compile:
             self._compile_t3()
 
@@ -206,7 +211,35 @@ class ChatterboxEngine:
         """One result per request, in order. Requests with `stream=True` hand their audio to `on_audio` piece
         by piece as it is made (see the module docstring); without `on_audio` nothing streams."""
         with self._lock, torch.inference_mode():
-            return self._synthesize(list(requests), on_audio)
+            try:
+                return self._synthesize(list(requests), on_audio)
+            finally:
+                with self._abort_lock:
+                    self._aborted.clear()
+                    self.decoder.clear_aborts()
+
+    def abort(self, request_id: str) -> None:
+        """Stop the request with this id in the batch `synthesize` is running (thread-safe, returns at once): T3
+        drops it at its next decoding step, freeing its rows; S3Gen work not yet started for it is skipped; its
+        result is the error "cancelled". Other requests are unaffected. An abort that arrives when no batch
+        holds the id is forgotten when the current (or next) `synthesize` returns: the caller repeats it."""
+        if not request_id:
+            return
+        with self._abort_lock:
+            self._aborted.add(request_id)
+            self.decoder.abort(request_id)
+
+    def _is_aborted(self, request_id: str) -> bool:
+        with self._abort_lock:
+            return bool(request_id) and request_id in self._aborted
+
+    def _new_decoder(self) -> None:
+        """A fresh decoder (after a failed step: the old one's state is unknown), with the pending aborts."""
+        decoder = T3Decoder(self.t3, max_rows=self.max_rows, chain=self.parts.chain)
+        with self._abort_lock:
+            for request_id in self._aborted:
+                decoder.abort(request_id)
+            self.decoder = decoder
 
     def _synthesize(self, requests: list[SynthesisRequest], on_audio: OnAudio | None = None
                     ) -> list[SynthesisResult]:
@@ -237,10 +270,16 @@ class ChatterboxEngine:
             timings["t3_s"] = time.perf_counter() - t0 - timings["s3gen_s"] - timings["watermark_s"]
         else:
             for c, res in self._isolated(live, self._decode, errors):
-                c.tokens = res.speech_tokens
+                if res.stop_reason == "aborted":
+                    errors[c.request] = CANCELLED
+                else:
+                    c.tokens = res.speech_tokens
             timings["t3_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        for i, req in enumerate(requests):     # aborted after T3: no S3Gen work for it
+            if i not in errors and self._is_aborted(req.request_id):
+                errors[i] = CANCELLED
         live = [c for c in chunks if c.request not in errors and c.request not in streams
                 and c.tokens is not None and c.tokens.numel() > 0]
         for c, wav in self._isolated(live, self._vocode, errors):
@@ -294,14 +333,16 @@ class ChatterboxEngine:
                 finished = self.decoder.step()
                 for res in finished:
                     c = by_request.get(id(res.request))
-                    if c is not None:
+                    if c is not None and res.stop_reason == "aborted":
+                        errors[c.request] = CANCELLED
+                    elif c is not None:
                         c.tokens = res.speech_tokens
                 for r in {by_request[id(res.request)].request for res in finished if id(res.request) in by_request}:
                     if r in streams and r not in errors:
                         self._advance(r, streams[r], errors, on_audio, timings, started)
         except Exception:
             log.exception("streamed decoding failed; decoding what is left request by request")
-            self.decoder = T3Decoder(self.t3, max_rows=self.max_rows, chain=self.parts.chain)
+            self._new_decoder()
             left = [c for c in live if c.tokens is None and c.request not in errors]
             for c, res in self._isolated(left, self._decode, errors):
                 c.tokens = res.speech_tokens
@@ -312,6 +353,9 @@ class ChatterboxEngine:
     def _advance(self, r: int, stream: _Stream, errors: dict[int, str], on_audio: OnAudio, timings: dict,
                  started: float) -> None:
         """Vocode, join, watermark and hand over request r's next chunks while they are decoded, in order."""
+        if self._is_aborted(stream.request_id):
+            errors[r] = CANCELLED
+            return
         n = len(stream.chunks)
         while stream.next < n and stream.chunks[stream.next].tokens is not None:
             c = stream.chunks[stream.next]
@@ -356,7 +400,7 @@ class ChatterboxEngine:
         try:
             return self.decoder.run([c.t3 for c in chunks])
         except Exception:
-            self.decoder = T3Decoder(self.t3, max_rows=self.max_rows, chain=self.parts.chain)   # state unknown now
+            self._new_decoder()   # state unknown now
             raise
 
     def _vocode(self, chunks: list[_Chunk]) -> list[np.ndarray]:

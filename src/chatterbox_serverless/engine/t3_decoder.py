@@ -13,6 +13,8 @@ generator and stopping rule. A step
   3. retires the requests that drew EOS (6562) or reached max_new_tokens: their rows leave, and the last rows
      move into the holes so that the active rows stay contiguous;
   4. feeds every remaining request's new token (to both of its rows) through the backbone in one forward.
+A request `abort`ed (from any thread) leaves at the start of the next step the same way (its rows retired,
+the last rows moved into the holes) and is returned with stop_reason "aborted".
 So requests can join between any two steps and leave as soon as they are done; a request with seed s draws
 the same tokens alone or in a batch (its own generator; its rows never see other rows).
 
@@ -28,6 +30,7 @@ once per voice); the text and START are computed per request. Which layout a mod
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +62,7 @@ class T3Result:
     request: T3Request
     generated: Tensor                        # (S,) every token drawn, EOS included if drawn
     speech_tokens: Tensor                    # (M,) what S3Gen takes: cut at the first EOS, ids < 6561 only
-    stop_reason: str                         # "eos" or "max_new_tokens"
+    stop_reason: str                         # "eos", "max_new_tokens" or "aborted" (`T3Decoder.abort`)
     logits: Tensor | None = None             # (S, 2, V) raw logits, row 1 unconditional ((S, 1, V) without CFG)
     probs: Tensor | None = None              # (S, V) the distributions sampled
 
@@ -106,6 +109,8 @@ class T3Decoder:
         self.row_owner: list[_Active] = []        # row -> request
         self.row_len: list[int] = []              # row -> positions held in the cache
         self.next_logits: Tensor | None = None    # (rows, V) logits for each row's next token
+        self._aborts: set[str] = set()            # request ids to drop at the next step (`abort`, any thread)
+        self._abort_lock = threading.Lock()
 
     # ---- public ---------------------------------------------------------------------------------------------
     def validate(self, req: T3Request) -> None:
@@ -135,6 +140,20 @@ class T3Decoder:
     def submit(self, req: T3Request) -> None:
         self.validate(req)
         self.waiting.append(req)
+
+    def abort(self, request_id: str) -> None:
+        """Drop every request (waiting or active) with this `request_id` at the next `step`: its rows are
+        retired then (the last rows move into the holes, as for a finished request; later admissions reuse them)
+        and `step` returns it with stop_reason "aborted" (the tokens drawn so far, no speech tokens). Thread-safe:
+        callable while another thread steps. An id that matches nothing at the next step stays pending until
+        `clear_aborts`. Other requests' tokens do not change (a row never sees other rows)."""
+        if request_id:
+            with self._abort_lock:
+                self._aborts.add(request_id)
+
+    def clear_aborts(self) -> None:
+        with self._abort_lock:
+            self._aborts.clear()
 
     def release_memory(self) -> None:
         """Free the KV cache and the conditioning cache when idle (they are rebuilt on demand)."""
@@ -194,17 +213,19 @@ class T3Decoder:
 
     @torch.inference_mode()
     def step(self) -> list[T3Result]:
-        """Admit, sample one token for every active request, retire finished ones, advance the rest."""
+        """Drop aborted requests, admit, sample one token for every active request, retire finished ones,
+        advance the rest."""
+        aborted = self._drop_aborted()
         self.admit()
         if not self.active:
-            return []
+            return aborted
         self._sample()
         finished = [a for a in self.active if self._is_done(a)]
         if finished:
             self._retire(finished)
         if self.active:
             self._advance()
-        return [self._result(a) for a in finished]
+        return aborted + [self._result(a) for a in finished]
 
     def run(self, requests: Sequence[T3Request]) -> list[T3Result]:
         """Decode `requests` to the end (sharing steps with whatever else is queued); results in input order."""
@@ -218,6 +239,31 @@ class T3Decoder:
         return [done[id(r)] for r in requests]
 
     # ---- internals -----------------------------------------------------------------------------------------
+    def _drop_aborted(self) -> list[T3Result]:
+        with self._abort_lock:
+            ids = set(self._aborts)
+        if not ids:
+            return []
+        out = []
+        if any(r.request_id in ids for r in self.waiting):
+            keep = deque()
+            for r in self.waiting:
+                if r.request_id in ids:
+                    out.append(self._aborted_result(r, []))
+                else:
+                    keep.append(r)
+            self.waiting = keep
+        gone = [a for a in self.active if a.request.request_id in ids]
+        if gone:
+            self._retire(gone)
+            out.extend(self._aborted_result(a.request, a.tokens) for a in gone)
+        return out
+
+    @staticmethod
+    def _aborted_result(req: T3Request, tokens: list[int]) -> T3Result:
+        return T3Result(request=req, generated=torch.tensor(tokens, dtype=torch.long),
+                        speech_tokens=torch.zeros(0, dtype=torch.long), stop_reason="aborted")
+
     def _remember(self, key: bytes, kv: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         self.prefix_cache[key] = kv
         self.prefix_cache.move_to_end(key)
