@@ -67,7 +67,13 @@ class Engine(Protocol):
     with its audio in pieces, in order, as they are made; the pieces concatenate to exactly the audio of its
     result (so a streamed request's result is what was streamed). A request whose `on_audio` raised fails with
     the reason. Without `on_audio`, or for `stream=False`, nothing is streamed. An engine may ignore `stream`
-    (and take no `on_audio`): its clients then get the audio when the request is done."""
+    (and take no `on_audio`): its clients then get the audio when the request is done.
+
+    Abort (optional): an engine with `abort(request_id)` lets the worker stop a request of the batch it is running
+    (its job was cancelled): callable from any thread while `synthesize` runs, it returns at once; the engine stops
+    working on that request at its next step (ChatterboxEngine: T3's next decoding step, its rows freed, no S3Gen
+    work) and reports it with the error "cancelled"; the other requests' results do not change. An abort for an id
+    no running batch holds may be forgotten (the worker repeats it while the batch runs)."""
     sample_rate: int
 
     def synthesize(self, requests: Sequence[SynthesisRequest], on_audio: OnAudio | None = None

@@ -17,6 +17,12 @@ job does. A piece the store refuses (the job was cancelled or taken) stops that 
 cannot write (storage down) hands the job back like a result that cannot be stored (a new attempt: readers are
 told the stream restarted). Engines without `on_audio` just don't stream (readers get the file at the end).
 
+Cancellation: a job cancelled before the engine runs is dropped between stages (`progress` answers which jobs are
+still this worker's). While the engine runs a batch, a watcher thread asks the store every `cancel_poll_interval`
+seconds (one `progress` call, recording nothing, for all the batch's jobs) which are still held, and calls the
+engine's `abort(request_id)` (the contract's optional part) for each that is not: the engine stops working on it
+at its next step and frees its rows; the rest of the batch goes on.
+
 Storage failures are the server's, not the job's: when the result cannot be stored (read-only or full disk, the
 store unreachable), the job is handed back with `store.retry_later` for a later attempt, after a backoff that
 doubles from the lease length, and the worker stops claiming until `store.writable()` says storage works again.
@@ -25,6 +31,7 @@ in a job carries a server path (`public_reason`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -141,8 +148,10 @@ class Worker:
                  worker_id: str | None = None, batch_size: int = 8, batch_wait: float = 0.02,
                  lease_seconds: float = 30.0, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, poll_interval: float = 0.1, maintenance_interval: float = 5.0,
-                 metrics: WorkerMetrics | None = None, info: dict | None = None):
+                 metrics: WorkerMetrics | None = None, info: dict | None = None,
+                 cancel_poll_interval: float = 0.5):
         self.store = store
+        self.cancel_poll_interval = cancel_poll_interval   # while a batch runs: cancelled jobs aborted (0: never)
         self._repair: Accounts | None = None    # reconcile_with(): holds left open, repaired in maintenance
         self.engine = engine
         self.encode = encode
@@ -330,8 +339,8 @@ class Worker:
         if not ready:
             return
         # Between stages, progress events double as the check that each job is still ours: one cancelled while
-        # its voice was fetched never reaches the engine, one cancelled during synthesis is not encoded. (The
-        # engine cannot stop one request mid-batch: a job cancelled then costs its share of the batch.)
+        # its voice was fetched never reaches the engine, one cancelled during synthesis is aborted in the engine
+        # (`_abort_cancelled`: at its next decoding step) and is not encoded.
         chunks = {job.id: self._chunk_count(request.text) for job, request in ready}
         held = self._still_held({job.id: {"stage": "synthesizing", "chunks_done": 0, "chunks_total": chunks[job.id]}
                                  for job, _ in ready})
@@ -339,7 +348,8 @@ class Worker:
         if not ready:
             return
         streams = {job.id: _Stream(job) for job, request in ready if request.stream}
-        results, seconds = self._synthesize([r for _, r in ready], self._on_audio(streams) if streams else None)
+        with self._abort_cancelled([job.id for job, _ in ready]):
+            results, seconds = self._synthesize([r for _, r in ready], self._on_audio(streams) if streams else None)
         self.batches_done += 1
         self.metrics.inference_seconds.observe(seconds)
         self.metrics.batch_size.observe(len(ready))
@@ -372,6 +382,47 @@ class Worker:
             with self._in_hand_lock:
                 self._in_hand.discard(job_id)
         return held
+
+    @contextlib.contextmanager
+    def _abort_cancelled(self, job_ids: list[str]):
+        """While the body runs the engine: every `cancel_poll_interval` s, one `progress` call (recording nothing)
+        learns which of `job_ids` are no longer this worker's (cancelled, or the lease lost); the engine's
+        `abort` is called for each, again at every poll (idempotent: an engine forgets aborts when its batch
+        ends, and a failed batch runs its requests again one by one). Nothing happens for an engine without
+        `abort`."""
+        abort = getattr(self.engine, "abort", None)
+        if abort is None or not callable(abort) or self.cancel_poll_interval <= 0 or not job_ids:
+            yield
+            return
+        done = threading.Event()
+
+        def watch() -> None:
+            told: set[str] = set()
+            while not done.wait(self.cancel_poll_interval):
+                try:
+                    held = self.store.progress(self.worker_id, {job_id: {} for job_id in job_ids})
+                except Exception as e:  # noqa: BLE001 - best effort: `complete` refuses a lost job anyway
+                    log.debug("could not poll for cancellations (%s)", e)
+                    continue
+                for job_id in job_ids:
+                    if job_id in held or done.is_set():
+                        continue
+                    if job_id not in told:
+                        told.add(job_id)
+                        log.info("job %s is no longer this worker's (cancelled, or its lease lost): aborted in "
+                                 "the engine", job_id, extra={"request_id": job_id})
+                    try:
+                        abort(job_id)
+                    except Exception:  # noqa: BLE001 - the job is dropped after the batch anyway
+                        log.exception("engine abort failed", extra={"request_id": job_id})
+
+        thread = threading.Thread(target=watch, name="worker-cancel-watch", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(5.0)
 
     def _on_audio(self, streams: dict[str, _Stream]) -> OnAudio:
         """The engine's on_audio for this batch: each piece appended to its job's chunk channel, in order."""

@@ -39,7 +39,14 @@ class FakeEngineForTests:
     Streaming (`on_audio` and requests with `stream=True`): the tone is cut into one piece per sentence (cut points
     in proportion to the characters), handed over in order with `piece_delay` seconds before each piece (the
     batch's `delay` comes first); the pieces concatenate to the request's audio. A text containing
-    `fail_after_marker` fails after its first piece was handed over."""
+    `fail_after_marker` fails after its first piece was handed over.
+
+    Abort (the contract's optional `abort`): the batch's `delay` runs as steps of `step_seconds`; a request
+    aborted (from any thread) is dropped at the next step boundary, its result the error "cancelled" (and the
+    batch ends early when all its requests are). `steps` counts steps over the engine's life; `abort_calls`
+    keeps, per request id, the step count when `abort` was first called, and `stopped_at` the step count when
+    the engine stopped working on it; `worked` the steps each request was worked on. Aborts are forgotten when
+    the batch ends."""
     sample_rate: int = 24000
     delay: float = 0.0
     fail_marker: str = "FAIL-ME"
@@ -54,6 +61,17 @@ class FakeEngineForTests:
     piece_delay: float = 0.0
     fail_after_marker: str = "FAIL-MID-STREAM"
     prepared: list[str] = field(default_factory=list)            # clips prepared (library voices), by hash
+    step_seconds: float = 0.01
+    steps: int = 0
+    abort_calls: dict[str, int] = field(default_factory=dict)
+    stopped_at: dict[str, int] = field(default_factory=dict)
+    worked: dict[str, int] = field(default_factory=dict)
+    _aborted: set[str] = field(default_factory=set, repr=False)
+
+    def abort(self, request_id: str) -> None:
+        with self.lock:
+            self.abort_calls.setdefault(request_id, self.steps)
+            self._aborted.add(request_id)
 
     def prepare_voice(self, voice: VoiceAudio) -> PreparedVoice:
         """Library voices: "conditionals" are a hash of the clip (counted in `prepared`)."""
@@ -68,10 +86,37 @@ class FakeEngineForTests:
             self.batches.append([r.request_id for r in requests])
         if any(self.raise_marker in r.text for r in requests):
             raise RuntimeError("fake engine crash")
+        try:
+            return self._run(requests, on_audio)
+        finally:
+            with self.lock:
+                self._aborted.clear()
+
+    def _dropped(self, r: SynthesisRequest) -> bool:
+        """Whether `r` was aborted (recording when the engine stopped working on it, once)."""
+        with self.lock:
+            if r.request_id not in self._aborted:
+                return False
+            self.stopped_at.setdefault(r.request_id, self.steps)
+            return True
+
+    def _run(self, requests: Sequence[SynthesisRequest], on_audio) -> list[SynthesisResult]:
         if self.delay:
-            time.sleep(self.delay)
+            n = max(1, round(self.delay / self.step_seconds)) if self.step_seconds > 0 else 1
+            for _ in range(n):
+                live = [r for r in requests if not self._dropped(r)]
+                if not live:
+                    break
+                time.sleep(self.delay / n)
+                with self.lock:
+                    self.steps += 1
+                    for r in live:
+                        self.worked[r.request_id] = self.worked.get(r.request_id, 0) + 1
         out = []
         for r in requests:
+            if self._dropped(r):
+                out.append(SynthesisResult(error="cancelled"))
+                continue
             if self.fail_marker in r.text:
                 out.append(SynthesisResult(error="fake engine: this text cannot be spoken"))
                 continue
