@@ -18,9 +18,10 @@ next chunk is crossfaded with, that joined region then opening the next piece), 
 every streamed request's first chunk decodes in the first rows. So audio streams between sentence chunks: a
 one-chunk request's audio comes in one piece, when it is done. Each piece is watermarked on its own (pieces
 under MIN_PIECE_SECONDS wait for the next, so every piece is long enough to carry the mark), and the streamed
-request's result is the concatenation of its pieces: it differs from the same request unstreamed only by the
-watermark's edges at the piece joins (and, on CUDA, by S3Gen batching noise: its chunks are vocoded one at a
-time). Same tokens either way. A batch without streamed requests runs exactly as before (`T3Decoder.run`, S3Gen
+request's result is the concatenation of its pieces: it differs from the same request unstreamed by the
+watermark near the piece joins (each piece is marked alone) and by float rounding (its chunks are vocoded one
+at a time, not two per flow call: ~1e-7 in float32 before the watermark; on CUDA, by S3Gen batching noise).
+Same tokens either way (tests/unit/engine/test_streamed_synthesis.py; figures in the README). A batch without streamed requests runs exactly as before (`T3Decoder.run`, S3Gen
 after T3): it pays nothing for streaming. Randomness is per request: chunk k of a request with seed s draws from
 generators seeded `chunk_seed(s, k)`, so the same request gives the same audio alone or in any batch: on CPU
 bit for bit (S3Gen runs request by request there), on CUDA within the bound stated in speech_to_wav.py (S3Gen
