@@ -174,6 +174,8 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
         value = element.get_attribute("value")
         if "enum" in spec:
             assert Select(element).first_selected_option.text == spec["default"], name
+        elif spec.get("type") == "boolean":                 # a box (e.g. stream)
+            assert element.get_attribute("type") == "checkbox" and element.is_selected() == spec["default"], name
         else:
             assert float(value) == spec["default"], (name, value)
         if "maximum" in spec and spec["maximum"] - spec["minimum"] <= 1e6:
