@@ -6,7 +6,10 @@ route), with an uploaded WAV clip (queued route: submit, poll, fetch `output`), 
 voice (where the server has GET /v1/audio/voices), and with a clip recorded from Chromium's fake microphone
 (converted to WAV in the page) as raw pcm (played behind a WAV header). Each time the <audio> element gets
 playable audio, the waveform is drawn and the clip joins the history with a download link. A phone viewport
-(375 px) has no horizontal scroll. Screenshots are written to $CHATTERBOX_ARTIFACTS (else the test's tmp dir)
+(375 px) has no horizontal scroll. Those paths run with "Stream" unticked; a second test, against the fake engine
+streaming one piece per sentence, has the page play the audio as it streams (Web Audio), draw the waveform as it
+grows, report a time to first audio well under the total, and end with the whole clip (wav and pcm), and says a
+stream cut by a late failure in words. Screenshots are written to $CHATTERBOX_ARTIFACTS (else the test's tmp dir)
 and their paths printed.
 
 The test installs Chromium and its driver with apt-get when they are missing (CI on a fresh machine runs it), and
@@ -123,6 +126,11 @@ def error_text(driver) -> str:
 def generate(driver) -> dict:
     """Click Generate, wait for the result, and return what the <audio> element and the page show."""
     driver.find_element(By.ID, "generate").click()     # its handler marks the page "busy" before it returns
+    return finished(driver)
+
+
+def finished(driver) -> dict:
+    """Wait for the generation in progress to end well; what the <audio> element and the page show."""
     state = wait_state(driver, "done", "error")
     assert state == "done", error_text(driver)
     # the player has playable audio: metadata loaded (readyState >= 1) and a positive duration
@@ -168,7 +176,7 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
 
     # the parameter form is the schema's: every parameter but the text and the voice, with its default and range
     fields = {name: spec for name, spec in TTSRequest.model_json_schema()["properties"].items()
-              if name not in ("text", "reference_audio", "voice")}   # the voice has its own section
+              if name not in ("text", "reference_audio", "voice", "stream")}   # the voice and stream: own controls
     for name, spec in fields.items():
         element = driver.find_element(By.ID, f"param-{name}")
         value = element.get_attribute("value")
@@ -181,6 +189,12 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
         if "maximum" in spec and spec["maximum"] - spec["minimum"] <= 1e6:
             assert float(element.get_attribute("max")) == spec["maximum"], name
     assert Select(driver.find_element(By.ID, "model")).first_selected_option.text == "chatterbox-tts"
+    # /v1 takes "stream": the Stream box is offered, ticked; this test takes the unstreamed paths (see the next)
+    assert not driver.find_elements(By.ID, "param-stream")
+    stream_box = driver.find_element(By.ID, "stream")
+    assert stream_box.is_displayed() and stream_box.is_selected()
+    stream_box.click()
+    assert not stream_box.is_selected()
     # the voice library's choice is offered once a key may list it (hidden while GET /v1/audio/voices is 401/404)
     assert not driver.find_element(By.ID, "voice-library-choice").is_displayed()
 
@@ -300,3 +314,130 @@ def test_playground_generates_with_a_key_an_uploaded_clip_and_a_recording(server
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     print(f"\nplayground screenshots: {desktop} {phone} {phone_full} "
           f"(browser test {time.monotonic() - started:.1f} s)")
+
+
+@pytest.fixture(scope="module")
+def streaming_server(tmp_path_factory):
+    """No keys; the fake engine streams one piece per sentence, 0.8 s apart."""
+    from chatterbox_serverless.testing import FakeEngineForTests
+    engine = FakeEngineForTests(piece_delay=0.8, seconds_per_char=0.03, max_seconds=10.0)
+    with start_server(tmp_path_factory.mktemp("playground-stream"), engine=engine, batch_wait=0.02) as srv:
+        yield srv
+
+
+def seconds_of(stat: str) -> float:
+    assert stat.endswith(" s"), stat
+    return float(stat[:-2])
+
+
+def downloaded(driver, folder: Path, n_before: int) -> Path:
+    """Click the newest clip's download link; the file Chromium saved in `folder`."""
+    driver.find_element(By.CSS_SELECTOR, "#history li:first-child a[download]").click()
+    WebDriverWait(driver, 20).until(lambda d: len([p for p in folder.iterdir() if not p.name.endswith(
+        ".crdownload")]) > n_before)
+    return max(folder.iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def test_playground_plays_the_audio_as_it_streams(streaming_server, browser, artifacts, tmp_path):
+    """With Stream ticked (the default where /v1 takes it), the page asks /v1 for {"stream": true} as wav, plays
+    each piece with the Web Audio API as it arrives (the first one while the rest is still being generated), draws
+    the waveform as it grows, and reports a time to first audio well under the total time; the <audio> element and
+    the download link end with the whole clip, sample for sample the file the server stored. pcm streams too; a
+    stream the server cuts (the job fails after its first piece) is reported in words."""
+    started = time.monotonic()
+    server, driver = streaming_server, browser
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.get(server.url + "/")
+    assert wait_state(driver, "idle", "error", timeout=30) == "idle", error_text(driver)
+    assert driver.find_element(By.ID, "stream").is_selected()
+
+    text = "The first sentence arrives early. Then the second one follows. And the third one ends it."
+    expected_seconds = 0.1 + 0.03 * len(text)                 # the fake engine's tone: one piece per sentence
+    box = driver.find_element(By.ID, "text")
+    box.clear()
+    box.send_keys(text)
+    driver.find_element(By.ID, "generate").click()
+    # while the stream is still arriving: audio plays (the Web Audio context runs) and the waveform is drawn
+    during = WebDriverWait(driver, 30, poll_frequency=0.05).until(lambda d: d.execute_script("""
+        const r = document.getElementById('result');
+        if (!(Number(r.dataset.streamPieces) > 0)) return null;
+        const c = document.getElementById('waveform');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let painted = 0;
+        for (let i = 3; i < px.length; i += 4) if (px[i] > 0) painted++;
+        return {state: document.body.dataset.state, seconds: Number(r.dataset.streamSeconds), painted,
+                context: r.dataset.streamContext, progress: document.getElementById('progress').textContent,
+                src: document.getElementById('player').getAttribute('src')};"""))
+    assert during["state"] == "busy", during
+    assert 0 < during["seconds"] < expected_seconds - 0.5, during          # only the first piece(s) so far
+    assert during["painted"] > 100 and during["context"] == "running", during
+    assert during["progress"].startswith("streaming…") and during["src"] is None, during
+    streaming = artifacts / "playground-streaming.png"
+    driver.execute_script("document.getElementById('result').scrollIntoView({block: 'center'})")
+    driver.save_screenshot(str(streaming))
+
+    shown = finished(driver)
+    assert shown["stats"]["Route"] == "streamed /v1/chatterbox-tts", shown["stats"]
+    first_audio, total = seconds_of(shown["stats"]["Time to first audio"]), seconds_of(shown["stats"]["Total time"])
+    assert 0 < first_audio < total - 1.0, shown["stats"]       # two more pieces came 0.8 s apart after the first
+    assert shown["stats"]["Real-time factor"].endswith("× real time")
+    assert abs(shown["duration"] - expected_seconds) < 1e-3, shown["duration"]
+    assert abs(seconds_of(shown["stats"]["Audio length"]) - expected_seconds) < 0.01
+    assert shown["painted"] > 100 and shown["src"].startswith("blob:")
+    assert shown["metrics"].get("stream_pieces") == "3", shown["metrics"]
+    played = driver.execute_script("return {...document.getElementById('result').dataset}")
+    assert int(played["streamPieces"]) >= 3 and played["streamContext"] == "running", played
+    assert float(played["streamFirstPlay"]) < total - 1.0, played     # it started playing long before the end
+    job = server.store.get(shown["stats"]["Request id"])
+    assert job.params["stream"] is True and job.params["output_format"] == "wav", job.params
+    assert len(shown["history"]) == 1 and shown["history"][0][1].endswith(".wav")
+    clip = downloaded(driver, downloads, 0)
+    stored = httpx.get(httpx.get(f"{server.url}/v2/requests/{job.id}", timeout=10).json()["output"], timeout=10)
+    got, rate = sf.read(clip, dtype="int16")
+    want, want_rate = sf.read(io.BytesIO(stored.content), dtype="int16")
+    assert rate == want_rate == 24000 and np.array_equal(got, want), (len(got), len(want))
+    time.sleep(0.3)                                            # the waveform follows the Web Audio playback
+    desktop = artifacts / "playground-streamed.png"
+    driver.execute_script("document.getElementById('result').scrollIntoView({block: 'center'})")
+    driver.save_screenshot(str(desktop))
+
+    # pcm streams too: the raw bytes are offered for download, the player gets them behind a WAV header
+    Select(driver.find_element(By.ID, "param-output_format")).select_by_visible_text("pcm")
+    pcm = generate(driver)
+    assert pcm["stats"]["Route"] == "streamed /v1/chatterbox-tts" and pcm["history"][0][1].endswith(".pcm")
+    assert abs(pcm["duration"] - expected_seconds) < 1e-3
+    raw = downloaded(driver, downloads, 1).read_bytes()
+    pcm_job = server.store.get(pcm["stats"]["Request id"])
+    assert raw == httpx.get(httpx.get(f"{server.url}/v2/requests/{pcm_job.id}", timeout=10).json()["output"],
+                            timeout=10).content, "the stored pcm, byte for byte"
+    assert len(raw) == 2 * len(want)
+
+    # a stream cut after its first piece: said in words, with the job's error
+    box.clear()
+    box.send_keys("This one starts well. FAIL-MID-STREAM then stops.")
+    driver.find_element(By.ID, "generate").click()
+    assert wait_state(driver, "error", timeout=60) == "error"
+    message = error_text(driver)
+    assert message.startswith("The audio stream stopped early, after ") and "the job failed: " in message, message
+    assert "fake engine" in message, message
+
+    # an unticked box: the unstreamed sync route again
+    driver.find_element(By.ID, "stream").click()
+    box.clear()
+    box.send_keys(text)
+    unstreamed = generate(driver)
+    assert unstreamed["stats"]["Route"] == "sync /v1/chatterbox-tts" and unstreamed["history"][0][1].endswith(".pcm")
+
+    # no console error beyond the expected answers: no keys on this server (404 of /v1/account, of an absent
+    # library), the cut body, and the failed job's status (422) the page asked for its error
+    expected = ("/v1/account - Failed to load resource: the server responded with a status of 404",
+                "/v1/audio/voices - Failed to load resource: the server responded with a status of 404",
+                "ERR_INCOMPLETE_CHUNKED_ENCODING", "/status - Failed to load resource: the server responded with a "
+                "status of 422")
+    logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"
+            and not (e["source"] == "network" and any(x in e["message"] for x in expected))]
+    assert logs == [], logs
+    print(f"\nplayground streaming screenshots: {streaming} {desktop} "
+          f"(time to first audio {first_audio:.2f} s of {total:.2f} s; test {time.monotonic() - started:.1f} s)")

@@ -97,10 +97,14 @@ def test_what_the_page_reads_from_the_api_is_there(http):
     assert props["exaggeration"]["minimum"] == 0 and props["exaggeration"]["maximum"] == 2
     assert props["exaggeration"]["default"] == 0.5 and "enum" in props["output_format"]
     assert "post" in schema["paths"]["/v1/chatterbox-tts"]
+    # the Stream box is offered where /v1's body takes a boolean `stream` (the page reads it as it arrives)
+    v1 = schema["paths"]["/v1/chatterbox-tts"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert v1["properties"]["stream"]["type"] == "boolean" and v1["properties"]["stream"]["default"] is False
     js = http.get(f"{ASSETS_PATH}/app.js").text
     for fetched in ('call("openapi.json"', 'call("ready"', 'call("v1/account")', 'call("v1/audio/voices")',
                     "call(`v2/${slug}`", "call(`v1/${slug}`",
-                    "call(`v2/requests/${encodeURIComponent(requestId)}/status`"):
+                    "call(`v2/requests/${encodeURIComponent(requestId)}/status`", "v1Body.properties?.stream",
+                    "response.body.getReader()", "createBufferSource()"):
         assert fetched in js, fetched
     assert http.get("/ready").status_code == 200
     r = http.get("/v1/account")

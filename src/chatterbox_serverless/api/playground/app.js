@@ -6,7 +6,9 @@
 //   ready                 the model name and whether a worker runs (no key needed)
 //   v1/account            the key's credits (404: the server runs without keys)
 //   v1/audio/voices       the voice library, when the server has one (404: the choice is hidden)
-// How it gets audio: `getAudio()` below, the one step to change when the server streams audio.
+// How it gets audio: `getAudio()` below. With "Stream" ticked (offered when POST /v1/{slug} takes `stream`), it
+// asks /v1 for `"stream": true` as wav (pcm when chosen), reads the body as it arrives and plays each piece with the
+// Web Audio API while the rest is generated; the whole clip then becomes a WAV for the player and the history.
 // The API key stays in this browser (sessionStorage, or localStorage when "remember" is ticked) and is sent only
 // to this server, as x-api-key.
 "use strict";
@@ -16,11 +18,13 @@
   const KEY_STORAGE = "chatterbox-playground.api-key";
   const SYNC_MAX_CHARS = 300;          // "auto" route: /v1 (one request) up to this many characters, else /v2
   const CLIP_MAX_S = 30, CLIP_MIN_S = 0.5;
-  const HANDLED_ELSEWHERE = new Set(["text", "reference_audio", "voice"]);   // not in the parameter grid
+  const HANDLED_ELSEWHERE = new Set(["text", "reference_audio", "voice", "stream"]);   // not in the parameter grid
   const ACCEPTED_CLIP = { wav: "audio/wav", flac: "audio/flac", ogg: "audio/ogg", mp3: "audio/mpeg" };
   const EXT_BY_TYPE = { "audio/mpeg": "mp3", "audio/wav": "wav", "audio/x-wav": "wav", "audio/flac": "flac",
                         "audio/ogg": "ogg", "audio/opus": "opus", "audio/aac": "aac", "audio/pcm": "pcm" };
   const PCM_RATE = 24000;              // output_format "pcm": raw 16-bit little-endian mono at this rate
+  const STREAM_FORMATS = new Set(["wav", "pcm"]);   // what the page can play as it arrives (16-bit PCM)
+  const START_LATENCY_S = 0.12;        // streamed audio starts this long after its first bytes (and after a gap)
 
   const state = {
     models: [],            // [{slug, summary, fields: [...]}]
@@ -32,6 +36,8 @@
     requestId: null,       // of the generation in flight
     current: null,         // the clip shown in the result card
     history: [],
+    audioCtx: null,        // the Web Audio context streamed audio plays through (made on the first click)
+    live: null,            // the stream being played: see playStream()
   };
 
   // --- small helpers ---------------------------------------------------------------------------------------
@@ -184,7 +190,10 @@
       const schema = resolve(spec, body);
       const required = new Set(schema.required || []);
       const fields = Object.entries(schema.properties || {}).map(([n, s]) => fieldOf(spec, n, s, required.has(n)));
-      models.push({ slug: m[1], summary: item.post.summary || "", fields, v1: !!spec.paths[`/v1/${m[1]}`]?.post });
+      const v1 = spec.paths[`/v1/${m[1]}`]?.post;
+      const v1Body = resolve(spec, v1?.requestBody?.content?.["application/json"]?.schema);
+      models.push({ slug: m[1], summary: item.post.summary || "", fields, v1: !!v1,
+                    stream: !!v1Body.properties?.stream });
     }
     if (!models.length) throw new Problem("This server lists no model in its /openapi.json.");
     return models;
@@ -200,6 +209,7 @@
   function selectModel(slug) {
     const model = state.models.find((m) => m.slug === slug) || state.models[0];
     state.fields = model.fields;
+    $("stream-choice").hidden = !model.stream;
     const text = model.fields.find((f) => f.name === "text");
     if (!$("text").value && text?.examples?.length) $("text").value = text.examples[0];
     updateCount();
@@ -507,21 +517,25 @@
     }, 100);
   }
 
-  // --- getting the audio: the one step to change when the server streams --------------------------------------
-  // job: {slug, body, route: "v1" | "v2", signal}; hooks.onStatus(text), hooks.onRequestId(id).
-  // Resolves to {blob, requestId, metrics, firstAudioAt, doneAt, route} (times from performance.now()).
+  // --- getting the audio -------------------------------------------------------------------------------------
+  // job: {slug, body, route: "v1" | "v2", stream, signal}; hooks.onStatus(text), hooks.onRequestId(id),
+  // hooks.onLive(live) (a stream started playing). Resolves to {blob, requestId, metrics, firstAudioAt, doneAt,
+  // route, streamed} (times from performance.now()). With job.stream, body has "stream": true and a wav or pcm
+  // output_format: the audio plays while it arrives (playStream).
   async function getAudio(job, hooks) {
     const { slug, body, signal } = job;
     let requestId;
     if (job.route === "v1") {
-      hooks.onStatus("synthesizing (sync /v1)…");
+      const how = job.stream ? "streamed" : "sync";
+      hooks.onStatus(`synthesizing (${how} /v1)…`);
       const response = await call(`v1/${slug}`, { method: "POST", json: toJson(body), signal });
       requestId = response.headers.get("x-request-id");
       if (response.ok) {
         hooks.onRequestId(requestId);
-        const audio = await readAudio(response, signal);
+        const audio = job.stream ? await playStream(response, body.output_format, requestId, hooks, signal)
+          : await readAudio(response, signal);
         const metrics = await fetchMetrics(requestId, signal);
-        return { ...audio, requestId, metrics, route: `sync /v1/${slug}` };
+        return { ...audio, requestId, metrics, route: `${how} /v1/${slug}` };
       }
       const problem = await problemOf(response);
       if (response.status !== 504 || !problem.body?.request_id) throw problem;
@@ -538,6 +552,190 @@
     if (!response.ok) throw await problemOf(response);
     const audio = await readAudio(response, signal);
     return { ...audio, requestId, metrics: result.metrics || {}, route: `queued /v2/${slug}` };
+  }
+
+  // The Web Audio context streamed audio plays through. Made (or resumed) from the Generate click, a user
+  // gesture, so that the browser lets it start.
+  function audioContext() {
+    const Ctx = window.AudioContext || window.webkitAudioContext;
+    if (!Ctx) return null;
+    try {
+      state.audioCtx ??= new Ctx({ latencyHint: "interactive" });
+      if (state.audioCtx.state === "suspended") state.audioCtx.resume().catch(() => {});
+    } catch { return null; }
+    return state.audioCtx;
+  }
+
+  // Where the samples start in a wav stream's first bytes: {rate, offset}; null: more bytes needed.
+  function wavHead(bytes) {
+    if (bytes.length < 12) return null;
+    const ascii = (a, b) => String.fromCharCode(...bytes.subarray(a, b));
+    if (!["RIFF", "RF64"].includes(ascii(0, 4)) || ascii(8, 12) !== "WAVE") {
+      throw new Problem("The server's audio stream is not WAV as asked.");
+    }
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    let rate = null;
+    for (let at = 12; at + 8 <= bytes.length;) {
+      const id = ascii(at, at + 4), size = view.getUint32(at + 4, true);
+      if (id === "data") {
+        if (rate == null) throw new Problem("The server's WAV stream has no format chunk before its data.");
+        return { rate, offset: at + 8 };
+      }
+      if (at + 8 + size > bytes.length) return null;
+      if (id === "fmt ") {
+        const format = view.getUint16(at + 8, true), channels = view.getUint16(at + 10, true);
+        const bits = view.getUint16(at + 22, true);
+        if (format !== 1 || channels !== 1 || bits !== 16) {
+          throw new Problem(`The server's WAV stream is not 16-bit mono PCM (format ${format}, ${channels} ` +
+                            `channels, ${bits} bits): it cannot be played as it streams.`);
+        }
+        rate = view.getUint32(at + 12, true);
+      }
+      at += 8 + size + (size % 2);
+    }
+    if (bytes.length > 4096) throw new Problem("The server's WAV stream has no data chunk.");
+    return null;
+  }
+
+  function concatBytes(a, b) {
+    const out = new Uint8Array(a.length + b.length);
+    out.set(a); out.set(b, a.length);
+    return out;
+  }
+
+  // A streamed body played as it arrives: every piece read is turned into float samples and scheduled right
+  // after the previous one on the Web Audio clock (START_LATENCY_S after the first; again after a gap, when the
+  // network fell behind), the waveform grows with it, and the whole clip comes back as a Blob: a WAV (sizes
+  // filled in) or, for pcm, the raw bytes as they came. A body that ends early (the server cuts it when the job
+  // fails after its first byte) is reported in words.
+  async function playStream(response, format, requestId, hooks, signal) {
+    const ctx = audioContext();
+    const live = {
+      ctx, rate: format === "pcm" ? PCM_RATE : null, head: format === "pcm" ? null : new Uint8Array(0),
+      odd: null, pcm: [], raw: [], length: 0, samples: [], segments: [], next: 0, gaps: 0, pieces: 0,
+      sources: new Set(), firstAudioAt: null, firstPlayAt: null, doneAt: null, peaks: null,
+    };
+    stopLive();
+    state.live = live;
+    hooks.onLive(live);
+    requestAnimationFrame(followLive);
+    const reader = response.body.getReader();
+    signal?.addEventListener("abort", () => { reader.cancel().catch(() => {}); stopLive(); }, { once: true });
+    for (;;) {
+      let read;
+      try {
+        read = await reader.read();
+      } catch (e) {
+        if (signal?.aborted) throw signal.reason;
+        live.doneAt = performance.now();
+        throw await cutShort(live, requestId, signal);
+      }
+      if (read.done) break;
+      let bytes = read.value;
+      if (!bytes.length) continue;
+      live.firstAudioAt ??= performance.now();
+      live.raw.push(bytes);
+      if (live.head) {                               // wav: the header first, then its samples' rate is known
+        const head = concatBytes(live.head, bytes);
+        const found = wavHead(head);
+        if (!found) { live.head = head; continue; }
+        live.rate = found.rate;
+        live.head = null;
+        bytes = head.subarray(found.offset);
+      }
+      if (live.odd != null) { bytes = concatBytes(Uint8Array.of(live.odd), bytes); live.odd = null; }
+      if (bytes.length % 2) { live.odd = bytes[bytes.length - 1]; bytes = bytes.subarray(0, bytes.length - 1); }
+      if (!bytes.length) continue;
+      const pcm = bytes.slice();                     // its own copy, 2-byte aligned
+      live.pcm.push(pcm);
+      const ints = new Int16Array(pcm.buffer);
+      const floats = new Float32Array(ints.length);
+      for (let i = 0; i < ints.length; i++) floats[i] = ints[i] / 32768;
+      schedule(live, floats);
+      hooks.onLive(live);
+    }
+    live.doneAt = performance.now();
+    if (!live.length) throw new Problem("The server's audio stream ended without audio.");
+    const blob = format === "pcm" ? new Blob(live.raw, { type: "audio/pcm" }) : wavOf(live.pcm, live.rate);
+    return { blob, firstAudioAt: live.firstAudioAt, doneAt: live.doneAt, streamed: live };
+  }
+
+  function schedule(live, floats) {
+    const at = live.length;
+    live.samples.push(floats);
+    live.length += floats.length;
+    live.pieces += 1;
+    live.peaks = null;
+    const ctx = live.ctx;
+    if (!ctx) return;
+    const buffer = ctx.createBuffer(1, floats.length, live.rate);
+    buffer.copyToChannel(floats, 0);
+    const source = ctx.createBufferSource();
+    source.buffer = buffer;
+    source.connect(ctx.destination);
+    const now = ctx.currentTime;
+    if (live.next < now + 0.01) {                  // the first piece, or the stream fell behind: start anew
+      if (live.segments.length) live.gaps += 1;
+      live.next = now + START_LATENCY_S;
+    }
+    source.start(live.next);
+    live.firstPlayAt ??= performance.now() + (live.next - now) * 1000;
+    live.segments.push({ when: live.next, from: at, count: floats.length });
+    live.next += buffer.duration;
+    live.sources.add(source);
+    source.onended = () => live.sources.delete(source);
+  }
+
+  // How many of the stream's samples have been played so far.
+  function livePlayed(live) {
+    if (!live?.ctx) return 0;
+    const t = live.ctx.currentTime;
+    let played = 0;
+    for (const s of live.segments) {
+      if (t <= s.when) break;
+      played = s.from + Math.min(s.count, Math.round((t - s.when) * live.rate));
+    }
+    return played;
+  }
+
+  function livePlaying(live) { return !!live?.ctx && live.sources.size > 0 && live.ctx.currentTime < live.next; }
+
+  // Silence the stream being played (Stop, a new generation, or the player started).
+  function stopLive() {
+    const live = state.live;
+    if (!live) return;
+    for (const source of live.sources) { try { source.stop(); } catch { /* not started */ } }
+    live.sources.clear();
+  }
+
+  // 16-bit mono WAV of the pieces of a stream.
+  function wavOf(parts, rate) {
+    const n = parts.reduce((sum, p) => sum + p.length, 0);
+    const header = new DataView(new ArrayBuffer(44));
+    const text = (at, t) => { for (let i = 0; i < t.length; i++) header.setUint8(at + i, t.charCodeAt(i)); };
+    text(0, "RIFF"); header.setUint32(4, 36 + n, true); text(8, "WAVE"); text(12, "fmt ");
+    header.setUint32(16, 16, true); header.setUint16(20, 1, true); header.setUint16(22, 1, true);
+    header.setUint32(24, rate, true); header.setUint32(28, rate * 2, true); header.setUint16(32, 2, true);
+    header.setUint16(34, 16, true); text(36, "data"); header.setUint32(40, n, true);
+    return new Blob([header.buffer, ...parts], { type: "audio/wav" });
+  }
+
+  // The stream ended before the audio was complete: say so, with the job's own error when it has one.
+  async function cutShort(live, requestId, signal) {
+    const got = live.rate ? `after ${fmtSeconds(live.length / live.rate)} of audio` : "before any audio";
+    let why = "the connection was lost";
+    if (requestId) {
+      try {
+        const response = await call(`v2/requests/${encodeURIComponent(requestId)}/status`, { signal });
+        const body = await errorBody(response);
+        const error = typeof body.error === "string" ? body.error : body.error?.message;
+        if (body.status === "FAILED") why = `the job failed${error ? ": " + error.replace(/\.\s*$/, "") : ""}`;
+        else if (body.status === "QUEUED" || body.status === "PROCESSING") {
+          why = "the request was interrupted at the server and is being generated again (generate again to hear it)";
+        }
+      } catch { /* the connection is gone: the first reason stands */ }
+    }
+    return new Problem(`The audio stream stopped early, ${got}: ${why}. What arrived is not kept.`);
   }
 
   // The response body as a Blob, noting when its first bytes arrived (the time to first audio).
@@ -614,6 +812,15 @@
     }
     const model = state.models.find((m) => m.slug === slug);
     let route = $("route").value;
+    // streamed: always /v1 (the sync limit only bounds the wait for the first piece), in a format that plays as
+    // it arrives; the queued route stays queued
+    const stream = $("stream").checked && !!model?.stream && !!model?.v1 && route !== "v2";
+    if (stream) {
+      route = "v1";
+      body.stream = true;
+      if (!STREAM_FORMATS.has(body.output_format)) body.output_format = "wav";
+      audioContext();                                // from the click: the browser lets it start
+    }
     if (route === "auto") route = body.text.length <= SYNC_MAX_CHARS && model?.v1 ? "v1" : "v2";
     if (route === "v1" && !model?.v1) route = "v2";
 
@@ -625,9 +832,10 @@
     $("stop").hidden = false;
     const started = performance.now();
     const hooks = { onStatus: (t) => { $("progress").textContent = t; },
-                    onRequestId: (id) => { state.requestId = id; } };
+                    onRequestId: (id) => { state.requestId = id; },
+                    onLive: (live) => showLive(live, started, `streamed /v1/${slug}`, voiceLabel) };
     try {
-      const audio = await getAudio({ slug, body, route, signal: abort.signal }, hooks);
+      const audio = await getAudio({ slug, body, route, stream, signal: abort.signal }, hooks);
       const wall = (audio.doneAt - started) / 1000;
       const format = body.output_format ?? EXT_BY_TYPE[audio.blob.type] ?? "bin";
       const playable = format === "pcm" || audio.blob.type === "audio/pcm" ? pcmToWav(audio.blob) : audio.blob;
@@ -637,13 +845,13 @@
         requestId: audio.requestId, metrics: audio.metrics, route: audio.route, model: slug, voice: voiceLabel,
         text: body.text, seed: body.seed != null ? String(body.seed) : null,
         firstAudio: audio.firstAudioAt != null ? (audio.firstAudioAt - started) / 1000 : null, wall,
-        at: new Date(),
+        at: new Date(), live: audio.streamed || null,
       };
       clip.buffer = await decode(await playable.arrayBuffer(), 24000).catch(() => null);
       clip.seconds = clip.buffer?.duration ?? audio.metrics?.audio_seconds ?? null;
       clip.rtf = clip.seconds != null && wall > 0 ? clip.seconds / wall : null;
       state.history.unshift(clip);
-      show(clip, true);
+      show(clip, !clip.live);                         // a streamed clip has played (or still plays) already
       renderHistory();
       $("progress").textContent = `done in ${fmtSeconds(wall)}`;
       setStatus("done");
@@ -666,6 +874,7 @@
   async function stop() {
     const id = state.requestId;
     state.busy?.abort(new DOMException("stopped", "AbortError"));
+    stopLive();
     if (!id) return;
     try {
       const response = await call(`v2/requests/${encodeURIComponent(id)}/cancel`, { method: "POST" });
@@ -676,6 +885,40 @@
   }
 
   // --- showing a clip: player, waveform, figures ------------------------------------------------------------
+  // While a stream plays: its figures so far and its growing waveform (the player is emptied meanwhile). The
+  // result card's data-stream-* attributes say what was played (pieces, seconds, gaps, the context's state).
+  function showLive(live, started, route, voice) {
+    const result = $("result"), player = $("player");
+    if (state.current) {
+      state.current = null;
+      player.pause();
+      player.removeAttribute("src");
+      player.load();
+    }
+    result.hidden = false;
+    const seconds = live.rate ? live.length / live.rate : 0;
+    Object.assign(result.dataset, {
+      streamPieces: String(live.pieces), streamSeconds: seconds.toFixed(3), streamGaps: String(live.gaps),
+      streamFirstPlay: live.firstPlayAt != null ? ((live.firstPlayAt - started) / 1000).toFixed(3) : "",
+      streamContext: live.ctx ? live.ctx.state : "none",
+    });
+    const stats = [["Time to first audio", live.firstAudioAt != null ? fmtSeconds((live.firstAudioAt - started) / 1000) : "waiting…"],
+                   ["Audio received", fmtSeconds(seconds)],
+                   ["Playing", live.ctx ? (live.pieces ? `as it streams (${live.pieces} piece${live.pieces === 1 ? "" : "s"})` : "–")
+                     : "not here (no Web Audio): at the end"],
+                   ["Voice", voice], ["Route", route], ["Request id", state.requestId || "–"]];
+    $("stats").replaceChildren(...stats.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: v }))));
+    $("metrics").replaceChildren(el("div", {}, el("dt", { text: "(when done)" }), el("dd", { text: "" })));
+    if (live.firstAudioAt != null) $("progress").textContent = `streaming… ${fmtSeconds(seconds)} of audio`;
+    drawWaveform();
+  }
+
+  function followLive() {
+    drawWaveform();
+    const live = state.live;
+    if (live && (live.doneAt == null || livePlaying(live))) requestAnimationFrame(followLive);
+  }
+
   function show(clip, autoplay) {
     state.current = clip;
     $("result").hidden = false;
@@ -693,17 +936,16 @@
     drawWaveform();
   }
 
-  function peaksOf(buffer, columns) {
-    const data = buffer.getChannelData(0);
-    const per = Math.max(1, Math.floor(data.length / columns));
+  // Lowest and highest sample per column; `span` samples fill the width (a growing stream: more than it has).
+  function peaksOf(pieces, span, columns) {
     const peaks = new Float32Array(columns * 2);
-    for (let c = 0; c < columns; c++) {
-      let lo = 0, hi = 0;
-      for (let i = c * per, end = Math.min(data.length, i + per); i < end; i++) {
-        const v = data[i];
-        if (v < lo) lo = v; else if (v > hi) hi = v;
+    const per = Math.max(1, span / columns);
+    let i = 0;
+    for (const data of pieces) {
+      for (let j = 0; j < data.length; j++, i++) {
+        const c = Math.min(columns - 1, Math.floor(i / per)), v = data[j];
+        if (v < peaks[2 * c]) peaks[2 * c] = v; else if (v > peaks[2 * c + 1]) peaks[2 * c + 1] = v;
       }
-      peaks[2 * c] = lo; peaks[2 * c + 1] = hi;
     }
     return peaks;
   }
@@ -716,17 +958,32 @@
     if (canvas.width !== width || canvas.height !== height) { canvas.width = width; canvas.height = height; }
     const g = canvas.getContext("2d");
     g.clearRect(0, 0, width, height);
-    if (!clip?.buffer) return;
-    if (!clip.peaks || clip.peaks.length !== width * 2) clip.peaks = peaksOf(clip.buffer, width);
+    const live = state.live;
+    let peaks, played;
+    if (!clip && live) {                             // a stream arriving: what came so far, over at least 4 s
+      if (!live.length) return;
+      const span = Math.max(live.length, Math.round(live.rate * 4));
+      if (!live.peaks || live.peaks.length !== width * 2 || live.peaksSpan !== span) {
+        live.peaks = peaksOf(live.samples, span, width);
+        live.peaksSpan = span;
+      }
+      peaks = live.peaks;
+      played = livePlayed(live) / span;
+    } else {
+      if (!clip?.buffer) return;
+      if (!clip.peaks || clip.peaks.length !== width * 2) clip.peaks = peaksOf([clip.buffer.getChannelData(0)], clip.buffer.length, width);
+      peaks = clip.peaks;
+      const player = $("player");
+      played = clip.live && clip.live === live && livePlaying(live) ? livePlayed(live) / live.length
+        : player.duration > 0 ? player.currentTime / player.duration : 0;
+    }
     const styles = getComputedStyle(document.documentElement);
-    const player = $("player");
-    const played = player.duration > 0 ? player.currentTime / player.duration : 0;
     let max = 1e-6;
-    for (const p of clip.peaks) max = Math.max(max, Math.abs(p));
+    for (const p of peaks) max = Math.max(max, Math.abs(p));
     const mid = height / 2, scale = (height / 2 - 2) / max;
     for (let x = 0; x < width; x++) {
       g.fillStyle = x / width < played ? styles.getPropertyValue("--wave-played") : styles.getPropertyValue("--wave");
-      const top = mid - clip.peaks[2 * x + 1] * scale, bottom = mid - clip.peaks[2 * x] * scale;
+      const top = mid - peaks[2 * x + 1] * scale, bottom = mid - peaks[2 * x] * scale;
       g.fillRect(x, top, 1, Math.max(1, bottom - top));
     }
   }
@@ -816,7 +1073,7 @@
     $("stop").addEventListener("click", stop);
     $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); });
     const player = $("player");
-    player.addEventListener("play", followPlayback);
+    player.addEventListener("play", () => { stopLive(); followPlayback(); });
     player.addEventListener("seeked", drawWaveform);
     player.addEventListener("error", () => {
       const clip = state.current;
