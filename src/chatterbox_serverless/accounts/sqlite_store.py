@@ -85,6 +85,26 @@ def _account(row: tuple | None) -> Account | None:
                    revoked=bool(revoked), rate_per_min=rate, balance=balance, held=held, created_at=created_at)
 
 
+@contextmanager
+def immediate_transaction(db: sqlite3.Connection, lock, what: str) -> Iterator[sqlite3.Connection]:
+    """One BEGIN IMMEDIATE transaction on `db` under `lock`: committed, or rolled back on any error; a locked or
+    unwritable database is StoreUnavailable naming `what` ("account", "voice") database."""
+    with lock:
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:     # locked beyond busy_timeout, disk I/O error, ...
+            raise StoreUnavailable(f"the {what} database is unavailable: {e}") from e
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as e:
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError):   # e.g. a full disk: nothing was written
+                raise StoreUnavailable(f"the {what} database could not be written: {e}") from e
+            raise
+
+
 class SQLiteAccountStore(AccountStore):
     def __init__(self, path: str | Path, busy_timeout: float = 10.0):
         path = Path(path)
@@ -115,22 +135,8 @@ class SQLiteAccountStore(AccountStore):
         return db
 
     # --- plumbing -------------------------------------------------------------------------------------------
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:     # locked beyond busy_timeout, disk I/O error, ...
-                raise StoreUnavailable(f"the account database is unavailable: {e}") from e
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as e:
-                with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                if isinstance(e, sqlite3.OperationalError):   # e.g. a full disk: nothing was written
-                    raise StoreUnavailable(f"the account database could not be written: {e}") from e
-                raise
+    def _tx(self):
+        return immediate_transaction(self._db, self._lock, "account")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         db = getattr(self._local, "db", None)

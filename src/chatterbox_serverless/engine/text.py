@@ -45,15 +45,16 @@ _PUNCTUATION = (
 _SENTENCE_ENDERS = (".", "!", "?", "-", ",")
 
 
-def normalize_text(text: str) -> str:
+def normalize_text(text: str, replacements=None) -> str:
     """The official punctuation clean-up: capitalise the first letter, collapse whitespace, map rare or LLM-style
-    punctuation to common punctuation, and end with a full stop when no sentence-ending punctuation is there."""
+    punctuation to common punctuation (`replacements`, default the original model's list), and end with a full
+    stop when no sentence-ending punctuation is there."""
     if len(text) == 0:
         return EMPTY_TEXT_REPLACEMENT
     if text[0].islower():
         text = text[0].upper() + text[1:]
     text = " ".join(text.split())
-    for old, new in _PUNCTUATION:
+    for old, new in (_PUNCTUATION if replacements is None else replacements):
         text = text.replace(old, new)
     text = text.rstrip(" ")
     if not text.endswith(_SENTENCE_ENDERS):
@@ -125,17 +126,7 @@ _TURBO_PUNCTUATION = (
 
 def normalize_text_turbo(text: str) -> str:
     """Turbo's punctuation clean-up (tts_turbo.punc_norm): as `normalize_text`, with Turbo's replacement list."""
-    if len(text) == 0:
-        return EMPTY_TEXT_REPLACEMENT
-    if text[0].islower():
-        text = text[0].upper() + text[1:]
-    text = " ".join(text.split())
-    for old, new in _TURBO_PUNCTUATION:
-        text = text.replace(old, new)
-    text = text.rstrip(" ")
-    if not text.endswith(_SENTENCE_ENDERS):
-        text += "."
-    return text
+    return normalize_text(text, _TURBO_PUNCTUATION)
 
 
 DEFAULT_MODEL_MAX_LENGTH = 1024      # GPT-2's; tokenizer_config.json may say otherwise

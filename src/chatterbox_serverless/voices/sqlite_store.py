@@ -5,10 +5,9 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
 
+from ..accounts.sqlite_store import immediate_transaction
 from ..jobs.store import StoreUnavailable
 from .store import DuplicateVoiceName, Voice, VoiceLimitReached, VoiceStore
 
@@ -58,22 +57,8 @@ class SQLiteVoiceStore(VoiceStore):
                 if statement.strip():
                     db.execute(statement)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                raise StoreUnavailable(f"the voice database is unavailable: {e}") from e
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as e:
-                with suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                if isinstance(e, sqlite3.OperationalError):
-                    raise StoreUnavailable(f"the voice database could not be written: {e}") from e
-                raise
+    def _tx(self):
+        return immediate_transaction(self._db, self._lock, "voice")
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
