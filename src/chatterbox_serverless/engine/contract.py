@@ -18,6 +18,7 @@ class SynthesisParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.2
     seed: int = 42
+    top_k: int = 1000          # Turbo's sampling chain only (the original's CFG/min_p chain has no top-k)
 
 
 @dataclass
@@ -43,6 +44,8 @@ class SynthesisRequest:
     voice: VoiceAudio | PreparedVoice | None = None   # None: the checkpoint's built-in voice (conds.pt)
     request_id: str = ""
     stream: bool = False      # hand the audio over piece by piece (`Engine.synthesize`'s on_audio) as it is made
+    language: str | None = None       # Multilingual: an ISO 639-1 code of the model's languages (None: English)
+    source: VoiceAudio | None = None  # voice conversion: the speech to say again in `voice` (then `text` is unused)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Engine(Protocol):
     work) and reports it with the error "cancelled"; the other requests' results do not change. An abort for an id
     no running batch holds may be forgotten (the worker repeats it while the batch runs)."""
     sample_rate: int
+    model: str          # the API model it serves ("chatterbox-tts", "chatterbox-turbo", ...: variants.Variant.api_model)
 
     def synthesize(self, requests: Sequence[SynthesisRequest], on_audio: OnAudio | None = None
                    ) -> list[SynthesisResult]: ...

@@ -133,6 +133,7 @@ class ChatterboxEngine:
         else:
             parts = detect_variant(ckpt_dir).load(ckpt_dir, device=self.device, dtype=dtype)
         self.parts, self.variant = parts, parts.variant
+        self.model = parts.variant.api_model      # the API model name it serves (contract.Engine.model)
         self.t3, self.s3gen, self.text = parts.t3, parts.s3gen, parts.text
         estimator = self.s3gen.flow.decoder.estimator
         if flow_attention == "auto":

@@ -225,13 +225,10 @@ class CFGMinPChain(SamplingChain):
         return process_logits(cond, uncond, seen, p), greedy_rows(p)
 
 
-TURBO_TOP_K = 1000     # the official default; a request's params may carry `top_k` (read when present)
-
-
 class TurboChain(SamplingChain):
     """Turbo: one row, temperature -> top_k -> top_p -> repetition penalty; cfg_weight, min_p and exaggeration
-    are ignored (as the official code does, with a warning there). `top_k` comes from the request's params when
-    they have one (contract.SynthesisParams does not carry it yet: TURBO_TOP_K then)."""
+    are ignored (as the official code does, with a warning there). `top_k` comes from the request's params
+    (contract.SynthesisParams.top_k, the official default 1000)."""
     name = "turbo"
     keeps_start_in_history = False
 
@@ -240,7 +237,7 @@ class TurboChain(SamplingChain):
 
     def process(self, cond, uncond, seen, params, rows=None):
         p = TurboSamplingParams.from_lists(
-            cond.device, temperature=[x.temperature for x in params], top_k=[int(getattr(x, "top_k", TURBO_TOP_K)) for x in params],
+            cond.device, temperature=[x.temperature for x in params], top_k=[int(x.top_k) for x in params],
             top_p=[x.top_p for x in params], repetition_penalty=[x.repetition_penalty for x in params])
         return process_logits_turbo(cond, seen, p), p.temperature == 0
 

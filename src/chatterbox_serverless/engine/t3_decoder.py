@@ -453,7 +453,6 @@ def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[s
     normalised text), `t3.logits` ((S, 2, V) with CFG, (S, V) for Turbo) and `t3.probs` (S, V) teacher-forcing the
     recorded `t3.tokens`, conditioned on the recorded `cond.ve_embedding` / `cond.t3_prompt_tokens`, with the
     variant's sampling chain and the recorded parameters, in float32 on CPU."""
-    import dataclasses
     from .checkpoint import read_config
     from .variants import detect_variant
     ckpt_dir = Path(ckpt_dir)
@@ -464,11 +463,7 @@ def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[s
     model = T3.from_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32,
                                config=variant.architecture(read_config(ckpt_dir)), filename=variant.t3_file)
 
-    @dataclasses.dataclass(frozen=True)
-    class Params(SynthesisParams):     # with Turbo's top_k, which the contract's parameters do not carry
-        top_k: int = 1000
-
-    params = Params(
+    params = SynthesisParams(
         exaggeration=float(meta.get("exaggeration", 0.5)), cfg_weight=float(meta.get("cfg_weight", 0.5)),
         temperature=float(meta.get("temperature", 0.8)), min_p=float(meta.get("min_p", 0.05)),
         top_p=float(meta.get("top_p", 1.0)), repetition_penalty=float(meta.get("repetition_penalty", 1.2)),

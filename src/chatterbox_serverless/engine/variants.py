@@ -51,6 +51,7 @@ class Variant:
     ve_file: str = "ve.safetensors"
     builtin_voice_file: str = "conds.pt"
     max_new_tokens: int = 1000                    # the official bound per chunk (40 s)
+    api_model: str = "chatterbox-tts"             # the model name the API serves it under (/v1/<api_model>)
 
     # ---- files ----------------------------------------------------------------------------------------------
     def required_files(self) -> list[str]:
@@ -152,7 +153,7 @@ TURBO = Variant(
     flow=dict(solver="meanflow", n_timesteps=2, decoder=dict(meanflow=True)),
     text_front_end="gpt2-bpe", sampling="turbo",
     voice=VoiceSettings(t3_prompt_seconds=15, t3_prompt_tokens=375, longer_than_seconds=5.0, loudness_lufs=-27.0),
-    flow_suffix_tokens=(S3GEN_SIL,) * 3, builtin_voice_required=False)
+    flow_suffix_tokens=(S3GEN_SIL,) * 3, builtin_voice_required=False, api_model="chatterbox-turbo")
 
 VARIANTS = {v.name: v for v in (ORIGINAL, TURBO)}
 REPOS = {v.repo_id.lower(): v for v in VARIANTS.values()}
