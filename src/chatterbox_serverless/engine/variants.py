@@ -51,7 +51,7 @@ class Variant:
     ve_file: str = "ve.safetensors"
     builtin_voice_file: str = "conds.pt"
     max_new_tokens: int = 1000                    # the official bound per chunk (40 s)
-    api_model: str = "chatterbox-tts"             # the model name the API serves it under (/v1/<api_model>)
+    api_model: str = "chatterbox-tts"             # the model name the API serves it under (catalog.API_MODELS)
 
     # ---- files ----------------------------------------------------------------------------------------------
     def required_files(self) -> list[str]:
