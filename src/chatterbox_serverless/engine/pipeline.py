@@ -49,7 +49,7 @@ import torch
 from .chunking import CrossfadeStream, crossfade_join, max_speech_tokens, split_text
 from .conditioning import VoiceCache, VoiceConditionals, conditionals_from_bytes, conditionals_to_bytes, front_end_fingerprint
 from .models.flow_decoder import pick_attention
-from .speech_to_wav import SpeechItem, mel_to_wav, tokens_to_mel
+from .speech_to_wav import SpeechItem, flow_groups, mel_to_wav, tokens_to_mel
 from .t3_decoder import T3Decoder, T3Request
 from .variants import EngineParts, detect_variant
 from .contract import OnAudio, PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
@@ -416,13 +416,26 @@ class ChatterboxEngine:
             wavs.update(zip(map(id, mine), self._s3gen(mine)))
         return [wavs[id(c)] for c in chunks]
 
-    def _s3gen(self, chunks: list[_Chunk]) -> list[np.ndarray]:
-        gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in chunks]
+    def _speech_item(self, c: _Chunk) -> SpeechItem:
         # the variant's suffix (Turbo: three silence tokens) after each chunk's tokens, as the official code does
-        items = [SpeechItem.from_conditionals(torch.cat([c.tokens.cpu(), self._suffix]), c.conds) for c in chunks]
-        mels = tokens_to_mel(self.s3gen, items, generators=gens, max_batch=self.max_flow_batch)
-        wavs = mel_to_wav(self.s3gen, mels, generators=gens)
-        return [w.float().cpu().numpy() for w in wavs]
+        return SpeechItem.from_conditionals(torch.cat([c.tokens.cpu(), self._suffix]), c.conds)
+
+    def s3gen_groups(self, chunks: list[_Chunk]) -> list[list[_Chunk]]:
+        """The flow calls `_s3gen(chunks)` makes, as lists of chunks: each group is one unit of S3Gen work (flow,
+        then vocoder, for those chunks only), so running the groups one by one gives the very same audio."""
+        groups = flow_groups([self._speech_item(c) for c in chunks], max_batch=self.max_flow_batch)
+        return [[chunks[i] for i in g] for g in groups]
+
+    def _s3gen(self, chunks: list[_Chunk]) -> list[np.ndarray]:
+        """Waveforms of the chunks, in order: flow and vocoder one flow group at a time (`s3gen_groups`)."""
+        wavs: dict[int, np.ndarray] = {}
+        for group in self.s3gen_groups(chunks):
+            gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in group]
+            mels = tokens_to_mel(self.s3gen, [self._speech_item(c) for c in group], generators=gens,
+                                 max_batch=self.max_flow_batch)
+            for c, w in zip(group, mel_to_wav(self.s3gen, mels, generators=gens)):
+                wavs[id(c)] = w.float().cpu().numpy()
+        return [wavs[id(c)] for c in chunks]
 
     @staticmethod
     def _isolated(chunks: list[_Chunk], stage: Callable[[list[_Chunk]], Sequence[T]], errors: dict[int, str]):

@@ -68,6 +68,14 @@ def _groups(lengths: list[int], max_waste: float, max_batch: int | None = None) 
     return groups
 
 
+def flow_groups(items: Sequence[SpeechItem], max_waste: float = 0.25, max_batch: int | None = None
+                ) -> list[list[int]]:
+    """How `tokens_to_mel` batches `items` into flow calls (indices, by similar prompt + speech length). A caller
+    that runs the groups one at a time (the engine core: one group is one unit of S3Gen work) gets exactly what
+    one `tokens_to_mel` call over all items gives."""
+    return _groups([int(it.prompt_token.shape[-1]) + int(it.tokens.shape[-1]) for it in items], max_waste, max_batch)
+
+
 @torch.inference_mode()
 def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
                   generators: Sequence[torch.Generator | None] | None = None,
@@ -96,7 +104,7 @@ def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
         noise_list.append(n[:, :frames].to(dev, torch.float32))
 
     out: list[torch.Tensor | None] = [None] * len(items)
-    for group in _groups(lengths, max_waste, max_batch):
+    for group in flow_groups(items, max_waste, max_batch):
         B, L = len(group), max(lengths[i] for i in group)
         Fp = max(int(items[i].prompt_feat.shape[-2]) for i in group)
         tokens = torch.zeros(B, L, dtype=torch.long, device=dev)

@@ -1,0 +1,425 @@
+"""The engine core: requests join and leave between steps; each `step()` returns what happened (vLLM's shape).
+
+    core = EngineCore(engine)                      # engine: a loaded ChatterboxEngine (pipeline.py)
+    core.add_request(SynthesisRequest(...))        # -> its id; from the driving thread, at any time
+    core.abort(request_id)                         # any thread; takes effect at the next step
+    while core.has_unfinished():
+        for event in core.step():                  # AudioChunk | RequestFinished | RequestFailed
+            ...
+
+Three parts, each testable alone, plain dataclasses between them:
+- the **scheduler** (`Scheduler.schedule`) decides, from a `SchedulerView` of the state, what one step does: which
+  chunks enter T3 (rows permitting, every request's first chunk before anyone's next one, oldest first, so a
+  short request that arrives while a long one decodes starts at the next step), whether T3 decodes one token for
+  its active rows, and which unit of S3Gen work runs (`S3GenUnit`), under a time budget: while T3 has rows
+  decoding, S3Gen gets at most `s3gen_share` of the engine's time (a streamed request's first audio is exempt),
+  so neither stage starves the other; with T3 idle S3Gen runs unit after unit. Units go first-audio first, then
+  streamed pieces, then the request with the fewest units left (a short request is not queued behind a long
+  one's vocoding);
+- the **model runner** (`ModelRunner`) computes and decides nothing: the T3 decoding step (`T3Decoder.step`), one
+  S3Gen unit (flow + vocoder for a group of chunks, `ChatterboxEngine._s3gen`), the watermark;
+- the **core** (`EngineCore`) keeps each request's state, asks the scheduler, has the runner compute, and turns the
+  outcome into events.
+
+A request is planned as `ChatterboxEngine.synthesize` plans it (voice conditionals, text split into chunks, one
+T3 request per chunk, per-chunk seeds), so it draws the same tokens as there, alone or among others. Its audio:
+- not streamed: once every chunk is decoded, its chunks are vocoded in the flow groups `synthesize` uses
+  (`ChatterboxEngine.s3gen_groups`, one unit each), joined and watermarked as there: the same samples as
+  `synthesize` gives for it (on CPU, where S3Gen runs per request; tests/unit/engine/test_engine_core.py);
+- streamed (`stream=True`): its chunks are vocoded in order as each is decoded (one unit each), joined with the
+  crossfade stream and watermarked piece by piece, exactly as `synthesize` streams it; each piece is an
+  `AudioChunk` event, and the final `RequestFinished` carries their concatenation.
+
+Memory and admission: T3 rows are bounded by the engine's `max_rows`; the number of requests in the core (decoding
+or waiting for S3Gen) by `SchedulerConfig.max_requests`, which the driver reads through `free_slots()` before it
+adds more. An aborted request frees its rows at T3's next step and its S3Gen work is dropped; it ends with
+`RequestFailed(error="cancelled")`. A failure (its voice, its text, a stage that raised for it) fails that request
+alone; a T3 step that raised rebuilds the decoder and fails the requests it held (their chunks cannot be resumed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+
+from .chunking import CrossfadeStream, crossfade_join
+from .contract import SynthesisRequest, SynthesisResult
+
+log = logging.getLogger(__name__)
+
+
+# ---- events ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AudioChunk:
+    """Piece `seq` (0, 1, ...) of a streamed request's audio: mono float32 at the engine's sample rate."""
+    request_id: str
+    seq: int
+    samples: np.ndarray
+
+
+@dataclasses.dataclass
+class RequestFinished:
+    request_id: str
+    result: SynthesisResult          # its audio (for a streamed request: its pieces concatenated) and metrics
+
+
+@dataclasses.dataclass
+class RequestFailed:
+    request_id: str
+    error: str                       # fit for the client ("cancelled" after `abort`)
+
+
+Event = Union[AudioChunk, RequestFinished, RequestFailed]
+
+
+# ---- scheduler -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_requests: int = 16           # requests in the core at once (decoding, or waiting for S3Gen)
+    s3gen_share: float = 0.3         # S3Gen's share of the engine's time at most while T3 has rows decoding
+    unit_estimate_s: float = 1.0     # expected seconds of an S3Gen unit before one was measured
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingChunk:
+    """A chunk waiting to enter T3."""
+    request_id: str
+    index: int                       # chunk number within its request
+    arrival: int                     # order of its request's arrival
+    rows: int                        # T3 rows it takes (2 with CFG)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3GenUnit:
+    """One unit of S3Gen work: flow + vocoder over `chunks` (indices in the request) of one request."""
+    request_id: str
+    chunks: tuple[int, ...]
+    streamed: bool
+    first_audio: bool                # a streamed request's first piece (exempt from the time budget)
+    arrival: int
+    units_left: int                  # units its request has left, this one included
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerView:
+    pending: Sequence[PendingChunk]  # not yet in T3, in no particular order
+    free_rows: int                   # T3 rows free (after what already waits inside the decoder)
+    t3_busy: bool                    # T3 has rows decoding or admitted
+    units: Sequence[S3GenUnit]       # S3Gen work whose input is ready
+    t3_seconds: float                # engine time spent in T3 since S3Gen work was last waiting for nothing
+    s3gen_seconds: float             # ... and in S3Gen
+    unit_seconds: float              # expected seconds of a unit (the last measured)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    admit: tuple[PendingChunk, ...] = ()
+    decode: bool = False
+    s3gen: S3GenUnit | None = None
+
+
+class Scheduler:
+    """Decides; never computes. See the module docstring for the policy."""
+
+    def __init__(self, config: SchedulerConfig = SchedulerConfig()):
+        if not 0 < config.s3gen_share < 1:
+            raise ValueError("s3gen_share must be between 0 and 1")
+        self.config = config
+
+    def schedule(self, view: SchedulerView) -> StepPlan:
+        admit, free = [], view.free_rows
+        for p in sorted(view.pending, key=lambda p: (p.index, p.arrival)):
+            if p.rows <= free:
+                admit.append(p)
+                free -= p.rows
+        decode = view.t3_busy or bool(admit)
+        unit = None
+        if view.units:
+            first = min(view.units, key=lambda u: (not u.first_audio, not u.streamed, u.units_left, u.arrival))
+            share = self.config.s3gen_share
+            within_budget = view.s3gen_seconds + view.unit_seconds <= share / (1 - share) * view.t3_seconds
+            if first.first_audio or not decode or within_budget:
+                unit = first
+        return StepPlan(tuple(admit), decode, unit)
+
+
+# ---- model runner -------------------------------------------------------------------------------------------------
+class ModelRunner:
+    """Computes what the scheduler chose, with the engine's networks: T3 steps, S3Gen units, the watermark."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def decoder(self):
+        return self.engine.decoder
+
+    def submit(self, t3_request) -> None:
+        self.engine.decoder.submit(t3_request)
+
+    def decode_step(self):
+        """One T3 step: every active row draws one token; returns the chunks' results that finished in it."""
+        return self.engine.decoder.step()
+
+    def vocode(self, chunks) -> list[np.ndarray]:
+        return self.engine._s3gen(list(chunks))
+
+    def watermark(self, audio: np.ndarray) -> np.ndarray:
+        w = self.engine.watermarker
+        return audio if w is None else w.apply(audio, self.engine.sample_rate)
+
+
+# ---- the core -----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Request:
+    request: SynthesisRequest
+    arrival: int
+    added: float
+    chunks: list                                  # pipeline._Chunk, in order
+    joiner: CrossfadeStream | None = None         # streamed: the crossfade stream
+    submitted: set = dataclasses.field(default_factory=set)    # chunk indices given to T3
+    decoded: int = 0                              # chunks whose tokens are known
+    groups: list | None = None                    # not streamed: flow groups left (lists of chunk indices)
+    next_piece: int = 0                           # streamed: next chunk to vocode
+    pieces: list = dataclasses.field(default_factory=list)
+    first_audio_s: float | None = None
+    t3_s: float = 0.0
+    s3gen_s: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+
+class EngineCore:
+    """Drive from one thread (`add_request`, `step`); `abort` from any. See the module docstring."""
+
+    def __init__(self, engine, config: SchedulerConfig | None = None):
+        self.engine = engine
+        self.scheduler = Scheduler(config or SchedulerConfig())
+        self.runner = ModelRunner(engine)
+        self.requests: dict[str, _Request] = {}
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+        self._aborts: set[str] = set()
+        self._abort_lock = threading.Lock()
+        self._t3_s = self._s3gen_s = 0.0
+        self._unit_s = self.scheduler.config.unit_estimate_s
+        self._by_t3: dict[int, tuple[_Request, object]] = {}   # id(T3Request) -> (request, chunk)
+
+    # ---- public ----------------------------------------------------------------------------------------------
+    def add_request(self, request: SynthesisRequest) -> str:
+        """Queue a request (planned at the next step); returns its id (request.request_id, or a new one)."""
+        if not request.request_id:
+            request = dataclasses.replace(request, request_id=f"req-{next(self._ids)}")
+        if request.request_id in self.requests:
+            raise ValueError(f"request {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = _Request(request, next(self._arrivals), time.perf_counter(), chunks=None)
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request at the next step (thread-safe): its T3 rows are freed then, no further S3Gen work runs
+        for it, and the step reports `RequestFailed(request_id, "cancelled")`. Unknown ids are ignored."""
+        with self._abort_lock:
+            self._aborts.add(request_id)
+        self.engine.decoder.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def free_slots(self) -> int:
+        """How many more requests the core takes now (its `max_requests` less those it holds)."""
+        return max(0, self.scheduler.config.max_requests - len(self.requests))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.engine.sample_rate
+
+    def step(self, emit: Callable[[Event], None] | None = None) -> list[Event]:
+        """Plan new requests, apply aborts, then one scheduled step: chunks admitted to T3, one decoding step, one
+        unit of S3Gen. Returns the events of the step (also passed to `emit` as each happens, so a streamed
+        piece can leave before the step's remaining work)."""
+        events: list[Event] = []
+
+        def out(ev: Event) -> None:
+            events.append(ev)
+            if emit is not None:
+                emit(ev)
+
+        with self.engine._lock, torch.inference_mode():
+            self._apply_aborts(out)
+            self._plan_new(out)
+            plan = self.scheduler.schedule(self._view())
+            for p in plan.admit:
+                self._submit(p)
+            if plan.decode and self.runner.decoder.busy:
+                self._decode(out)
+            if plan.s3gen is not None:
+                self._run_unit(plan.s3gen, out)
+            if not self._units() and not self.runner.decoder.busy:
+                self._t3_s = self._s3gen_s = 0.0          # nothing waits: the budget starts afresh
+        return events
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+    def _apply_aborts(self, out) -> None:
+        with self._abort_lock:
+            ids, self._aborts = self._aborts, set()
+        for rid in ids:
+            r = self.requests.pop(rid, None)
+            if r is not None:
+                self._forget_t3(r)
+                out(RequestFailed(rid, "cancelled"))
+        if not self.requests:
+            self.engine.decoder.clear_aborts()
+
+    def _plan_new(self, out) -> None:
+        from .pipeline import MIN_PIECE_SECONDS, _reason
+        for r in [r for r in self.requests.values() if r.chunks is None]:
+            try:
+                r.chunks = self.engine._plan(r.arrival, r.request)
+            except Exception as e:        # its voice or its text: this request alone
+                del self.requests[r.id]
+                out(RequestFailed(r.id, _reason(e)))
+                continue
+            if r.request.stream:
+                r.joiner = CrossfadeStream(self.engine.sample_rate, self.engine.crossfade_seconds,
+                                           int(MIN_PIECE_SECONDS * self.engine.sample_rate))
+
+    def _view(self) -> SchedulerView:
+        decoder = self.runner.decoder
+        chain = decoder.chain
+        waiting_rows = sum(chain.rows_needed(q.params) for q in decoder.waiting)
+        pending = [PendingChunk(r.id, c.index, r.arrival, chain.rows_needed(c.t3.params))
+                   for r in self.requests.values() if r.chunks is not None
+                   for c in r.chunks if c.index not in r.submitted]
+        return SchedulerView(pending=pending, free_rows=decoder.max_rows - decoder.rows_in_use - waiting_rows,
+                             t3_busy=decoder.busy, units=self._units(), t3_seconds=self._t3_s,
+                             s3gen_seconds=self._s3gen_s, unit_seconds=self._unit_s)
+
+    def _units(self) -> list[S3GenUnit]:
+        units = []
+        for r in self.requests.values():
+            if r.chunks is None:
+                continue
+            if r.joiner is not None:
+                if r.next_piece < len(r.chunks) and r.chunks[r.next_piece].tokens is not None:
+                    units.append(S3GenUnit(r.id, (r.next_piece,), True, not r.pieces, r.arrival,
+                                           len(r.chunks) - r.next_piece))
+            elif r.decoded == len(r.chunks):
+                if r.groups is None:
+                    r.groups = self._groups(r)
+                if r.groups:
+                    units.append(S3GenUnit(r.id, tuple(r.groups[0]), False, False, r.arrival, len(r.groups)))
+        return units
+
+    def _groups(self, r: _Request) -> list[list[int]]:
+        speaking = [c for c in r.chunks if c.tokens is not None and c.tokens.numel() > 0]
+        return [[c.index for c in g] for g in self.engine.s3gen_groups(speaking)] if speaking else []
+
+    def _submit(self, p: PendingChunk) -> None:
+        r = self.requests[p.request_id]
+        c = r.chunks[p.index]
+        self.runner.submit(c.t3)
+        r.submitted.add(p.index)
+        self._by_t3[id(c.t3)] = (r, c)
+
+    def _decode(self, out) -> None:
+        from .pipeline import _reason
+        t0 = time.perf_counter()
+        holders = {r.id for r, _ in self._by_t3.values()}
+        try:
+            finished = self.runner.decode_step()
+        except Exception as e:
+            log.exception("T3 step failed; the requests it held fail, the decoder is rebuilt")
+            self.engine._new_decoder()
+            for rid in holders:
+                r = self.requests.pop(rid, None)
+                if r is not None:
+                    self._forget_t3(r)
+                    out(RequestFailed(rid, _reason(e)))
+            return
+        spent = time.perf_counter() - t0
+        self._t3_s += spent
+        for rid in holders:
+            if rid in self.requests:
+                self.requests[rid].t3_s += spent
+        for res in finished:
+            held = self._by_t3.pop(id(res.request), None)
+            if held is None or res.stop_reason == "aborted":
+                continue
+            r, c = held
+            c.tokens = res.speech_tokens
+            r.decoded += 1
+        for r in list(self.requests.values()):      # a request with nothing to vocode ends here
+            if r.chunks is not None and r.decoded == len(r.chunks) and r.joiner is None and not self._groups(r):
+                del self.requests[r.id]
+                out(RequestFailed(r.id, "the model produced no speech for this text"))
+
+    def _run_unit(self, unit: S3GenUnit, out) -> None:
+        from .pipeline import _reason
+        r = self.requests[unit.request_id]
+        chunks = [r.chunks[i] for i in unit.chunks]
+        t0 = time.perf_counter()
+        try:
+            speaking = [c for c in chunks if c.tokens.numel() > 0]
+            for c, wav in zip(speaking, self.runner.vocode(speaking) if speaking else []):
+                c.wav = wav
+            if r.joiner is not None:
+                self._stream_piece(r, chunks[0], out)
+            else:
+                r.groups.pop(0)
+        except Exception as e:          # its vocoding, or its consumer: this request alone
+            log.warning("request %s failed in S3Gen: %s", r.id, e)
+            del self.requests[r.id]
+            out(RequestFailed(r.id, _reason(e)))
+            return
+        finally:
+            spent = time.perf_counter() - t0
+            self._s3gen_s += spent
+            r.s3gen_s += spent
+            if not unit.first_audio:
+                self._unit_s = spent
+        if r.joiner is None and not r.groups:
+            self._finish(r, out)
+        elif r.joiner is not None and r.next_piece == len(r.chunks):
+            self._finish(r, out)
+
+    def _stream_piece(self, r: _Request, c, out) -> None:
+        last = r.next_piece == len(r.chunks) - 1
+        piece = r.joiner.push(c.wav if c.wav is not None else np.zeros(0, np.float32), last=last)
+        r.next_piece += 1
+        if len(piece):
+            piece = self.runner.watermark(piece)
+            if r.first_audio_s is None:
+                r.first_audio_s = time.perf_counter() - r.added
+            out(AudioChunk(r.id, len(r.pieces), piece))
+            r.pieces.append(piece)
+
+    def _finish(self, r: _Request, out) -> None:
+        del self.requests[r.id]
+        if r.joiner is not None:
+            if not r.pieces:
+                out(RequestFailed(r.id, "the model produced no speech for this text"))
+                return
+            audio = np.concatenate(r.pieces)
+            extra = {"stream_pieces": len(r.pieces), "first_audio_s": round(r.first_audio_s or 0.0, 4)}
+        else:
+            audio = crossfade_join([c.wav for c in r.chunks if c.wav is not None], self.engine.sample_rate,
+                                   self.engine.crossfade_seconds)
+            audio = self.runner.watermark(audio)
+            extra = {}
+        out(RequestFinished(r.id, SynthesisResult(audio=audio, metrics={
+            "audio_seconds": round(len(audio) / self.engine.sample_rate, 3),
+            "speech_tokens": sum(int(c.tokens.numel()) for c in r.chunks if c.tokens is not None),
+            "chunks": len(r.chunks), "t3_s": round(r.t3_s, 4), "s3gen_s": round(r.s3gen_s, 4),
+            "latency_s": round(time.perf_counter() - r.added, 4), **extra})))
+
+    def _forget_t3(self, r: _Request) -> None:
+        for key in [k for k, (owner, _) in self._by_t3.items() if owner is r]:
+            del self._by_t3[key]

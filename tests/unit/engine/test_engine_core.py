@@ -1,0 +1,152 @@
+"""The engine core (engine/core.py) on tiny random checkpoints, float32, CPU: requests added between steps give
+exactly the audio `synthesize` gives them (streamed or not, alone or among others), a short request admitted
+while a long one decodes finishes first, an abort frees its rows at the next step and leaves the others
+unchanged, admission respects free_slots; and the scheduler's policy on hand-made views."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chatterbox_serverless.engine.contract import PreparedVoice, SynthesisParams, SynthesisRequest
+from chatterbox_serverless.engine.core import (AudioChunk, EngineCore, PendingChunk, RequestFailed, RequestFinished,
+                                               S3GenUnit, Scheduler, SchedulerConfig, SchedulerView)
+from chatterbox_serverless.engine.pipeline import ChatterboxEngine
+from chatterbox_serverless.engine.resolve import resolve_checkpoint
+
+LONG = ("The long request has many sentences. Each of them becomes a chunk of its own. The chunks decode side "
+        "by side in T3. Then S3Gen vocodes them in groups. This one keeps the engine busy for a while.")
+SHORT = "A short one."
+
+
+@pytest.fixture(scope="module", params=["tiny-random", "tiny-random-turbo"])
+def engine(request, tmp_path_factory):
+    torch.set_num_threads(1)
+    return ChatterboxEngine(resolve_checkpoint(request.param, tmp_path_factory.mktemp("data")), device="cpu",
+                            dtype="float32", max_chunk_chars=60)
+
+
+def req(rid: str, text: str, seed: int = 1, stream: bool = False) -> SynthesisRequest:
+    return SynthesisRequest(text, SynthesisParams(seed=seed), request_id=rid, stream=stream)
+
+
+def drain(core: EngineCore, steps: list | None = None, add: dict | None = None) -> list:
+    """Step until done; `add`: {step number: request} added before that step. Events in order."""
+    events, n = [], 0
+    add = dict(add or {})
+    while core.has_unfinished() or add:
+        if n in add:
+            core.add_request(add.pop(n))
+        events += core.step()
+        n += 1
+        if steps is not None:
+            steps.append(n)
+        assert n < 10_000
+    return events
+
+
+def finished(events) -> dict[str, np.ndarray]:
+    return {e.request_id: e.result.audio for e in events if isinstance(e, RequestFinished)}
+
+
+def test_core_gives_the_audio_synthesize_gives(engine):
+    alone = engine.synthesize([req("a", LONG), req("b", SHORT, seed=2)])
+    core = EngineCore(engine)
+    core.add_request(req("a", LONG))
+    core.add_request(req("b", SHORT, seed=2))
+    out = finished(drain(core))
+    assert np.array_equal(out["a"], alone[0].audio)
+    assert np.array_equal(out["b"], alone[1].audio)
+
+
+def test_streamed_request_pieces_are_what_synthesize_streams(engine):
+    pieces = []
+    ref = engine.synthesize([req("s", LONG, stream=True)], on_audio=lambda rid, seq, x: pieces.append(x))[0]
+    core = EngineCore(engine)
+    core.add_request(req("s", LONG, stream=True))
+    events = drain(core)
+    chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) == len(pieces) > 1
+    assert all(np.array_equal(a, b) for a, b in zip(chunks, pieces))
+    assert np.array_equal(finished(events)["s"], ref.audio)
+    assert np.array_equal(np.concatenate(chunks), ref.audio)
+
+
+def test_a_short_request_admitted_while_a_long_one_decodes_finishes_first_with_its_own_audio(engine):
+    alone = engine.synthesize([req("short", SHORT, seed=5)])[0].audio
+    core = EngineCore(engine)
+    core.add_request(req("long", LONG))
+    events = drain(core, add={3: req("short", SHORT, seed=5)})
+    order = [e.request_id for e in events if isinstance(e, RequestFinished)]
+    assert order == ["short", "long"]
+    assert np.array_equal(finished(events)["short"], alone)
+
+
+def test_abort_frees_rows_at_the_next_step_and_leaves_the_others_unchanged(engine):
+    alone = engine.synthesize([req("keep", LONG, seed=3)])[0].audio
+    core = EngineCore(engine)
+    core.add_request(req("keep", LONG, seed=3))
+    core.add_request(req("drop", LONG, seed=4))
+    events = core.step() + core.step()
+    rows_before = engine.decoder.rows_in_use
+    core.abort("drop")
+    events += core.step()
+    assert RequestFailed("drop", "cancelled") in events
+    assert engine.decoder.rows_in_use < rows_before
+    events += drain(core)
+    assert np.array_equal(finished(events)["keep"], alone)
+    assert "drop" not in finished(events)
+
+
+def test_free_slots_bounds_admission_and_a_bad_request_fails_alone(engine):
+    core = EngineCore(engine, SchedulerConfig(max_requests=2))
+    assert core.free_slots() == 2
+    core.add_request(req("x", SHORT))
+    core.add_request(SynthesisRequest(SHORT, voice=PreparedVoice("another-model", b""), request_id="bad"))
+    assert core.free_slots() == 0
+    with pytest.raises(ValueError):
+        core.add_request(req("x", SHORT))
+    events = drain(core)
+    assert "x" in finished(events)
+    assert [e.error for e in events if isinstance(e, RequestFailed)] == [
+        "the voice's stored conditionals were computed for another model variant"]
+    assert core.free_slots() == 2
+
+
+# ---- the scheduler alone ----------------------------------------------------------------------------------------
+def view(**kw) -> SchedulerView:
+    base = dict(pending=(), free_rows=8, t3_busy=False, units=(), t3_seconds=0.0, s3gen_seconds=0.0,
+                unit_seconds=1.0)
+    return SchedulerView(**{**base, **kw})
+
+
+def unit(rid, *, streamed=False, first=False, arrival=0, left=1) -> S3GenUnit:
+    return S3GenUnit(rid, (0,), streamed, first, arrival, left)
+
+
+def test_scheduler_admits_every_first_chunk_before_anyones_next_within_free_rows():
+    s = Scheduler()
+    pending = [PendingChunk("long", i, 0, 2) for i in range(1, 6)] + [PendingChunk("new", 0, 1, 2)]
+    plan = s.schedule(view(pending=pending, free_rows=4, t3_busy=True))
+    assert [(p.request_id, p.index) for p in plan.admit] == [("new", 0), ("long", 1)]
+    assert plan.decode
+
+
+def test_scheduler_keeps_s3gen_within_its_share_while_t3_decodes_and_runs_it_freely_when_idle():
+    s = Scheduler(SchedulerConfig(s3gen_share=0.3))
+    work = [unit("long", left=4)]
+    assert s.schedule(view(t3_busy=True, units=work, t3_seconds=1.0)).s3gen is None
+    assert s.schedule(view(t3_busy=True, units=work, t3_seconds=3.0)).s3gen is not None
+    assert s.schedule(view(t3_busy=True, units=work, t3_seconds=3.0, s3gen_seconds=1.0)).s3gen is None
+    assert s.schedule(view(t3_busy=False, units=work)).s3gen == work[0]
+
+
+def test_scheduler_orders_units_first_audio_then_streamed_then_fewest_left():
+    s = Scheduler()
+    units = [unit("long", left=4, arrival=0), unit("short", left=1, arrival=1),
+             unit("streamed", streamed=True, arrival=2, left=3)]
+    assert s.schedule(view(units=units)).s3gen.request_id == "streamed"
+    assert s.schedule(view(units=units[:2])).s3gen.request_id == "short"
+    first = unit("new", streamed=True, first=True, arrival=3)
+    plan = s.schedule(view(units=units + [first], t3_busy=True, t3_seconds=0.0))
+    assert plan.s3gen == first          # a first piece ignores the budget
