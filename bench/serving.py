@@ -1,0 +1,245 @@
+"""Serving latency and throughput: the previous batch-at-once worker vs the engine core, same engine, one run.
+
+    python bench/serving.py CKPT_DIR [--dtype bfloat16] [--compile] [--threads 2] [--tokens-per-chunk 60]
+                            [--scenarios single,interference,poisson] [--poisson-seconds 180] [--rate R]
+
+CKPT_DIR: a checkpoint in an official layout with full-size weights (e.g. a `../shared/reference` dump:
+dump_reference.py --out /tmp/refs/a). Both modes drive the same loaded engine from one thread, as the worker
+does, with the clock running while requests arrive:
+- batch: what the worker did before the engine core: take up to --batch waiting requests, run
+  `ChatterboxEngine.synthesize` on them (T3 for all, then S3Gen for all), and only then take more; streamed
+  requests get their pieces through on_audio (between sentence chunks);
+- core: `EngineCore` (engine/core.py): requests join between steps as they arrive (up to its free slots); each
+  `step()` decodes one token for every row and runs at most one unit of S3Gen under the scheduler's budget.
+
+Random weights almost never draw EOS, so every sentence chunk decodes --tokens-per-chunk tokens (the engine's
+per-chunk bound): a 1-sentence request is that many tokens (25 per second of audio), an 8-sentence one 8 times.
+
+Scenarios (each in both modes, figures side by side):
+  single        one 1-sentence streamed request: time to first audio (TTFA) and total time
+  interference  a 1-sentence request submitted while an 8-sentence request runs (at 25% of the long one's time
+                alone): its latency over its latency alone
+  poisson       Poisson arrivals of 1/2/4-sentence requests for --poisson-seconds (rate: --rate, default ~70% of
+                the batch mode's measured capacity), once not streamed and once streamed: p50/p95 latency and
+                TTFA, aggregate audio seconds per second of wall time (the price of streaming: streamed vs not)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import machine, params_for, peak_rss_mb  # noqa: E402  (bench/engine.py)
+
+SENTENCES = ["Welcome to Chatterbox, where your text turns into captivating audio.",
+             "The engine streams audio while it is still generating the rest.",
+             "Short requests should not wait for long ones to finish first.",
+             "Every sentence becomes one chunk of speech tokens for the decoder.",
+             "The vocoder turns the tokens into a waveform at twenty four kilohertz.",
+             "A watermark is added to every piece that leaves the server.",
+             "Continuous batching lets new requests join between two steps.",
+             "That is how a busy server keeps its latency low and steady."]
+
+
+def text_of(n: int, offset: int = 0) -> str:
+    return " ".join(SENTENCES[(offset + i) % len(SENTENCES)] for i in range(n))
+
+
+@dataclasses.dataclass
+class Arrival:
+    at: float                 # seconds after the start
+    sentences: int
+    stream: bool
+    seed: int
+    rid: str = ""
+
+
+@dataclasses.dataclass
+class Record:
+    rid: str
+    arrived: float
+    first_audio: float | None = None
+    done: float | None = None
+    audio_s: float = 0.0
+    error: str | None = None
+
+    @property
+    def latency(self) -> float:
+        return self.done - self.arrived
+
+    @property
+    def ttfa(self) -> float:
+        return (self.first_audio if self.first_audio is not None else self.done) - self.arrived
+
+
+def request_of(engine, a: Arrival):
+    from chatterbox_serverless.engine.contract import SynthesisRequest
+    return SynthesisRequest(text_of(a.sentences, a.seed), params_for(engine.variant.name, a.seed), request_id=a.rid,
+                            stream=a.stream)
+
+
+def run_batch(engine, arrivals: list[Arrival], batch: int) -> dict[str, Record]:
+    """The batch-at-once worker: waiting requests taken up to `batch` at once, each batch run to its end."""
+    t0 = time.perf_counter()
+    now = lambda: time.perf_counter() - t0  # noqa: E731
+    todo = sorted(arrivals, key=lambda a: a.at)
+    recs: dict[str, Record] = {}
+    waiting: list[Arrival] = []
+
+    def on_audio(rid, seq, samples):
+        if recs[rid].first_audio is None:
+            recs[rid].first_audio = now()
+
+    while todo or waiting:
+        while todo and todo[0].at <= now():
+            a = todo.pop(0)
+            waiting.append(a)
+            recs[a.rid] = Record(a.rid, a.at)
+        if not waiting:
+            time.sleep(min(0.01, max(0.0, todo[0].at - now())))
+            continue
+        take, waiting = waiting[:batch], waiting[batch:]
+        results = engine.synthesize([request_of(engine, a) for a in take], on_audio=on_audio)
+        for a, res in zip(take, results):
+            r = recs[a.rid]
+            r.done, r.error = now(), res.error
+            r.audio_s = res.metrics.get("audio_seconds", 0.0) if res.error is None else 0.0
+    return recs
+
+
+def run_core(engine, arrivals: list[Arrival], config=None) -> dict[str, Record]:
+    """The engine core: arrivals added between steps while it has free slots."""
+    from chatterbox_serverless.engine.core import AudioChunk, EngineCore, RequestFailed, RequestFinished
+    core = EngineCore(engine, config)
+    t0 = time.perf_counter()
+    now = lambda: time.perf_counter() - t0  # noqa: E731
+    todo = sorted(arrivals, key=lambda a: a.at)
+    recs: dict[str, Record] = {}
+    waiting: list[Arrival] = []
+
+    def on_event(ev):
+        r = recs[ev.request_id]
+        if isinstance(ev, AudioChunk):
+            if r.first_audio is None:
+                r.first_audio = now()
+        elif isinstance(ev, RequestFinished):
+            r.done, r.audio_s = now(), ev.result.metrics["audio_seconds"]
+        elif isinstance(ev, RequestFailed):
+            r.done, r.error = now(), ev.error
+
+    while todo or waiting or core.has_unfinished():
+        while todo and todo[0].at <= now():
+            a = todo.pop(0)
+            waiting.append(a)
+            recs[a.rid] = Record(a.rid, a.at)
+        while waiting and core.free_slots() > 0:
+            core.add_request(request_of(engine, waiting.pop(0)))
+        if core.has_unfinished():
+            core.step(emit=on_event)
+        elif todo:
+            time.sleep(min(0.01, max(0.0, todo[0].at - now())))
+    return recs
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def summary(recs: dict[str, Record]) -> dict:
+    ok = [r for r in recs.values() if r.error is None]
+    end = max(r.done for r in recs.values())
+    start = min(r.arrived for r in recs.values())
+    return {"requests": len(recs), "failed": len(recs) - len(ok),
+            "latency_p50": pct([r.latency for r in ok], 0.5), "latency_p95": pct([r.latency for r in ok], 0.95),
+            "ttfa_p50": pct([r.ttfa for r in ok], 0.5), "ttfa_p95": pct([r.ttfa for r in ok], 0.95),
+            "audio_s": sum(r.audio_s for r in ok), "wall_s": end - start,
+            "audio_s_per_s": sum(r.audio_s for r in ok) / max(1e-9, end - start)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--compile", action="store_true", help="T3's decoding step through torch.compile")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens-per-chunk", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=8, help="batch mode: requests per batch at most")
+    ap.add_argument("--scenarios", default="single,interference,poisson")
+    ap.add_argument("--poisson-seconds", type=float, default=180.0)
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: measured)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    from chatterbox_serverless.engine.contract import SynthesisRequest
+    from chatterbox_serverless.engine.pipeline import ChatterboxEngine
+    engine = ChatterboxEngine(args.ckpt, device="cpu", dtype=args.dtype, compile=args.compile)
+    engine.max_new_tokens = args.tokens_per_chunk
+    model = engine.variant.name
+    engine.synthesize([SynthesisRequest(text_of(1), params_for(model, 99))])          # warm-up (and the voice)
+    print(f"# {machine()}; {model}, {args.dtype}{' + compile' if args.compile else ''}, {args.threads} threads, "
+          f"{args.tokens_per_chunk} tokens per sentence chunk", flush=True)
+    figures: dict = {}
+    modes = {"batch": lambda arr: run_batch(engine, arr, args.batch), "core": lambda arr: run_core(engine, arr)}
+    scenarios = args.scenarios.split(",")
+
+    if "single" in scenarios:
+        for mode, run in modes.items():
+            r = run([Arrival(0.0, 1, True, 1, "one")])["one"]
+            figures[f"single/{mode}"] = {"ttfa": r.ttfa, "total": r.latency, "ttfa_over_total": r.ttfa / r.latency}
+            print(f"single      {mode:5s}  TTFA {r.ttfa:6.2f} s  total {r.latency:6.2f} s  "
+                  f"TTFA/total {r.ttfa / r.latency:5.2f}", flush=True)
+
+    capacity = None
+    if "interference" in scenarios or ("poisson" in scenarios and args.rate is None):
+        for mode, run in modes.items():
+            short_alone = run([Arrival(0.0, 1, False, 7, "short")])["short"].latency
+            long_alone = run([Arrival(0.0, 8, False, 3, "long")])["long"]
+            capacity = long_alone.audio_s / long_alone.latency if capacity is None else capacity
+            if "interference" not in scenarios:
+                break
+            recs = run([Arrival(0.0, 8, False, 3, "long"), Arrival(0.25 * long_alone.latency, 1, False, 7, "short")])
+            ratio = recs["short"].latency / short_alone
+            figures[f"interference/{mode}"] = {"short_alone": short_alone, "short_under_load": recs["short"].latency,
+                                               "ratio": ratio, "long_alone": long_alone.latency,
+                                               "long_under_load": recs["long"].latency}
+            print(f"interference {mode:5s}  1-sentence alone {short_alone:6.2f} s, beside an 8-sentence request "
+                  f"{recs['short'].latency:6.2f} s ({ratio:4.2f}x); the 8-sentence one {long_alone.latency:6.2f} s "
+                  f"alone, {recs['long'].latency:6.2f} s", flush=True)
+
+    if "poisson" in scenarios:
+        mean_audio = statistics.mean([1, 2, 4]) * args.tokens_per_chunk / 25.0
+        rate = args.rate if args.rate is not None else 0.7 * capacity / mean_audio
+        rng = random.Random(0)
+        t, arrivals = 0.0, []
+        while True:
+            t += rng.expovariate(rate)
+            if t > args.poisson_seconds:
+                break
+            arrivals.append((t, rng.choice([1, 2, 4]), rng.randrange(1 << 30)))
+        print(f"poisson: {len(arrivals)} requests over {args.poisson_seconds:.0f} s ({rate:.3f}/s)", flush=True)
+        for stream in (False, True):
+            for mode, run in modes.items():
+                arr = [Arrival(at, n, stream, seed, f"p{i}") for i, (at, n, seed) in enumerate(arrivals)]
+                s = summary(run(arr))
+                figures[f"poisson/{'streamed' if stream else 'whole'}/{mode}"] = s
+                print(f"poisson {'streamed' if stream else 'whole   '} {mode:5s}  latency p50 {s['latency_p50']:6.2f} "
+                      f"p95 {s['latency_p95']:6.2f} s  TTFA p50 {s['ttfa_p50']:6.2f} p95 {s['ttfa_p95']:6.2f} s  "
+                      f"{s['audio_s_per_s']:.3f} audio s/s  ({s['failed']} failed)", flush=True)
+    figures["peak_rss_mb"] = peak_rss_mb()
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
