@@ -178,6 +178,13 @@ class ChatterboxEngine:
             self.decoder.run(warm)
         log.info("T3 decoding step compiled in %.1f s", time.perf_counter() - t0)
 
+    def new_core(self, config=None):
+        """An engine core over this engine (engine/core.py): requests added and stepped one token at a time, the
+        way the worker drives it. `synthesize` (a whole batch at once) and a core must not run at the same time
+        from two threads: both hold the engine's lock while they compute, one step or one batch at a time."""
+        from .core import EngineCore
+        return EngineCore(self, config)
+
     # --- library voices (contract.VoicePreparer) ----------------------------------------------------------------
     @property
     def voice_variant(self) -> str:

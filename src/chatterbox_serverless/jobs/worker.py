@@ -149,7 +149,7 @@ class Worker:
                  lease_seconds: float = 30.0, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, poll_interval: float = 0.1, maintenance_interval: float = 5.0,
                  metrics: WorkerMetrics | None = None, info: dict | None = None,
-                 cancel_poll_interval: float = 0.5):
+                 cancel_poll_interval: float = 0.5, use_core: bool = True):
         self.store = store
         self.cancel_poll_interval = cancel_poll_interval   # while a batch runs: cancelled jobs aborted (0: never)
         self._repair: Accounts | None = None    # reconcile_with(): holds left open, repaired in maintenance
@@ -170,6 +170,7 @@ class Worker:
         self.claimer = BatchClaimer(store, self.worker_id, batch_size=batch_size, batch_wait=batch_wait,
                                    lease_seconds=lease_seconds, poll_interval=poll_interval)
         self._stop = threading.Event()
+        self._abandon = threading.Event()        # set by stop() when the grace time ran out
         self._heartbeat_stop = threading.Event()
         self._in_hand: set[str] = set()
         self._in_hand_lock = threading.Lock()
@@ -184,6 +185,12 @@ class Worker:
             self.engine_streams = "on_audio" in inspect.signature(engine.synthesize).parameters
         except (TypeError, ValueError):
             self.engine_streams = False
+        # an engine with a core (engine/core.py) is driven step by step (jobs/engine_loop.py): jobs join it between
+        # steps and leave it as each ends; other engines run a batch at a time (`process`)
+        new_core = getattr(engine, "new_core", None)
+        self.core = new_core() if use_core and callable(new_core) else None
+        if self.core is not None:
+            self.engine_streams = True
 
     def reconcile_with(self, accounts: Accounts | None) -> None:
         """Let this worker's maintenance repair credit holds (`accounts.maybe_reconcile(store.get)`): holds whose
@@ -193,6 +200,7 @@ class Worker:
     # --- lifecycle --------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
+        self._abandon.clear()
         self._heartbeat_stop.clear()
         self._thread = threading.Thread(target=self.run, name=f"worker-{self.worker_id}", daemon=True)
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="worker-heartbeat", daemon=True)
@@ -213,6 +221,7 @@ class Worker:
         self.claimer.notify()
         if self._thread is not None:
             self._thread.join(grace)
+        self._abandon.set()             # what is still running is handed back below; the loop drops it
         with self._in_hand_lock:
             left = list(self._in_hand)
             self._in_hand.clear()
@@ -230,6 +239,13 @@ class Worker:
     def run(self) -> None:
         """The worker loop (blocking) until `stop()`."""
         log.info("worker %s started", self.worker_id)
+        if self.core is not None:
+            from .engine_loop import CoreLoop
+            try:
+                CoreLoop(self, self.core).run()
+            finally:
+                log.info("worker %s stopped", self.worker_id)
+            return
         while not self._stop.is_set():
             try:
                 self.maintain()
@@ -300,42 +316,44 @@ class Worker:
                 return
 
     # --- one batch --------------------------------------------------------------------------------------------
-    def process(self, jobs: Sequence[Job]) -> None:
-        claimed_at = time.time()
-        ready: list[tuple[Job, SynthesisRequest]] = []
-        voices = {}
-        for job in jobs:
-            ref = job.params.get("reference_audio")
-            if ref:
-                voices[job.id] = self._fetch_pool.submit(self.resolve_reference, ref)
-            elif job.params.get("voice"):
-                voices[job.id] = self._fetch_pool.submit(self.resolve_voice, str(job.params["voice"]))
-        for job in jobs:
-            text = str(job.params.get("text", ""))
-            reason = self.policy.violation(text)
-            if reason:
-                self._fail(job, reason)
-                continue
-            voice = None
-            if job.id in voices:
-                try:
-                    voice = voices[job.id].result()
-                except Exception as e:
-                    if is_storage_error(e):
-                        self._retry_later(job, e)
-                        continue
-                    reason = public_reason(e)
-                    param = "reference_audio" if job.params.get("reference_audio") else "voice"
-                    self._fail(job, reason if reason.startswith(param) else f"{param}: {reason}")
-                    continue
+    def _prepare(self, job: Job) -> SynthesisRequest | None:
+        """The engine request for a claimed job (content policy, its voice fetched or loaded), or None when the
+        job failed here (with its reason) or was handed back (storage). Runs in the fetch pool."""
+        text = str(job.params.get("text", ""))
+        reason = self.policy.violation(text)
+        if reason:
+            self._fail(job, reason)
+            return None
+        voice = None
+        ref, library_voice = job.params.get("reference_audio"), job.params.get("voice")
+        if ref or library_voice:
             try:
-                request = SynthesisRequest(text=text, params=synthesis_params(job.params), voice=voice,
-                                           request_id=job.id,
-                                           stream=bool(job.params.get("stream")) and self.engine_streams)
+                voice = self.resolve_reference(ref) if ref else self.resolve_voice(str(library_voice))
             except Exception as e:
-                self._fail(job, f"invalid parameters: {e}")
-                continue
-            ready.append((job, request))
+                if is_storage_error(e):
+                    self._retry_later(job, e)
+                    return None
+                reason = public_reason(e)
+                param = "reference_audio" if ref else "voice"
+                self._fail(job, reason if reason.startswith(param) else f"{param}: {reason}")
+                return None
+        try:
+            return SynthesisRequest(text=text, params=synthesis_params(job.params), voice=voice, request_id=job.id,
+                                    stream=bool(job.params.get("stream")) and self.engine_streams)
+        except Exception as e:
+            self._fail(job, f"invalid parameters: {e}")
+            return None
+
+    def process(self, jobs: Sequence[Job]) -> None:
+        """One batch, the batch-at-once way (engines without a core): every job prepared (voices fetched in
+        parallel), the engine run on all of them, each result stored."""
+        claimed_at = time.time()
+        prepared = [(job, self._fetch_pool.submit(self._prepare, job)) for job in jobs]
+        ready: list[tuple[Job, SynthesisRequest]] = []
+        for job, future in prepared:
+            request = future.result()
+            if request is not None:
+                ready.append((job, request))
         if not ready:
             return
         # Between stages, progress events double as the check that each job is still ours: one cancelled while
