@@ -76,7 +76,11 @@ class Engine(Protocol):
     (its job was cancelled): callable from any thread while `synthesize` runs, it returns at once; the engine stops
     working on that request at its next step (ChatterboxEngine: T3's next decoding step, its rows freed, no S3Gen
     work) and reports it with the error "cancelled"; the other requests' results do not change. An abort for an id
-    no running batch holds may be forgotten (the worker repeats it while the batch runs)."""
+    no running batch holds may be forgotten (the worker repeats it while the batch runs).
+
+    Core (optional): an engine with `new_core()` returns an engine core (engine/core.py: `add_request`, `abort`,
+    `step() -> events`, `has_unfinished`, `free_slots`); the worker then drives it step by step instead of calling
+    `synthesize` (jobs/engine_loop.py): requests join between steps and each ends on its own."""
     sample_rate: int
     model: str          # the API model it serves ("chatterbox-tts", "chatterbox-turbo", ...: variants.Variant.api_model)
 
