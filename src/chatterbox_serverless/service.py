@@ -1,12 +1,20 @@
-"""The service, assembled from `Settings`: job store, accounts, engine, worker, janitor.
+"""The service, assembled from `Settings`: job store, accounts, engines, workers, janitor.
 
 `serve` (api/serve.py) builds one and puts the HTTP layer over it; `worker` (jobs/worker_main.py) builds one with
-a worker and no HTTP; tests build them with engine doubles. Nothing here knows HTTP.
+workers and no HTTP; tests build them with engine doubles. Nothing here knows HTTP.
 
     service = build_service(settings, engine=engine)      # opens the store (and accounts unless no_auth)
+    service = build_service(settings, engines=[original, turbo])   # several models, the first the default
     service.start()                                        # worker (or janitor) threads
     ...
     service.stop(); service.close()
+
+Several models: one engine per API model (`engine.model`), one in-process `Worker` per engine, each claiming
+only its engine's model from the shared store. `served_models` names them, default first: the HTTP layer
+offers those models' routes. An API without engines (`--workers 0`) serves the models it is told
+(`served_models=`, from the `--model` specs through engine/catalog.py) and workers elsewhere run them.
+`service.worker` is the one worker, or a `WorkerGroup` over several that reads like one (alive, notify,
+metrics), so /ready and /metrics need not know how many there are.
 """
 from __future__ import annotations
 
@@ -15,11 +23,11 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from .accounts.service import Accounts, Pricing
 from .jobs.policy import ContentPolicy
-from .jobs.store import JobStore
+from .jobs.store import DEFAULT_MODEL, JobStore
 from .settings import Settings
 
 log = logging.getLogger("chatterbox_serverless.service")
@@ -83,13 +91,59 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
+def engine_model(engine: Any) -> str:
+    """The API model an engine serves (contract.Engine.model; engines written before models: the original)."""
+    return str(getattr(engine, "model", None) or DEFAULT_MODEL)
+
+
+class WorkerGroup:
+    """Several in-process workers (one per engine) seen as one by the HTTP layer: alive when all are, `notify`
+    wakes them all, one metrics registry (they share one `WorkerMetrics`: the process's figures)."""
+
+    def __init__(self, workers: Sequence[Any]):
+        self.workers = tuple(workers)
+        self.metrics = self.workers[0].metrics
+
+    @property
+    def worker_id(self) -> str:
+        return ",".join(w.worker_id for w in self.workers)
+
+    @property
+    def alive(self) -> bool:
+        return all(w.alive for w in self.workers)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(m for w in self.workers for m in w.models)
+
+    def notify(self) -> None:
+        for w in self.workers:
+            w.notify()
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop them all at once (each finishes or hands back what it holds within the grace time)."""
+        import threading
+        threads = [threading.Thread(target=w.stop, args=(grace,), name=f"stop-{w.worker_id}") for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
 @dataclass
 class Service:
     settings: Settings
     store: JobStore
     accounts: Accounts | None = None
-    engine: Any = None                      # engine.contract.Engine, or None (an API without a worker)
-    worker: Any = None                      # jobs.worker.Worker running in this process, or None
+    engine: Any = None                      # the default model's engine.contract.Engine, or None (no worker here)
+    engines: tuple = ()                     # every engine in this process, the default first
+    served_models: tuple[str, ...] = (DEFAULT_MODEL,)   # API model names served, the default first
+    workers: tuple = ()                     # jobs.worker.Worker per engine running in this process
+    worker: Any = None                      # the one Worker, a WorkerGroup over several, or None
     janitor: Any = None                     # jobs.worker.Janitor when no in-process worker maintains the store
     policy: ContentPolicy = field(default_factory=ContentPolicy)
     fetcher: Any = None                     # media.SafeFetcher: reference URLs
@@ -98,6 +152,14 @@ class Service:
     model_name: str = ""
     owns_store: bool = True                 # close() closes the store (and the accounts it opened)
     owns_accounts: bool = False
+
+    @property
+    def default_model(self) -> str:
+        return self.served_models[0]
+
+    def engine_for(self, model: str) -> Any:
+        """The engine of `model` in this process, or None."""
+        return next((e for e in self.engines if engine_model(e) == model), None)
 
     def start(self) -> None:
         if self.worker is not None:
@@ -136,13 +198,41 @@ class Service:
             self.store.close()
 
 
-def build_service(settings: Settings, *, engine: Any = None, store: JobStore | None = None,
+def served_models_of(engines: Sequence[Any], served_models: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The API models a service serves: its engines' (in order), else `served_models`, else the original.
+    ServiceError (one sentence) when two engines serve one model, or `served_models` disagrees with them."""
+    if engines:
+        models = tuple(engine_model(e) for e in engines)
+        twice = sorted({m for m in models if models.count(m) > 1})
+        if twice:
+            raise ServiceError(f"two --model options serve {twice[0]}; give one checkpoint per model")
+        if served_models and tuple(served_models) != models:
+            raise ServiceError(f"the engines serve {', '.join(models)}, not {', '.join(served_models)}")
+        return models
+    if served_models:
+        models = tuple(served_models)
+        twice = sorted({m for m in models if models.count(m) > 1})
+        if twice:
+            raise ServiceError(f"two --model options serve {twice[0]}; give one checkpoint per model")
+        return models
+    return (DEFAULT_MODEL,)
+
+
+def build_service(settings: Settings, *, engine: Any = None, engines: Sequence[Any] | None = None,
+                  served_models: Sequence[str] | None = None, store: JobStore | None = None,
                   accounts: Accounts | None | bool = True, fetcher: Any = None, with_worker: bool | None = None,
                   model_name: str = "") -> Service:
-    """Assemble the service. `store`: an open store (default: the one `settings` names, closed with the service).
-    `accounts`: True opens them beside the store (unless `settings.no_auth`), False/None runs without keys, or
-    an `Accounts`. `with_worker`: run a worker in this process (default: when an engine is given and
-    `settings.workers` > 0); otherwise a janitor maintains the store."""
+    """Assemble the service. `engine`: one engine; `engines`: several, one per API model (the first is the
+    default model); not both. `served_models`: the API models served when no engine is given (an API whose
+    workers run elsewhere; default: the original). `store`: an open store (default: the one `settings` names,
+    closed with the service). `accounts`: True opens them beside the store (unless `settings.no_auth`),
+    False/None runs without keys, or an `Accounts`. `with_worker`: run a worker per engine in this process
+    (default: when an engine is given and `settings.workers` > 0); otherwise a janitor maintains the store."""
+    if engine is not None and engines:
+        raise ValueError("build_service takes engine= or engines=, not both")
+    engines = tuple(engines) if engines else ((engine,) if engine is not None else ())
+    engine = engines[0] if engines else None
+    models = served_models_of(engines, served_models)
     own = store is None
     store = store if store is not None else open_store(settings)
     try:
@@ -159,14 +249,25 @@ def build_service(settings: Settings, *, engine: Any = None, store: JobStore | N
         if fetcher is None:
             from .media import SafeFetcher
             fetcher = SafeFetcher(allow_hosts=settings.allow_fetch_hosts)
-        service = Service(settings=settings, store=store, accounts=accounts, engine=engine, policy=policy,
-                          fetcher=fetcher, model_name=model_name, owns_store=own,
-                          owns_accounts=owns_accounts and accounts is not None,
+        service = Service(settings=settings, store=store, accounts=accounts, engine=engine, engines=engines,
+                          served_models=models, policy=policy, fetcher=fetcher, model_name=model_name,
+                          owns_store=own, owns_accounts=owns_accounts and accounts is not None,
                           voices=open_voices(settings, store, engine))
         if with_worker is None:
             with_worker = engine is not None and settings.workers > 0
         if with_worker:
-            service.worker = make_worker(service)
+            if not engines:
+                raise ValueError("a worker needs an engine")
+            if len(engines) == 1:
+                service.workers = (make_worker(service),)
+                service.worker = service.workers[0]
+            else:
+                from .jobs.worker import WorkerMetrics
+                shared = WorkerMetrics()
+                base = settings.worker_id or default_worker_id()
+                service.workers = tuple(make_worker(service, e, worker_id=f"{base}-{engine_model(e)}", metrics=shared)
+                                        for e in engines)
+                service.worker = WorkerGroup(service.workers)
         else:
             from .jobs.worker import Janitor
             service.janitor = Janitor(store, max_attempts=settings.max_attempts,
@@ -179,17 +280,33 @@ def build_service(settings: Settings, *, engine: Any = None, store: JobStore | N
         raise
 
 
-def make_worker(service: Service) -> Any:
+def default_worker_id() -> str:
+    import os
+    import socket
+    import uuid
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def make_worker(service: Service, engine: Any = None, *, worker_id: str | None = None, metrics: Any = None) -> Any:
+    """The worker of `engine` (default: the service's engine), claiming only its model's jobs."""
+    import copy
+
     from .jobs.worker import Worker
     from .media import encode_audio, load_reference
 
     s, fetcher = service.settings, service.fetcher
-    worker = Worker(service.store, service.engine, encode=encode_audio,
+    engine = service.engine if engine is None else engine
+    voices = service.voices
+    if voices is not None and voices.engine is not engine:     # the library as this engine sees it (its variant)
+        voices = copy.copy(voices)
+        voices.engine = engine
+    worker = Worker(service.store, engine, encode=encode_audio,
                     resolve_reference=lambda value: load_reference(value, fetcher), policy=service.policy,
-                    resolve_voice=service.voices.load if service.voices is not None else None,
-                    worker_id=s.worker_id, batch_size=s.batch_size, batch_wait=s.batch_wait,
+                    resolve_voice=voices.load if voices is not None else None,
+                    worker_id=worker_id or s.worker_id, batch_size=s.batch_size, batch_wait=s.batch_wait,
                     lease_seconds=s.lease_seconds, max_attempts=s.max_attempts, retention_seconds=s.retention_seconds,
-                    shutdown_grace=s.shutdown_grace, info={"model": service.model_name, "store": "redis" if s.is_redis else "sqlite"})
+                    shutdown_grace=s.shutdown_grace, metrics=metrics,
+                    info={"model": service.model_name, "store": "redis" if s.is_redis else "sqlite"})
     worker.reconcile_with(service.accounts)      # repair of holds left open; billing itself is the store's
     return worker
 

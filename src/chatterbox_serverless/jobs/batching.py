@@ -2,20 +2,21 @@
 at once and, when fewer were waiting, waits up to `batch_wait` seconds for more to arrive, so concurrent clients
 share one pass of the model.
 
-Store-agnostic: everything goes through `JobStore.claim`. In-process submitters call `notify()` so an idle
+Store-agnostic: everything goes through `JobStore.claim`, for the worker's `models` only (None: any model). In-process submitters call `notify()` so an idle
 worker starts at once instead of at its next poll.
 """
 from __future__ import annotations
 
 import threading
 import time
+from typing import Sequence
 
 from .store import Job, JobStore
 
 
 class BatchClaimer:
     def __init__(self, store: JobStore, worker_id: str, *, batch_size: int = 8, batch_wait: float = 0.02,
-                 lease_seconds: float = 30.0, poll_interval: float = 0.1):
+                 lease_seconds: float = 30.0, poll_interval: float = 0.1, models: Sequence[str] | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.store = store
@@ -24,6 +25,7 @@ class BatchClaimer:
         self.batch_wait = batch_wait
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
+        self.models = None if models is None else tuple(models)
         self._wake = threading.Event()
 
     def notify(self) -> None:
@@ -34,11 +36,15 @@ class BatchClaimer:
         if seconds > 0 and self._wake.wait(seconds):
             self._wake.clear()
 
+    def claim(self, limit: int) -> list[Job]:
+        """Up to `limit` jobs of this claimer's models, now, without waiting."""
+        return self.store.claim(self.worker_id, limit, self.lease_seconds, models=self.models)
+
     def next_batch(self, stop: threading.Event | None = None, limit: int | None = None) -> list[Job]:
         """Claimed jobs (now PROCESSING under this worker's lease), or [] after an idle poll interval."""
         limit = min(limit or self.batch_size, self.batch_size)
         self._wake.clear()
-        jobs = self.store.claim(self.worker_id, limit, self.lease_seconds)
+        jobs = self.claim(limit)
         if not jobs:
             self._sleep(self.poll_interval)
             return []
@@ -48,5 +54,5 @@ class BatchClaimer:
             if remaining <= 0:
                 break
             self._sleep(remaining)
-            jobs += self.store.claim(self.worker_id, limit - len(jobs), self.lease_seconds)
+            jobs += self.claim(limit - len(jobs))
         return jobs

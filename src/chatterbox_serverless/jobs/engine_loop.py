@@ -79,7 +79,7 @@ class CoreLoop:
         if room <= 0:
             return
         if self.core.has_unfinished() or self.preparing:
-            jobs = w.store.claim(w.worker_id, min(room, w.claimer.batch_size), w.lease_seconds)
+            jobs = w.claimer.claim(min(room, w.claimer.batch_size))
         else:
             jobs = w.claimer.next_batch(w._stop, limit=room)
         if not jobs:

@@ -8,20 +8,23 @@ Keys (all under `prefix`, default "cbx:"; use a hash tag such as "{cbx}:" on Red
 
     job:<id>      hash    the job's fields; a TTL of `retention` once it is terminal (retention by Redis)
     audio:<id>    string  the audio of a COMPLETED job, same TTL (or a file in `audio_dir`, see below)
-    q:<owner>     zset    the owner's QUEUED job ids, scored by created_at (oldest first within an owner)
-    owners        zset    owners with queued jobs, scored by when they were last served: claims take the
-                          least recently served owner first, i.e. round-robin across tenants, so one key's
-                          burst never starves the others
-    rr            counter the round-robin clock
-    queued        zset    every QUEUED id by created_at (bounded queue size, oldest queued age)
+    q:<owner>     zset    the owner's QUEUED job ids of the default model (chatterbox-tts), scored by
+                          created_at (oldest first within an owner); q@<model>:<owner> for another model
+    owners        zset    owners with queued jobs of the default model, scored by when they were last served:
+                          claims take the least recently served owner first, i.e. round-robin across tenants,
+                          so one key's burst never starves the others; owners@<model> for another model
+    rr            counter the round-robin clock (one for all models: scores compare across their queues)
+    queued        zset    every QUEUED id by created_at (oldest queued age, the default model's queue size)
+    mq:<model>    zset    QUEUED ids of a model other than the default, by created_at (its queue size)
+    models        set     models that have had queued jobs since their queue last emptied (claims of any model)
     leases        zset    every PROCESSING id by lease deadline; `recover_expired` takes the overdue ones
     done:<state>  zset    terminal ids by finished_at (counting live results, purging, deleting audio files)
     worker:<id>   string  a worker's advertised info, with a TTL: the worker is alive while the key exists
     workers       set     worker ids that have advertised (entries whose key expired are pruned)
     events        stream  one entry per terminal transition (job, state, worker), capped: `wait` blocks on
                           it with XREAD, and it is an audit trail showing each job completed once
-    new-work      channel a message whenever a job is queued (or re-queued): idle workers claim at once
-                          instead of at their next poll (`watch_new_work`)
+    new-work      channel a message (the job's model) whenever a job is queued (or re-queued): idle workers
+                          claim at once instead of at their next poll (`watch_new_work`)
     ev:<id>       list    the job's events (JSON), numbered by position (1 = first): RPUSHed by the script of
                           each transition, with the job's TTL once it is terminal
     hooks         zset    jobs whose webhook delivery is pending, by when it is due; a claimed delivery is
@@ -32,6 +35,12 @@ Keys (all under `prefix`, default "cbx:"; use a hash tag such as "{cbx}:" on Red
     chunks:<id>   stream  the chunk channel: a streamed job's pieces, entry id <attempt>-<seq + 1> (so XADD
                           refuses a piece out of order); deleted by the claim that starts a new attempt (the
                           job's `claims` field, counting every claim), the job's TTL once it is terminal
+
+Models: a queue per model (the keys above), so a claim for some models reads only their queues: per job
+claimed, the head of each named model's `owners` zset (one ZRANGE each), the least recently served owner among
+them first. The default model keeps the key names of the single-model store, so jobs queued before models
+existed (hashes without a `model` field: the default) are claimed as before. Queue bounds and positions are per
+model.
 
 Queue position: claims serve owners in `owners` order (score = when last served, ties by owner id), one job
 each per round, so a job's position is exact at the moment it is read: its rank in its owner's queue, plus, for
@@ -69,14 +78,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from .files import write_atomically
-from .store import (CANCELLED_REASON, LOST_ATTEMPT, AudioChunk, ChunkRead, IdempotencyRecord, Job, JobEvent,
+from .store import (CANCELLED_REASON, DEFAULT_MODEL, LOST_ATTEMPT, AudioChunk, ChunkRead, IdempotencyRecord, Job, JobEvent,
                     JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
 
 log = logging.getLogger(__name__)
@@ -90,21 +99,51 @@ BATCH = 500                   # jobs handled per maintenance script call
 
 _LUA_COMMON = r"""
 local P = ARGV[1]
+local DEFAULT_MODEL = '""" + DEFAULT_MODEL + r"""'
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local function enqueue(id, owner, created)
-  redis.call('ZADD', P .. 'queued', created, id)
-  redis.call('ZADD', P .. 'q:' .. owner, created, id)
-  redis.call('ZADD', P .. 'owners', 'NX', tonumber(redis.call('GET', P .. 'rr') or '0'), owner)
-  redis.call('PUBLISH', P .. 'new-work', '1')
+local function model_of(m)
+  if not m or m == '' then return DEFAULT_MODEL end
+  return m
 end
-local function dequeue(id, owner)
+local function owners_key(model)
+  if model == DEFAULT_MODEL then return P .. 'owners' end
+  return P .. 'owners@' .. model
+end
+local function queue_key(model, owner)
+  if model == DEFAULT_MODEL then return P .. 'q:' .. owner end
+  return P .. 'q@' .. model .. ':' .. owner
+end
+local function queued_count(model)
+  if model ~= DEFAULT_MODEL then return redis.call('ZCARD', P .. 'mq:' .. model) end
+  local n = redis.call('ZCARD', P .. 'queued')
+  for _, m in ipairs(redis.call('SMEMBERS', P .. 'models')) do
+    if m ~= DEFAULT_MODEL then n = n - redis.call('ZCARD', P .. 'mq:' .. m) end
+  end
+  return n
+end
+local function enqueue(id, owner, created, model)
+  redis.call('ZADD', P .. 'queued', created, id)
+  if model ~= DEFAULT_MODEL then redis.call('ZADD', P .. 'mq:' .. model, created, id) end
+  redis.call('SADD', P .. 'models', model)
+  redis.call('ZADD', queue_key(model, owner), created, id)
+  redis.call('ZADD', owners_key(model), 'NX', tonumber(redis.call('GET', P .. 'rr') or '0'), owner)
+  redis.call('PUBLISH', P .. 'new-work', model)
+end
+local function unqueued(id, owner, model)
+  -- `id` left the model's queue (its owner's zset already updated): drop what points at it
   redis.call('ZREM', P .. 'queued', id)
-  local q = P .. 'q:' .. owner
-  redis.call('ZREM', q, id)
-  if redis.call('ZCARD', q) == 0 then redis.call('ZREM', P .. 'owners', owner) end
+  redis.call('ZREM', P .. 'mq:' .. model, id)
+  if redis.call('ZCARD', queue_key(model, owner)) == 0 then
+    redis.call('ZREM', owners_key(model), owner)
+    if redis.call('ZCARD', owners_key(model)) == 0 then redis.call('SREM', P .. 'models', model) end
+  end
+end
+local function dequeue(id, owner, model)
+  redis.call('ZREM', queue_key(model, owner), id)
+  unqueued(id, owner, model)
 end
 local function fmt_time(t)
   return string.format('%.6f', t)
@@ -132,42 +171,55 @@ local function finish(id, k, state, t, retention_ms, worker)
 end
 """
 
-# ARGV: P, maxlen, id, owner, created_at, max_queued, field, value, ...
+# ARGV: P, maxlen, id, owner, created_at, max_queued, model, field, value, ...
 _SUBMIT = _LUA_COMMON + r"""
-local id, owner, created, maxq = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
+local id, owner, created, maxq, model = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local k = P .. 'job:' .. id
 if redis.call('EXISTS', k) == 1 then return redis.error_reply('job id already exists: ' .. id) end
-if redis.call('ZCARD', P .. 'queued') >= maxq then return 0 end
-redis.call('HSET', k, unpack(ARGV, 7))
-enqueue(id, owner, created)
+if queued_count(model) >= maxq then return 0 end
+redis.call('HSET', k, unpack(ARGV, 8))
+enqueue(id, owner, created, model)
 push_event(id, 'state', {status = 'QUEUED'}, now())
 return 1
 """
 
-# ARGV: P, maxlen, worker, limit, lease_seconds  -> list of HGETALL replies
+# ARGV: P, maxlen, worker, limit, lease_seconds, '*' (any model) or '', model...  -> list of HGETALL replies
 _CLAIM = _LUA_COMMON + r"""
 local worker, limit, lease = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local models = {}
+if ARGV[6] == '*' then
+  models = redis.call('SMEMBERS', P .. 'models')
+  local listed = false
+  for _, m in ipairs(models) do if m == DEFAULT_MODEL then listed = true end end
+  if not listed then models[#models + 1] = DEFAULT_MODEL end   -- jobs queued before models were recorded
+else
+  for i = 7, #ARGV do models[#models + 1] = ARGV[i] end
+end
 local t = now()
 local until_ = string.format('%.6f', t + lease)
 local out = {}
 local guard = 0
 while #out < limit and guard < limit + 1000 do
   guard = guard + 1
-  local o = redis.call('ZRANGE', P .. 'owners', 0, 0)
-  if #o == 0 then break end
-  local owner = o[1]
-  local q = P .. 'q:' .. owner
+  local model, owner, score = nil, nil, nil
+  for _, m in ipairs(models) do      -- the least recently served owner at the head of these models' queues
+    local o = redis.call('ZRANGE', owners_key(m), 0, 0, 'WITHSCORES')
+    if #o > 0 then
+      local s = tonumber(o[2])
+      if owner == nil or s < score or (s == score and o[1] < owner) then model, owner, score = m, o[1], s end
+    end
+  end
+  if owner == nil then break end
+  local q = queue_key(model, owner)
   local popped = redis.call('ZPOPMIN', q)
   if #popped == 0 then
-    redis.call('ZREM', P .. 'owners', owner)
+    redis.call('ZREM', owners_key(model), owner)
   else
     local id = popped[1]
-    redis.call('ZREM', P .. 'queued', id)
-    if redis.call('ZCARD', q) == 0 then
-      redis.call('ZREM', P .. 'owners', owner)
-    else
-      redis.call('ZADD', P .. 'owners', redis.call('INCR', P .. 'rr'), owner)
+    if redis.call('ZCARD', q) > 0 then
+      redis.call('ZADD', owners_key(model), redis.call('INCR', P .. 'rr'), owner)
     end
+    unqueued(id, owner, model)
     local k = P .. 'job:' .. id
     if redis.call('HGET', k, 'state') == 'QUEUED' then
       redis.call('HSET', k, 'state', 'PROCESSING', 'worker_id', worker, 'lease_until', until_, 'retry_reason', '')
@@ -230,10 +282,10 @@ return 1
 _FAIL = _LUA_COMMON + r"""
 local id, worker = ARGV[3], ARGV[4]
 local k = P .. 'job:' .. id
-local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner')
+local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'model')
 if h[1] ~= 'QUEUED' and h[1] ~= 'PROCESSING' then return 0 end
 if worker ~= '' and (h[1] ~= 'PROCESSING' or h[2] ~= worker) then return 0 end
-if h[1] == 'QUEUED' then dequeue(id, h[3]) end
+if h[1] == 'QUEUED' then dequeue(id, h[3], model_of(h[4])) end
 redis.call('HSET', k, 'error', ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', k, 'metrics', ARGV[6]) end
 local t = now()
@@ -246,13 +298,13 @@ return 1
 _RELEASE = _LUA_COMMON + r"""
 local id, worker = ARGV[3], ARGV[4]
 local k = P .. 'job:' .. id
-local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'created_at', 'attempts')
+local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'created_at', 'attempts', 'model')
 if h[1] ~= 'PROCESSING' or h[2] ~= worker then return 0 end
 local attempts = math.max(0, (tonumber(h[5]) or 1) - 1)
 redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '', 'attempts', attempts)
 if attempts == 0 then redis.call('HSET', k, 'started_at', '') end
 redis.call('ZREM', P .. 'leases', id)
-enqueue(id, h[3], h[4])
+enqueue(id, h[3], h[4], model_of(h[6]))
 push_event(id, 'state', {status = 'QUEUED'}, now())
 return 1
 """
@@ -277,7 +329,7 @@ local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', t, 'LIMIT', 0, to
 local n = 0
 for _, id in ipairs(ids) do
   local k = P .. 'job:' .. id
-  local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'created_at', 'attempts')
+  local h = redis.call('HMGET', k, 'state', 'worker_id', 'owner', 'created_at', 'attempts', 'model')
   if h[1] ~= 'PROCESSING' then
     redis.call('ZREM', P .. 'leases', id)
   else
@@ -293,7 +345,7 @@ for _, id in ipairs(ids) do
     else
       redis.call('HSET', k, 'state', 'QUEUED', 'worker_id', '', 'lease_until', '')
       redis.call('ZREM', P .. 'leases', id)
-      enqueue(id, h[3], h[4])
+      enqueue(id, h[3], h[4], model_of(h[6]))
       push_event(id, 'state', {status = 'QUEUED'}, t)
     end
     n = n + 1
@@ -327,9 +379,9 @@ return out
 _CANCEL = _LUA_COMMON + r"""
 local id = ARGV[3]
 local k = P .. 'job:' .. id
-local h = redis.call('HMGET', k, 'state', 'owner')
+local h = redis.call('HMGET', k, 'state', 'owner', 'model')
 if h[1] ~= 'QUEUED' and h[1] ~= 'PROCESSING' then return 0 end
-if h[1] == 'QUEUED' then dequeue(id, h[2]) end
+if h[1] == 'QUEUED' then dequeue(id, h[2], model_of(h[3])) end
 redis.call('HSET', k, 'error', ARGV[4], 'cancelled', '1', 'worker_id', '', 'retry_reason', '')
 local t = now()
 finish(id, k, 'FAILED', t, ARGV[5], '')
@@ -340,19 +392,19 @@ return 1
 # ARGV: P, maxlen, id  -> the position, or -1 when the job is not QUEUED (read-only)
 _POSITION = _LUA_COMMON + r"""
 local id = ARGV[3]
-local h = redis.call('HMGET', P .. 'job:' .. id, 'state', 'owner')
+local h = redis.call('HMGET', P .. 'job:' .. id, 'state', 'owner', 'model')
 if h[1] ~= 'QUEUED' then return -1 end
-local owner = h[2]
-local rank = redis.call('ZRANK', P .. 'q:' .. owner, id)
-local mine = redis.call('ZSCORE', P .. 'owners', owner)
+local owner, model = h[2], model_of(h[3])
+local rank = redis.call('ZRANK', queue_key(model, owner), id)
+local mine = redis.call('ZSCORE', owners_key(model), owner)
 if not rank or not mine then return -1 end
 mine = tonumber(mine)
 local position = rank
-local all = redis.call('ZRANGE', P .. 'owners', 0, -1, 'WITHSCORES')
+local all = redis.call('ZRANGE', owners_key(model), 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
   local other, score = all[i], tonumber(all[i + 1])
   if other ~= owner then
-    local n = redis.call('ZCARD', P .. 'q:' .. other)
+    local n = redis.call('ZCARD', queue_key(model, other))
     position = position + math.min(n, rank)
     if n > rank and (score < mine or (score == mine and other < owner)) then position = position + 1 end
   end
@@ -513,7 +565,7 @@ def _job_fields(job: Job) -> list[str]:
             "error", "", "metrics", json.dumps(job.metrics or {}), "media_type", "", "worker_id", "",
             "lease_until", "", "audio_path", "", "retry_reason", "", "webhook_url", job.webhook_url or "",
             "base_url", job.base_url or "", "cancelled", "", "wh_state", "", "wh_attempts", "0", "wh_status", "",
-            "wh_error", "", "wh_claimer", "", "claims", "0"]
+            "wh_error", "", "wh_claimer", "", "claims", "0", "model", job.model or DEFAULT_MODEL]
 
 
 def _job_from_hash(h: dict[str, str]) -> Job:
@@ -529,7 +581,7 @@ def _job_from_hash(h: dict[str, str]) -> Job:
                metrics=json.loads(h.get("metrics") or "{}"), media_type=h.get("media_type") or None,
                worker_id=h.get("worker_id") or None, lease_until=_num(h.get("lease_until", "")),
                webhook_url=h.get("webhook_url") or None, base_url=h.get("base_url") or None,
-               cancelled=h.get("cancelled") == "1", webhook=webhook)
+               cancelled=h.get("cancelled") == "1", webhook=webhook, model=h.get("model") or DEFAULT_MODEL)
 
 
 def _decode(raw: dict | list) -> dict[str, str]:
@@ -635,8 +687,11 @@ class RedisJobStore(JobStore):
         return bool(self._call(self.r.ping))
 
     # --- API side -----------------------------------------------------------------------------------------
-    def submit(self, job: Job, max_queued: int) -> None:
-        ok = self._run("submit", job.id, job.owner, f"{float(job.created_at):.6f}", int(max_queued),
+    def submit(self, job: Job, max_queued: int, model: str | None = None) -> None:
+        if model is not None:
+            job.model = model
+        job.model = job.model or DEFAULT_MODEL
+        ok = self._run("submit", job.id, job.owner, f"{float(job.created_at):.6f}", int(max_queued), job.model,
                        *_job_fields(job))
         if not ok:
             raise QueueFull(f"the queue is full ({max_queued} jobs waiting)")
@@ -753,7 +808,16 @@ class RedisJobStore(JobStore):
         pipe.zcount(self._k("done", "FAILED"), cutoff, "+inf")
         pipe.zrange(self._k("queued"), 0, 0, withscores=True)
         pipe.smembers(self._k("workers"))
-        queued, processing, completed, failed, oldest, worker_ids = self._call(pipe.execute)
+        pipe.smembers(self._k("models"))
+        queued, processing, completed, failed, oldest, worker_ids, models = self._call(pipe.execute)
+        by_model: dict[str, int] = {}
+        others = sorted(m.decode() for m in models if m.decode() != DEFAULT_MODEL)
+        if others:
+            counts = self._call(lambda: [self.r.zcard(self._k("mq", m)) for m in others])
+            by_model = {m: n for m, n in zip(others, counts) if n}
+        default = queued - sum(by_model.values())
+        if default > 0:
+            by_model[DEFAULT_MODEL] = default
         workers: dict[str, dict] = {}
         if worker_ids:
             ids = sorted(w.decode() for w in worker_ids)
@@ -769,13 +833,15 @@ class RedisJobStore(JobStore):
         age = max(0.0, time.time() - oldest[0][1]) if oldest else 0.0
         return StoreStats(by_state={"QUEUED": queued, "PROCESSING": processing, "COMPLETED": completed,
                                     "FAILED": failed},
-                          oldest_queued_age=age, workers=workers)
+                          oldest_queued_age=age, workers=workers, queued_by_model=by_model)
 
     # --- worker side --------------------------------------------------------------------------------------
-    def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Job]:
-        if limit <= 0:
+    def claim(self, worker_id: str, limit: int, lease_seconds: float,
+              models: Sequence[str] | None = None) -> list[Job]:
+        if limit <= 0 or (models is not None and not models):
             return []
-        replies = self._run("claim", worker_id, int(limit), float(lease_seconds))
+        which = ["*"] if models is None else ["", *sorted(set(models))]
+        replies = self._run("claim", worker_id, int(limit), float(lease_seconds), *which)
         return [_job_from_hash(_decode(r)) for r in replies]
 
     def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float, info: dict | None = None) -> None:

@@ -8,10 +8,16 @@ its lease never overwrites nor deletes the winner's file.
 Threads: one writer connection behind a lock; each reading thread has its own connection (WAL readers never wait
 for the writer), so status polls stay fast while jobs are being written.
 
-Fairness: `claim` serves owners round-robin (the owner served least recently first, `owner_turns`), oldest job
-first within one owner. In one claim of several jobs, round k takes every owner's k-th job, owners in the same
-order each round (turn, then oldest queued job, then owner id), so one big claim takes jobs in the order that
-claims of one job at a time would: `queue_position` counts exactly that order.
+Fairness: `claim` serves owners round-robin within a model (the owner served least recently first in that
+model's queue, `queue_turns`), oldest job first within one owner. In one claim of several jobs, round k takes
+every (model, owner)'s k-th job, owners in the same order each round (turn, then oldest queued job, then owner
+id), so one big claim takes jobs in the order that claims of one job at a time would: `queue_position` counts
+exactly that order within the job's model.
+
+Models: the `model` column (added by the migration at open to databases made before it: their jobs are
+"chatterbox-tts", the only model then); `claim(models=...)` reads only those models' queued rows (index
+jobs_queued_model). The per-owner turns were `owner_turns (owner)` before; the migration moves them to
+`queue_turns (model, owner)` as the original model's.
 
 Queue conventions (jobs/store.py): `job_events` holds each job's numbered events, `webhook_deliveries` the
 delivery of a job's result to its webhook (created in the terminal transition's transaction, claimed with a
@@ -40,9 +46,10 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from .files import write_atomically
-from .store import (CANCELLED_REASON, LOST_ATTEMPT, AudioChunk, ChunkRead, IdempotencyRecord, Job, JobEvent,
+from .store import (CANCELLED_REASON, DEFAULT_MODEL, LOST_ATTEMPT, AudioChunk, ChunkRead, IdempotencyRecord, Job, JobEvent,
                     JobState, JobStore, QueueFull, StoreStats, StoreUnavailable, WebhookDelivery, probe_directory)
 
 log = logging.getLogger(__name__)
@@ -70,7 +77,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_queued ON jobs(owner, created_at) WHERE state = 'QUEUED';
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until) WHERE state = 'PROCESSING';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS owner_turns (owner TEXT PRIMARY KEY, turn INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS queue_turns (model TEXT NOT NULL, owner TEXT NOT NULL, turn INTEGER NOT NULL,
+                                        PRIMARY KEY (model, owner)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info TEXT NOT NULL, seen REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS job_events (
@@ -113,10 +121,11 @@ CREATE TABLE IF NOT EXISTS job_chunks (
 _JOB_MIGRATIONS = (("retry_reason", "TEXT"),    # why the job was handed back by `retry_later` (its FAILED
                                                 # reason if it runs out of attempts); cleared at the next claim
                    ("webhook_url", "TEXT"), ("base_url", "TEXT"), ("cancelled", "INTEGER NOT NULL DEFAULT 0"),
-                   ("claims", "INTEGER NOT NULL DEFAULT 0"))   # every claim counts here: the stream attempt
+                   ("claims", "INTEGER NOT NULL DEFAULT 0"),   # every claim counts here: the stream attempt
+                   ("model", f"TEXT NOT NULL DEFAULT '{DEFAULT_MODEL}'"))   # the API model the job is for
 
 _COLUMNS = ("id, owner, params, state, created_at, started_at, finished_at, attempts, error, metrics, "
-            "media_type, worker_id, lease_until, webhook_url, base_url, cancelled")
+            "media_type, worker_id, lease_until, webhook_url, base_url, cancelled, model")
 _HOOK_COLUMNS = "hook_state, hook_attempts, hook_status, hook_error"     # of webhook_deliveries, LEFT JOINed
 
 _EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav", "audio/x-wav": "wav", "audio/flac": "flac",
@@ -126,17 +135,17 @@ _EXTENSIONS = {"audio/mpeg": "mp3", "audio/wav": "wav", "audio/x-wav": "wav", "a
 def _row_to_job(row: tuple) -> Job:
     """A job from `_COLUMNS` (and, when present, `_HOOK_COLUMNS` after them)."""
     (id_, owner, params, state, created, started, finished, attempts, error, metrics, media_type, worker_id,
-     lease_until, webhook_url, base_url, cancelled) = row[:16]
+     lease_until, webhook_url, base_url, cancelled, model) = row[:17]
     webhook = None
     if webhook_url:
-        hook_state, hook_attempts, hook_status, hook_error = row[16:20] if len(row) >= 20 else (None,) * 4
+        hook_state, hook_attempts, hook_status, hook_error = row[17:21] if len(row) >= 21 else (None,) * 4
         webhook = {"state": hook_state or "pending", "attempts": hook_attempts or 0, "last_status": hook_status,
                    "last_error": hook_error}
     return Job(id=id_, owner=owner, params=json.loads(params), state=JobState(state), created_at=created,
                started_at=started, finished_at=finished, attempts=attempts, error=error,
                metrics=json.loads(metrics) if metrics else {}, media_type=media_type, worker_id=worker_id,
                lease_until=lease_until, webhook_url=webhook_url or None, base_url=base_url or None,
-               cancelled=bool(cancelled), webhook=webhook)
+               cancelled=bool(cancelled), webhook=webhook, model=model or DEFAULT_MODEL)
 
 
 def _event(conn: sqlite3.Connection, job_id: str, kind: str, data: dict, now: float) -> None:
@@ -194,6 +203,12 @@ class SQLiteJobStore(JobStore):
         for column, decl in _JOB_MIGRATIONS:
             if column not in have:
                 conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+        conn.execute("CREATE INDEX IF NOT EXISTS jobs_queued_model ON jobs(model, owner, created_at) "
+                     "WHERE state = 'QUEUED'")
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'owner_turns'").fetchone():
+            conn.execute("INSERT OR IGNORE INTO queue_turns (model, owner, turn) SELECT ?, owner, turn FROM owner_turns",
+                         (DEFAULT_MODEL,))
+            conn.execute("DROP TABLE owner_turns")
 
     def attach_billing(self, account_store) -> None:
         """Bill jobs with their terminal transitions: `account_store` is the SQLite account store of this
@@ -261,9 +276,11 @@ class SQLiteJobStore(JobStore):
             self._changed.notify_all()
 
     # --- API side ---------------------------------------------------------------------------------------------
-    def submit(self, job: Job, max_queued: int) -> None:
+    def submit(self, job: Job, max_queued: int, model: str | None = None) -> None:
         """Group commit: concurrent submissions that queue up behind the writer lock are inserted by whichever
         thread gets it first, in one transaction (one fsync for all); each returns once its row is committed."""
+        if model is not None:
+            job.model = model
         entry = _PendingSubmit(job, max_queued)
         with self._pending_lock:
             self._pending.append(entry)
@@ -278,22 +295,26 @@ class SQLiteJobStore(JobStore):
     def _insert_group(self, group: list["_PendingSubmit"]) -> None:
         """Called with the writer lock held."""
         def insert(conn: sqlite3.Connection) -> None:
-            (queued,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'").fetchone()
+            queued: dict[str, int] = {}          # per model: the bound is each model's own
             for e in group:
-                if queued >= e.max_queued:
-                    e.error = QueueFull(f"{queued} jobs are waiting (the limit is {e.max_queued})")
-                    continue
                 j = e.job
+                model = j.model or DEFAULT_MODEL
+                if model not in queued:
+                    queued[model] = conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED' AND model = ?",
+                                                 (model,)).fetchone()[0]
+                if queued[model] >= e.max_queued:
+                    e.error = QueueFull(f"{queued[model]} jobs are waiting (the limit is {e.max_queued})")
+                    continue
                 try:
                     conn.execute("INSERT INTO jobs (id, owner, params, state, created_at, attempts, metrics, "
-                                 "webhook_url, base_url) VALUES (?,?,?,?,?,?,?,?,?)",
+                                 "webhook_url, base_url, model) VALUES (?,?,?,?,?,?,?,?,?,?)",
                                  (j.id, j.owner, json.dumps(j.params), JobState.QUEUED.value, j.created_at, 0,
-                                  json.dumps(j.metrics or {}), j.webhook_url, j.base_url))
+                                  json.dumps(j.metrics or {}), j.webhook_url, j.base_url, model))
                 except sqlite3.IntegrityError as ie:     # a duplicate id fails alone
                     e.error = ie
                     continue
                 _event(conn, j.id, "state", {"status": JobState.QUEUED.value}, time.time())
-                queued += 1
+                queued[model] += 1
 
         try:
             self._transaction(insert)
@@ -359,33 +380,41 @@ class SQLiteJobStore(JobStore):
         (oldest,) = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state = 'QUEUED'").fetchone()
         workers = {wid: json.loads(info) for wid, info in conn.execute(
             "SELECT id, info FROM workers WHERE seen >= ?", (now - WORKER_ALIVE_SECONDS,))}
+        by_model = dict(conn.execute("SELECT model, COUNT(*) FROM jobs WHERE state = 'QUEUED' GROUP BY model"))
         return StoreStats(by_state=by_state, oldest_queued_age=max(0.0, now - oldest) if oldest else 0.0,
-                          workers=workers)
+                          workers=workers, queued_by_model=by_model)
 
     # --- worker side ------------------------------------------------------------------------------------------
-    def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Job]:
+    def claim(self, worker_id: str, limit: int, lease_seconds: float,
+              models: Sequence[str] | None = None) -> list[Job]:
         if limit <= 0:
             return []
+        models = None if models is None else sorted(set(models))
+        if models == []:
+            return []
+        where = "" if models is None else f" AND model IN ({','.join('?' * len(models))})"
 
         def tx(conn: sqlite3.Connection) -> list[Job]:
             now = time.time()
-            # round rn takes each owner's rn-th job; owners in the same order every round (see the docstring)
+            # round rn takes each (model, owner)'s rn-th job; owners in the same order every round (see the
+            # docstring)
             picked = conn.execute(
-                """WITH ranked AS (
-                       SELECT id, owner,
-                              ROW_NUMBER() OVER (PARTITION BY owner ORDER BY created_at, rowid) AS rn,
-                              MIN(created_at) OVER (PARTITION BY owner) AS head
-                       FROM jobs WHERE state = 'QUEUED')
-                   SELECT r.id, r.owner FROM ranked r LEFT JOIN owner_turns t ON t.owner = r.owner
-                   WHERE r.rn <= ? ORDER BY r.rn, COALESCE(t.turn, 0), r.head, r.owner LIMIT ?""",
-                (limit, limit)).fetchall()
+                f"""WITH ranked AS (
+                       SELECT id, owner, model,
+                              ROW_NUMBER() OVER (PARTITION BY model, owner ORDER BY created_at, rowid) AS rn,
+                              MIN(created_at) OVER (PARTITION BY model, owner) AS head
+                       FROM jobs WHERE state = 'QUEUED'{where})
+                   SELECT r.id, r.owner, r.model FROM ranked r
+                   LEFT JOIN queue_turns t ON t.model = r.model AND t.owner = r.owner
+                   WHERE r.rn <= ? ORDER BY r.rn, COALESCE(t.turn, 0), r.head, r.owner, r.model LIMIT ?""",
+                (*(models or ()), limit, limit)).fetchall()
             if not picked:
                 return []
-            (turn,) = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM owner_turns").fetchone()
-            for job_id, owner in picked:
+            (turn,) = conn.execute("SELECT COALESCE(MAX(turn), 0) FROM queue_turns").fetchone()
+            for job_id, owner, model in picked:
                 turn += 1
-                conn.execute("INSERT INTO owner_turns (owner, turn) VALUES (?, ?) "
-                             "ON CONFLICT(owner) DO UPDATE SET turn = excluded.turn", (owner, turn))
+                conn.execute("INSERT INTO queue_turns (model, owner, turn) VALUES (?, ?, ?) "
+                             "ON CONFLICT(model, owner) DO UPDATE SET turn = excluded.turn", (model, owner, turn))
                 conn.execute(
                     "UPDATE jobs SET state = 'PROCESSING', worker_id = ?, lease_until = ?, attempts = attempts + 1, "
                     "claims = claims + 1, started_at = COALESCE(started_at, ?), retry_reason = NULL WHERE id = ?",
@@ -513,17 +542,19 @@ class SQLiteJobStore(JobStore):
         conn = self._reader()
         conn.execute("BEGIN")           # one snapshot for the three reads
         try:
-            row = conn.execute("SELECT owner, created_at, rowid FROM jobs WHERE id = ? AND state = 'QUEUED'",
+            row = conn.execute("SELECT owner, created_at, rowid, model FROM jobs WHERE id = ? AND state = 'QUEUED'",
                                (job_id,)).fetchone()
             if row is None:
                 return None
-            owner, created, rowid = row
+            owner, created, rowid, model = row
             (rank,) = conn.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED' AND owner = ? AND "
-                "(created_at < ? OR (created_at = ? AND rowid < ?))", (owner, created, created, rowid)).fetchone()
+                "SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED' AND model = ? AND owner = ? AND "
+                "(created_at < ? OR (created_at = ? AND rowid < ?))",
+                (model, owner, created, created, rowid)).fetchone()
             owners = conn.execute(
                 "SELECT j.owner, COUNT(*), MIN(j.created_at), COALESCE(MAX(t.turn), 0) FROM jobs j "
-                "LEFT JOIN owner_turns t ON t.owner = j.owner WHERE j.state = 'QUEUED' GROUP BY j.owner").fetchall()
+                "LEFT JOIN queue_turns t ON t.model = j.model AND t.owner = j.owner "
+                "WHERE j.state = 'QUEUED' AND j.model = ? GROUP BY j.owner", (model,)).fetchall()
         finally:
             conn.execute("COMMIT")
         mine = next((turn, head, o) for o, _n, head, turn in owners if o == owner)
@@ -708,7 +739,8 @@ class SQLiteJobStore(JobStore):
             conn.execute("DELETE FROM jobs WHERE finished_at < ?", (cutoff,))
             conn.execute("DELETE FROM idempotency_keys WHERE expires_at < ?", (now,))
             conn.execute("DELETE FROM workers WHERE seen < ?", (now - 24 * 3600,))
-            conn.execute("DELETE FROM owner_turns WHERE owner NOT IN (SELECT owner FROM jobs)")
+            conn.execute("DELETE FROM queue_turns WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.owner = "
+                         "queue_turns.owner AND jobs.model = queue_turns.model)")
             return files
         files = self._write(tx)
         for name in files:

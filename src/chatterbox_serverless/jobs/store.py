@@ -28,6 +28,11 @@ Queue conventions (all additive to the hosted contract; each is atomic in the st
     due while no process runs is made by the next one that polls.
   * queue position: `queue_position` counts the QUEUED jobs `claim` would take before a job, given the
     round-robin-by-owner order, if nothing else arrived (a new owner's first job can still go ahead of it).
+  * models: every job is for one API model (`Job.model`, "chatterbox-tts" by default; engine/catalog.py names
+    them). `claim(..., models=[...])` takes only jobs of those models (None: any), so a worker claims what its
+    engine serves and a job waits for a worker of its model. Each model has its own queue: fairness by owner,
+    `queue_position` and the `max_queued` bound are per model (a model with no worker running cannot fill the
+    queue of the others, and a job's place counts the jobs that the workers of its model take before it).
   * idempotency keys: `claim_idempotency_key` reserves (owner, key) for one job id atomically, so concurrent
     duplicates create one job.
   * chunk channel: a job's audio as it is made (streamed jobs), readable by any replica while the worker writes
@@ -48,9 +53,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Sequence
 
 MIN_FREE_BYTES = 1 << 20        # `writable` reports a full disk below this much free space
 CANCELLED_REASON = "cancelled by the client"
+DEFAULT_MODEL = "chatterbox-tts"   # the API model of jobs that name none (engine/catalog.py: the original variant)
 LOST_ATTEMPT = "no answer was recorded for the last attempt (its sender stopped)"   # a webhook's last_error
 
 
@@ -86,6 +93,7 @@ class Job:
     webhook: dict | None = None               # delivery state when webhook_url is set (read-only; the store's):
                                               # {"state": pending|delivered|failed, "attempts", "last_status",
                                               #  "last_error"}
+    model: str = DEFAULT_MODEL                # the API model it is for: only a worker serving it claims it
 
 
 @dataclass
@@ -129,7 +137,8 @@ class IdempotencyRecord:
 class StoreStats:
     by_state: dict[str, int]                  # live (unexpired) jobs per state
     oldest_queued_age: float                  # seconds; 0 when the queue is empty
-    workers: dict[str, dict]                  # live workers: id -> what they advertised
+    workers: dict[str, dict]                  # live workers: id -> what they advertised ("models": what they serve)
+    queued_by_model: dict[str, int] = field(default_factory=dict)   # QUEUED jobs per API model (those with any)
 
 
 class QueueFull(Exception):
@@ -143,8 +152,9 @@ class StoreUnavailable(Exception):
 class JobStore(ABC):
     # --- API side -------------------------------------------------------------------------------------------
     @abstractmethod
-    def submit(self, job: Job, max_queued: int) -> None:
-        """Persist a new QUEUED job (durable when this returns). Raises QueueFull when `max_queued` jobs wait."""
+    def submit(self, job: Job, max_queued: int, model: str | None = None) -> None:
+        """Persist a new QUEUED job (durable when this returns). `model`: the API model it is for (sets
+        `job.model`; None keeps it). Raises QueueFull when `max_queued` jobs of that model wait."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job | None:
@@ -163,9 +173,11 @@ class JobStore(ABC):
 
     # --- worker side ----------------------------------------------------------------------------------------
     @abstractmethod
-    def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Move up to `limit` QUEUED jobs to PROCESSING under a lease, fairly across owners (round-robin by
-        owner, oldest first within one), counting an attempt each. Never returns one job to two workers."""
+    def claim(self, worker_id: str, limit: int, lease_seconds: float,
+              models: Sequence[str] | None = None) -> list[Job]:
+        """Move up to `limit` QUEUED jobs of `models` (None: of any model) to PROCESSING under a lease, fairly
+        across owners within a model (round-robin by owner, oldest first within one), counting an attempt each.
+        Never returns one job to two workers."""
 
     @abstractmethod
     def heartbeat(self, worker_id: str, job_ids: list[str], lease_seconds: float, info: dict | None = None) -> None:
@@ -216,8 +228,8 @@ class JobStore(ABC):
 
     @abstractmethod
     def queue_position(self, job_id: str) -> int | None:
-        """How many QUEUED jobs `claim` would take before this one if no other job arrived (0: next), given
-        the round-robin order across owners (see `claim`); None when the job is not QUEUED."""
+        """How many QUEUED jobs of its model `claim` would take before this one if no other job arrived (0:
+        next), given the round-robin order across owners (see `claim`); None when the job is not QUEUED."""
 
     @abstractmethod
     def job_events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[JobEvent]:

@@ -7,6 +7,11 @@ leases of the jobs in hand and advertises the worker; a janitor recovers expired
 results. `stop()` (SIGTERM) stops claiming, finishes the batch in hand within the grace time, and otherwise hands
 its jobs back to the queue.
 
+Models: a worker claims only jobs of the API models its engine serves (`models`, default `[engine.model]`), and
+advertises them in its heartbeat info ("models"), so /ready shows which worker serves what. A job's params carry
+what its model needs: `language` (Multilingual), `source_audio` (voice conversion: the speech to convert, fetched
+and decoded like reference audio, the SSRF-safe `resolve_reference`), `top_k` (Turbo, a synthesis parameter).
+
 Billing is not the worker's: the store settles or releases a job's credit hold with its terminal transition
 (`JobStore.attach_billing`). The worker's maintenance may repair holds (`reconcile_with(accounts)`), nothing more.
 
@@ -53,7 +58,7 @@ from ..engine.contract import (Engine, OnAudio, PreparedVoice, SynthesisParams, 
                                VoiceAudio)
 from .policy import ContentPolicy
 from .batching import BatchClaimer
-from .store import Job, JobStore
+from .store import DEFAULT_MODEL, Job, JobStore
 
 if TYPE_CHECKING:
     from ..accounts.service import Accounts
@@ -149,8 +154,11 @@ class Worker:
                  lease_seconds: float = 30.0, max_attempts: int = 3, retention_seconds: float = 3600.0,
                  shutdown_grace: float = 30.0, poll_interval: float = 0.1, maintenance_interval: float = 5.0,
                  metrics: WorkerMetrics | None = None, info: dict | None = None,
-                 cancel_poll_interval: float = 0.5, use_core: bool = True):
+                 cancel_poll_interval: float = 0.5, use_core: bool = True, models: Sequence[str] | None = None):
         self.store = store
+        # the API models whose jobs this worker claims (default: the one its engine serves)
+        self.models: tuple[str, ...] = (tuple(models) if models is not None
+                                        else (str(getattr(engine, "model", None) or DEFAULT_MODEL),))
         self.cancel_poll_interval = cancel_poll_interval   # while a batch runs: cancelled jobs aborted (0: never)
         self._repair: Accounts | None = None    # reconcile_with(): holds left open, repaired in maintenance
         self.engine = engine
@@ -166,9 +174,9 @@ class Worker:
         self.maintenance_interval = maintenance_interval
         self.metrics = metrics or WorkerMetrics()
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "batch_size": batch_size,
-                     "started_at": time.time(), **(info or {})}
+                     "started_at": time.time(), **(info or {}), "models": list(self.models)}
         self.claimer = BatchClaimer(store, self.worker_id, batch_size=batch_size, batch_wait=batch_wait,
-                                   lease_seconds=lease_seconds, poll_interval=poll_interval)
+                                   lease_seconds=lease_seconds, poll_interval=poll_interval, models=self.models)
         self._stop = threading.Event()
         self._abandon = threading.Event()        # set by stop() when the grace time ran out
         self._heartbeat_stop = threading.Event()
@@ -324,22 +332,28 @@ class Worker:
         if reason:
             self._fail(job, reason)
             return None
-        voice = None
+        voice = source = None
         ref, library_voice = job.params.get("reference_audio"), job.params.get("voice")
-        if ref or library_voice:
-            try:
+        source_audio = job.params.get("source_audio")
+        param = "reference_audio" if ref else "voice"
+        try:
+            if ref or library_voice:
                 voice = self.resolve_reference(ref) if ref else self.resolve_voice(str(library_voice))
-            except Exception as e:
-                if is_storage_error(e):
-                    self._retry_later(job, e)
-                    return None
-                reason = public_reason(e)
-                param = "reference_audio" if ref else "voice"
-                self._fail(job, reason if reason.startswith(param) else f"{param}: {reason}")
+            if source_audio:    # voice conversion: the speech to convert, through the same safe fetch/decode
+                param = "source_audio"
+                source = self.resolve_reference(source_audio)
+        except Exception as e:
+            if is_storage_error(e):
+                self._retry_later(job, e)
                 return None
+            reason = public_reason(e)
+            self._fail(job, reason if reason.startswith(param) else f"{param}: {reason}")
+            return None
+        language = job.params.get("language")
         try:
             return SynthesisRequest(text=text, params=synthesis_params(job.params), voice=voice, request_id=job.id,
-                                    stream=bool(job.params.get("stream")) and self.engine_streams)
+                                    stream=bool(job.params.get("stream")) and self.engine_streams,
+                                    language=str(language) if language else None, source=source)
         except Exception as e:
             self._fail(job, f"invalid parameters: {e}")
             return None

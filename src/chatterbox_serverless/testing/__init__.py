@@ -46,7 +46,10 @@ class FakeEngineForTests:
     batch ends early when all its requests are). `steps` counts steps over the engine's life; `abort_calls`
     keeps, per request id, the step count when `abort` was first called, and `stopped_at` the step count when
     the engine stopped working on it; `worked` the steps each request was worked on. Aborts are forgotten when
-    the batch ends."""
+    the batch ends.
+
+    `model`: the API model it stands for (contract.Engine.model): a worker claims only that model's jobs; the
+    requests it got are kept in `requests` (language, source: what a worker built from each job)."""
     sample_rate: int = 24000
     delay: float = 0.0
     fail_marker: str = "FAIL-ME"
@@ -67,6 +70,8 @@ class FakeEngineForTests:
     stopped_at: dict[str, int] = field(default_factory=dict)
     worked: dict[str, int] = field(default_factory=dict)
     _aborted: set[str] = field(default_factory=set, repr=False)
+    model: str = "chatterbox-tts"
+    requests: list[SynthesisRequest] = field(default_factory=list, repr=False)
 
     def abort(self, request_id: str) -> None:
         with self.lock:
@@ -84,6 +89,7 @@ class FakeEngineForTests:
     def synthesize(self, requests: Sequence[SynthesisRequest], on_audio=None) -> list[SynthesisResult]:
         with self.lock:
             self.batches.append([r.request_id for r in requests])
+            self.requests.extend(requests)
         if any(self.raise_marker in r.text for r in requests):
             raise RuntimeError("fake engine crash")
         try:
