@@ -1137,3 +1137,156 @@ def test_chunks_go_with_the_job(store, reopen):
     assert store.purge_expired(0.01) == 1
     for s in (store, reopen()):
         assert s.read_chunks(job.id) is None
+
+
+# --- models: a queue per API model ---------------------------------------------------------------------------
+
+TURBO, ORIGINAL = "chatterbox-turbo", "chatterbox-tts"
+
+
+def submit_for(store, model: str, owner: str = "acct-a", max_queued: int = 1000) -> Job:
+    job = new_job(owner)
+    store.submit(job, max_queued, model=model)
+    return job
+
+
+def test_a_job_carries_its_model_and_defaults_to_the_original(store, reopen):
+    turbo, plain = submit_for(store, TURBO), submit(store)
+    assert turbo.model == TURBO and plain.model == ORIGINAL
+    other = reopen()
+    assert other.get(turbo.id).model == TURBO and other.get(plain.id).model == ORIGINAL
+    job = Job(id=str(uuid.uuid4()), owner="a", params={"text": "x"}, model="chatterbox-multilingual")
+    store.submit(job, 1000)                                      # a Job's own model, without model=
+    assert other.get(job.id).model == "chatterbox-multilingual"
+
+
+def test_a_claim_for_one_model_never_takes_another_models_job(store, reopen):
+    turbo = [submit_for(store, TURBO, owner=o) for o in ("a", "b", "a")]
+    original = [submit_for(store, ORIGINAL, owner=o) for o in ("a", "c")]
+    assert store.claim("w-mtl", 10, LEASE, models=["chatterbox-multilingual"]) == []
+    assert store.claim("w-none", 10, LEASE, models=[]) == []
+    got = reopen().claim("w-orig", 10, LEASE, models=[ORIGINAL])
+    assert {j.id for j in got} == {j.id for j in original} and all(j.model == ORIGINAL for j in got)
+    assert store.claim("w-orig", 10, LEASE, models=[ORIGINAL]) == []           # Turbo's jobs wait for a Turbo worker
+    assert {store.get(j.id).state for j in turbo} == {JobState.QUEUED}
+    got = store.claim("w-turbo", 10, LEASE, models=[TURBO, ORIGINAL])
+    assert [j.id for j in got] == [turbo[0].id, turbo[1].id, turbo[2].id]     # round robin by owner: a, b, a
+    assert all(j.model == TURBO and j.state is JobState.PROCESSING for j in got)
+
+
+def test_a_claim_for_any_model_takes_every_model(store):
+    jobs = [submit_for(store, m, owner=o) for m, o in ((TURBO, "a"), (ORIGINAL, "a"), ("chatterbox-vc", "b"))]
+    got = store.claim("w", 10, LEASE)                                          # models=None
+    assert {j.id for j in got} == {j.id for j in jobs}
+    assert {j.id: j.model for j in got} == {j.id: j.model for j in jobs}
+
+
+def test_the_model_survives_release_recovery_and_retry(store, reopen):
+    job = submit_for(store, TURBO)
+    (j,) = store.claim("w1", 1, LEASE, models=[TURBO])
+    assert store.release(j.id, "w1")                                           # graceful stop: back to Turbo's queue
+    assert store.claim("w2", 1, LEASE, models=[ORIGINAL]) == []
+    (j,) = store.claim("w2", 1, 0.05, models=[TURBO])
+    time.sleep(0.1)
+    assert store.recover_expired(max_attempts=5) == 1                          # its worker died: requeued
+    other = reopen()
+    assert other.get(job.id).model == TURBO and other.get(job.id).state is JobState.QUEUED
+    assert other.claim("w3", 1, LEASE, models=[ORIGINAL]) == []
+    (j,) = other.claim("w3", 1, LEASE, models=[TURBO])
+    assert store.retry_later(j.id, "w3", STORAGE_REASON, 0.05)                 # its result could not be stored
+    time.sleep(0.1)
+    assert store.recover_expired(max_attempts=5) == 1
+    assert store.claim("w4", 1, LEASE, models=[ORIGINAL]) == []
+    (j,) = store.claim("w4", 1, LEASE, models=[TURBO])
+    assert j.id == job.id and j.model == TURBO and j.attempts == 3
+
+
+def test_fairness_and_queue_position_are_per_model(store, reopen):
+    # owner a's turn in Turbo's queue does not move it in the original's
+    o = [submit_for(store, ORIGINAL, owner=x) for x in ("a", "a", "b")]
+    t = [submit_for(store, TURBO, owner=x) for x in ("a", "b", "b")]
+    assert positions(reopen(), o) == {o[0].id: 0, o[2].id: 1, o[1].id: 2}
+    assert positions(store, t) == {t[0].id: 0, t[1].id: 1, t[2].id: 2}     # only Turbo's jobs come before
+    (first,) = store.claim("w-t", 1, LEASE, models=[TURBO])
+    assert first.id == t[0].id
+    assert positions(store, o) == {o[0].id: 0, o[2].id: 1, o[1].id: 2}     # unchanged by the Turbo claim
+    assert [j.id for j in store.claim("w-o", 3, LEASE, models=[ORIGINAL])] == [o[0].id, o[2].id, o[1].id]
+
+
+def test_the_queue_bound_is_per_model(store):
+    for _ in range(2):
+        submit_for(store, TURBO, max_queued=2)
+    with pytest.raises(QueueFull):
+        submit_for(store, TURBO, max_queued=2)
+    original = submit_for(store, ORIGINAL, max_queued=2)                     # Turbo's full queue blocks only Turbo
+    assert store.get(original.id).state is JobState.QUEUED
+    assert store.stats().queued_by_model == {TURBO: 2, ORIGINAL: 1}
+    store.claim("w", 10, LEASE, models=[TURBO])
+    assert store.stats().queued_by_model == {ORIGINAL: 1}
+    submit_for(store, TURBO, max_queued=2)
+
+
+def test_an_old_sqlite_database_is_migrated(tmp_path):
+    """A database of the store before models (no `model` column, turns per owner) opens: its jobs are the
+    original model's, keep their place, and are claimed by the original's workers."""
+    import sqlite3
+
+    from chatterbox_serverless.jobs.sqlite_store import SQLiteJobStore
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, params TEXT NOT NULL, state TEXT NOT NULL,
+            created_at REAL NOT NULL, started_at REAL, finished_at REAL, attempts INTEGER NOT NULL DEFAULT 0,
+            error TEXT, metrics TEXT NOT NULL DEFAULT '{}', media_type TEXT, audio_file TEXT, worker_id TEXT,
+            lease_until REAL, retry_reason TEXT, webhook_url TEXT, base_url TEXT,
+            cancelled INTEGER NOT NULL DEFAULT 0, claims INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE owner_turns (owner TEXT PRIMARY KEY, turn INTEGER NOT NULL);
+        INSERT INTO owner_turns VALUES ('a', 7), ('b', 3);
+    """)
+    now = time.time()
+    for i, owner in enumerate(("a", "b", "a")):
+        conn.execute("INSERT INTO jobs (id, owner, params, state, created_at) VALUES (?, ?, '{\"text\": \"x\"}', "
+                     "'QUEUED', ?)", (f"old-{i}", owner, now + i))
+    conn.commit()
+    conn.close()
+    store = SQLiteJobStore(path)
+    try:
+        assert store.get("old-0").model == ORIGINAL
+        assert store.queue_position("old-1") == 0 and store.queue_position("old-0") == 1   # b was served before a
+        assert store.claim("w", 10, LEASE, models=[TURBO]) == []
+        assert [j.id for j in store.claim("w", 10, LEASE, models=[ORIGINAL])] == ["old-1", "old-0", "old-2"]
+        new = submit_for(store, TURBO)
+        assert [j.id for j in store.claim("w", 10, LEASE)] == [new.id]
+    finally:
+        store.close()
+    reopened = SQLiteJobStore(path)                                                     # a second open: no-op
+    reopened.close()
+
+
+@pytest.mark.redis
+def test_redis_jobs_queued_before_models_are_the_originals(redis_url):
+    """Jobs queued by the store before models (hashes without `model`, in the queue keys the original model
+    keeps) are claimed by the original's workers and by claims of any model."""
+    import redis as redis_py
+
+    from chatterbox_serverless.jobs.redis_store import RedisJobStore
+    prefix = new_prefix()
+    store = RedisJobStore(redis_url, prefix=prefix)
+    raw = redis_py.Redis.from_url(redis_url)
+    try:
+        old = [submit(store, owner=o) for o in ("a", "b")]
+        for j in old:
+            raw.hdel(f"{prefix}job:{j.id}", "model")
+        raw.delete(f"{prefix}models")
+        assert store.get(old[0].id).model == ORIGINAL
+        assert store.stats().queued_by_model == {ORIGINAL: 2}
+        assert store.claim("w", 10, LEASE, models=[TURBO]) == []
+        (first,) = store.claim("w", 1, LEASE, models=[ORIGINAL])
+        (second,) = store.claim("w", 1, LEASE)
+        assert {first.id, second.id} == {j.id for j in old}
+        assert store.release(second.id, "w")                    # back into the original's queue
+        assert store.claim("w", 1, LEASE, models=[ORIGINAL])[0].id == second.id
+    finally:
+        raw.close()
+        store.close()
+        delete_prefix(redis_url, prefix)
