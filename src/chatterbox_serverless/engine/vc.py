@@ -488,11 +488,21 @@ def _isolated(jobs: list[_Job], stage: Callable[[list[_Job]], Sequence[T]], erro
     return done
 
 
+# ChatterboxEngine's options that concern T3 or text chunks: a VC engine has neither, and ignores them
+TTS_ONLY_OPTIONS = frozenset({"max_chunk_chars", "max_rows", "crossfade_seconds", "compile"})
+
+
 def load_vc_engine(ckpt_dir: str | Path, device: str | None = None, dtype: str | None = None,
                    watermark: bool = True, **options) -> VoiceConversionEngine:
     """The VC engine of a checkpoint directory (s3gen.safetensors [+ conds.pt]; the original model's directory
-    serves too). `options`: VoiceConversionEngine's keyword arguments."""
-    return VoiceConversionEngine(ckpt_dir, device=device, dtype=dtype, watermark=watermark, **options)
+    serves too). `options`: VoiceConversionEngine's keyword arguments; ChatterboxEngine's T3/text options
+    (TTS_ONLY_OPTIONS) are accepted and ignored, so one set of engine options serves every model; any other
+    unknown option is a TypeError."""
+    ignored = sorted(k for k in options if k in TTS_ONLY_OPTIONS)
+    if ignored:
+        log.debug("voice conversion ignores the text-to-speech options %s", ", ".join(ignored))
+    return VoiceConversionEngine(ckpt_dir, device=device, dtype=dtype, watermark=watermark,
+                                 **{k: v for k, v in options.items() if k not in TTS_ONLY_OPTIONS})
 
 
 # ------------------------------------------------------------------------------------------------------ parity

@@ -194,3 +194,23 @@ def test_conds_pt_of_the_original_layout_is_read(ckpt, tmp_path, engine):
     u = load_target_voice(tmp_path / "conds.pt")
     assert torch.equal(t.prompt_token, u.prompt_token) and torch.equal(t.prompt_feat, u.prompt_feat)
     assert torch.equal(t.embedding, u.embedding)
+
+
+def test_the_batched_path_is_the_per_request_path_within_float_noise(ckpt, engine):
+    """s3gen_per_request=False (CUDA's default): the whole batch in one S3Gen call per flow group; on CPU a
+    request's audio moves only by float rounding (speech_to_wav's docstring), and a bad request still fails alone."""
+    batched = VoiceConversionEngine(ckpt, device="cpu", watermark=False, s3gen_per_request=False, max_flow_batch=None)
+    reqs = [SynthesisRequest("", source=source(1.0, seed=1)), SynthesisRequest("hi"),
+            SynthesisRequest("", SynthesisParams(seed=9), source=source(1.3, seed=2))]   # one flow call for both
+    res = batched.synthesize(reqs)
+    assert res[1].error and res[0].error is None and res[2].error is None
+    for req, r in zip(reqs[::2], res[::2]):
+        alone = engine.synthesize([req])[0]
+        np.testing.assert_allclose(r.audio, alone.audio, atol=1e-5)
+
+
+def test_load_vc_engine_takes_the_tts_engines_options(ckpt):
+    e = load_vc_engine(ckpt, device="cpu", watermark=False, max_chunk_chars=100, max_rows=4, max_flow_batch=1)
+    assert e.max_flow_batch == 1
+    with pytest.raises(TypeError):
+        load_vc_engine(ckpt, device="cpu", watermark=False, no_such_option=1)
