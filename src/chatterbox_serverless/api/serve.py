@@ -4,6 +4,9 @@ Jobs live in SQLite under --data-dir (jobs.sqlite3, audio/), so a restart loses 
 with `--store redis://HOST:PORT/DB`, in Redis shared by several API replicas and `worker` processes (scale-out).
 SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests and the batch in hand finish within the
 grace time, and hands unfinished jobs back to the queue.
+
+Several models: `--model` once per model (the first is the default), one engine and one in-process worker each;
+with `--workers 0` nothing is loaded and the specs only name the models this API serves (engine/options.py).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.options import engine_from_args
+    from ..engine.options import engines_from_args, model_specs, served_models_of_specs
     from ..service import ServiceError, build_service
     from ..settings import from_args
     from .logs import configure_logging
@@ -57,13 +60,18 @@ def run(args: argparse.Namespace) -> int:
             (e.strerror or str(e))
         return _fail(f"cannot listen on {settings.host}:{settings.port}: {why}")
     try:
-        engine = None
+        specs, engines, served = model_specs(args), None, None
         if settings.workers > 0:
-            engine = engine_from_args(args, settings.data_dir, "serve")
-            if engine is None:
+            engines = engines_from_args(args, settings.data_dir, "serve")
+            if engines is None:
                 return 2
+        else:
+            try:
+                served = served_models_of_specs(specs)
+            except ValueError as e:
+                return _fail(str(e))
         try:
-            service = build_service(settings, engine=engine, model_name=args.model)
+            service = build_service(settings, engines=engines, served_models=served, model_name=",".join(specs))
         except ServiceError as e:
             return _fail(str(e))
         try:

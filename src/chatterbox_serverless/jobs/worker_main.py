@@ -1,8 +1,10 @@
 """`chatterbox-serverless worker`: a worker process on any host, sharing a job store with the API replicas.
 
     chatterbox-serverless worker --store redis://redis:6379/0 --model ResembleAI/chatterbox --device cuda
+    chatterbox-serverless worker --store redis://redis:6379/0 --model ResembleAI/chatterbox-turbo   # Turbo jobs only
 
-It claims batches from the shared queue, runs the engine, stores each result (audio included) in the store (which
+It claims only jobs of the models it serves (one engine, and one worker thread, per `--model`; the API model of
+each: engine/catalog.py), and advertises them ("models" in /ready's worker list). It claims batches from the shared queue, runs the engine, stores each result (audio included) in the store (which
 settles the job's credits in the same step), and advertises itself (heartbeat with a TTL) so the API's /ready
 and /metrics show the fleet. SIGTERM: stop claiming, finish the batch in hand within the grace time, hand the rest
 back to the queue. A worker that dies without that (SIGKILL, lost host) loses its leases after --lease-seconds
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api.logs import configure_logging
-    from ..engine.options import engine_from_args
+    from ..engine.options import engines_from_args, model_specs
     from ..service import ServiceError, build_service
     from ..settings import from_args
 
@@ -38,11 +40,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"chatterbox-serverless worker: {e}", file=sys.stderr)
         return 2
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
-    engine = engine_from_args(args, settings.data_dir, "worker")
-    if engine is None:
+    engines = engines_from_args(args, settings.data_dir, "worker")
+    if engines is None:
         return 2
     try:
-        service = build_service(settings, engine=engine, with_worker=True, model_name=args.model)
+        service = build_service(settings, engines=engines, with_worker=True, model_name=",".join(model_specs(args)))
     except ServiceError as e:
         print(f"chatterbox-serverless worker: {e}", file=sys.stderr)
         return 2
@@ -65,7 +67,8 @@ def run_worker(service, stop: threading.Event | None = None) -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    log.info("worker %s serving %s", worker.worker_id, settings.describe_store(),
+    log.info("worker %s serving %s from %s", worker.worker_id, ", ".join(service.served_models),
+             settings.describe_store(),
              extra={"batch_size": settings.batch_size, "lease_seconds": settings.lease_seconds})
     service.start()
     try:

@@ -206,12 +206,14 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, job_store: Any = None,
-                 accounts: Any = None, fetcher: Any = None, **settings: Any) -> Iterator[RunningServer]:
+def start_server(tmp_path: Path, engine: Any = None, *, engines: Sequence[Any] | None = None, workers: int = 1,
+                 job_store: Any = None, accounts: Any = None, fetcher: Any = None,
+                 served_models: Sequence[str] | None = None, **settings: Any) -> Iterator[RunningServer]:
     """Run the real app under uvicorn in a thread on a free loopback port; stop it (gracefully) on exit.
-    `settings` are `Settings` fields (data_dir defaults to tmp_path/"data"; `store="redis://..."` for Redis).
-    `job_store`: an open store to serve (default: the one the settings name). `accounts`: None (no keys), True
-    (open them beside the store) or an `Accounts`."""
+    `engine`, or `engines` (several models, e.g. two FakeEngineForTests with other `model`s; the first is the
+    default); `served_models`: the models of an API without engines. `settings` are `Settings` fields (data_dir
+    defaults to tmp_path/"data"; `store="redis://..."` for Redis). `job_store`: an open store to serve (default:
+    the one the settings name). `accounts`: None (no keys), True (open them beside the store) or an `Accounts`."""
     from ..api.app import create_app
     from ..service import build_service
     from ..settings import Settings
@@ -220,12 +222,12 @@ def start_server(tmp_path: Path, engine: Any = None, *, workers: int = 1, job_st
     settings.setdefault("shutdown_grace", 5.0)
     settings.setdefault("no_auth", accounts is None)
     cfg = Settings(workers=workers, **settings)
-    service = build_service(cfg, engine=engine, store=job_store, accounts=accounts if accounts is not None else False,
-                            fetcher=fetcher, model_name="fake")
+    service = build_service(cfg, engine=engine, engines=engines, served_models=served_models, store=job_store,
+                            accounts=accounts if accounts is not None else False, fetcher=fetcher, model_name="fake")
     app = create_app(service)
     try:
         with live_server(app, lifespan="on", graceful=5) as port:
-            yield RunningServer(url=f"http://127.0.0.1:{port}", store=service.store, app=app, engine=engine,
+            yield RunningServer(url=f"http://127.0.0.1:{port}", store=service.store, app=app, engine=service.engine,
                                 settings=cfg, service=service)
     finally:
         service.close()
@@ -292,12 +294,15 @@ class ServerWithKeys:
 
 
 # --- the real commands in a subprocess, with the engine double ---------------------------------------------------
-def spawn(command: str, argv: list[str], *, fake_delay: float = 0.0, fake: dict | None = None,
+def spawn(command: str, argv: list[str], *, fake_delay: float = 0.0, fake: dict | list[dict] | None = None,
           env: dict | None = None, stdout: Any = subprocess.DEVNULL, stderr: Any = subprocess.PIPE,
           wait_ready: bool = True) -> tuple[subprocess.Popen, str | None]:
     """Start `serve` or `worker` (their real options and code paths) in a subprocess with FakeEngineForTests
-    (`fake`: its constructor arguments). For `serve`, a free port is chosen unless argv has --port, and this
-    returns once /health answers: (process, base URL). For `worker`: (process, None)."""
+    (`fake`: its constructor arguments, or a list of them for several engines, e.g. [{"model":
+    "chatterbox-turbo"}]). Without a "model" there, each `--model SPEC` in argv makes one fake engine for the
+    spec's API model (engine/catalog.py: `--model tiny-random-turbo` gives a fake Turbo engine). For `serve`, a
+    free port is chosen unless argv has --port, and this returns once /health answers: (process, base URL).
+    For `worker`: (process, None)."""
     argv = list(argv)
     url = None
     if command == "serve":
@@ -307,7 +312,8 @@ def spawn(command: str, argv: list[str], *, fake_delay: float = 0.0, fake: dict 
         if "--host" not in argv:
             argv += ["--host", "127.0.0.1"]
         url = f"http://127.0.0.1:{port}"
-    spec = {"delay": fake_delay, **(fake or {})}
+    spec = ([{"delay": fake_delay, **f} for f in fake] if isinstance(fake, list)
+            else {"delay": fake_delay, **(fake or {})})
     full_env = {**os.environ, "CHATTERBOX_FAKE_ENGINE": repr(spec), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "chatterbox_serverless.testing", command, *argv], env=full_env,
                             stdout=stdout, stderr=stderr)
@@ -334,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     import ast
 
     from ..api.logs import configure_logging
+    from ..engine.options import served_models_of_specs
     from ..service import build_service
     from ..settings import SERVE, WORKER, add_arguments, from_args
 
@@ -341,19 +348,26 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     parser = argparse.ArgumentParser(prog=f"testing {command}")
     add_arguments(parser, SERVE if command == "serve" else WORKER)
-    settings = from_args(parser.parse_args(rest))
+    args = parser.parse_args(rest)
+    settings = from_args(args)
     configure_logging(json_lines=settings.log_json, level=os.environ.get("LOG_LEVEL", settings.log_level))
-    engine = FakeEngineForTests(**ast.literal_eval(os.environ.get("CHATTERBOX_FAKE_ENGINE", "{}")))
+    spec = ast.literal_eval(os.environ.get("CHATTERBOX_FAKE_ENGINE", "{}"))
+    specs = spec if isinstance(spec, list) else [spec]
+    if args.model and not any("model" in s for s in specs):     # one fake per --model, as its API model
+        specs = [{**specs[0], "model": m} for m in served_models_of_specs(args.model)]
+    engines = [FakeEngineForTests(**s) for s in specs]
     if command == "serve":
         from ..api.serve import serve
-        service = build_service(settings, engine=engine if settings.workers else None, model_name="fake")
+        service = build_service(settings, engines=engines if settings.workers else None,
+                                served_models=None if settings.workers else [e.model for e in engines],
+                                model_name="fake")
         try:
             serve(service, announce=True)
         finally:
             service.close()
     elif command == "worker":
         from ..jobs.worker_main import run_worker
-        service = build_service(settings, engine=engine, with_worker=True, model_name="fake")
+        service = build_service(settings, engines=engines, with_worker=True, model_name="fake")
         try:
             run_worker(service)
         finally:
