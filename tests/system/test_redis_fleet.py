@@ -4,7 +4,8 @@ redis-server that the test starts with AOF persistence (fsync always) in a temp 
 
 Shown here: stateless API replicas (a job submitted to one is polled and downloaded from the other), v1 answers
 502 while no worker is alive and v2 keeps queueing, a worker SIGKILLed mid-batch loses its jobs to the other
-worker and every job completes exactly once, and Redis SIGKILLed and restarted loses nothing accepted.
+worker and every job completes exactly once, and Redis SIGKILLed and restarted loses nothing accepted; a mixed
+fleet (workers of different models) where a Turbo job waits for a Turbo worker.
 """
 from __future__ import annotations
 
@@ -43,20 +44,22 @@ class Fleet:
         self.procs[name] = proc
         return proc
 
-    def start_api(self, name: str) -> str:
+    def start_api(self, name: str, models: tuple[str, ...] = ()) -> str:
         port = free_port()
         self._spawn(name, [sys.executable, "-m", "chatterbox_serverless.cli", "serve", "--store", self.redis_url,
                            "--redis-prefix", PREFIX, "--workers", "0", "--no-auth", "--host", "127.0.0.1", "--port", str(port),
                            "--data-dir", str(self.tmp / name), "--lease-seconds", str(LEASE),
-                           "--log-format", "plain", "--log-level", "warning"])
+                           "--log-format", "plain", "--log-level", "warning",
+                           *(a for m in models for a in ("--model", m))])
         return f"http://127.0.0.1:{port}"
 
-    def start_worker(self, name: str, delay: float) -> None:
-        # the real `worker` command with FakeEngineForTests as its engine
+    def start_worker(self, name: str, delay: float, models: tuple[str, ...] = ()) -> None:
+        # the real `worker` command with FakeEngineForTests as its engine (one per --model, as its API model)
         self._spawn(name, [sys.executable, "-m", "chatterbox_serverless.testing", "worker", "--store", self.redis_url, "--redis-prefix", PREFIX, "--worker-id", name,
                            "--data-dir", str(self.tmp / name), "--batch-size", "4", "--batch-wait", "0.05",
                            "--lease-seconds", str(LEASE), "--max-attempts", "5", "--shutdown-grace", "5",
-                           "--log-format", "plain", "--log-level", "warning"],
+                           "--log-format", "plain", "--log-level", "warning",
+                           *(a for m in models for a in ("--model", m))],
                     env={"CHATTERBOX_FAKE_ENGINE": repr({"delay": delay})})
 
     def wait_up(self, url: str, timeout: float = 60) -> None:
@@ -240,3 +243,31 @@ def test_two_replicas_racing_for_the_last_credits_never_double_spend(fleet_env):
         assert acc.balance == 20 and acc.held == per_job * len(holds) <= 20 < per_job * (len(holds) + 1)
     finally:
         accounts.close()
+
+
+def test_a_turbo_job_waits_for_a_turbo_worker_in_a_mixed_fleet(fleet_env):
+    """An API replica serving both models (from the specs alone: nothing loaded) and a worker of the original
+    model: the original's jobs complete, the Turbo job stays QUEUED (never claimed, not even once) until a
+    Turbo worker starts, which completes it."""
+    from chatterbox_serverless.jobs.store import Job
+
+    fleet, _server = fleet_env
+    api = fleet.start_api("api", models=("tiny-random", "tiny-random-turbo"))
+    fleet.start_worker("w-original", delay=0.05, models=("tiny-random",))
+    fleet.wait_up(api)
+    turbo = Job(id="turbo-job-1", owner="", params={"text": "Turbo, please.", "output_format": "wav"})
+    fleet.store.submit(turbo, 100, model="chatterbox-turbo")      # as the API's Turbo route submits it
+    originals = {submit(api, f"original {i}") for i in range(3)}
+    wait_until(lambda: all(fleet.store.get(i).state == JobState.COMPLETED for i in originals), 30)
+    wait_until(lambda: "w-original" in httpx.get(api + "/ready", timeout=5).json()["workers"], 10)
+    assert httpx.get(api + "/ready", timeout=5).json()["workers"]["w-original"]["models"] == ["chatterbox-tts"]
+    time.sleep(1.0)                                               # ~10 more polls of the original's worker
+    assert fleet.store.get(turbo.id).state == JobState.QUEUED
+    assert fleet.store.queue_position(turbo.id) == 0
+    fleet.start_worker("w-turbo", delay=0.05, models=("tiny-random-turbo",))
+    wait_until(lambda: fleet.store.get(turbo.id).state == JobState.COMPLETED, 30)
+    claims = [e.data for e in fleet.store.job_events(turbo.id) if e.data.get("status") == "PROCESSING"]
+    assert len(claims) == 1                                       # claimed once, by the Turbo worker
+    done = [e for e in fleet.store.events() if e["job"] == turbo.id]
+    assert [(e["state"], e["worker"]) for e in done] == [("COMPLETED", "w-turbo")]
+    assert {e["worker"] for e in fleet.store.events() if e["job"] in originals} == {"w-original"}
