@@ -181,7 +181,8 @@ OPTIONS: tuple[Option, ...] = (
            "stay in Redis (default 1048576)", type=int),
     Option("workers", "--workers", "in-process workers: 1 (default) or 0 (API only, workers run elsewhere)",
            (SERVE,), int, choices=(0, 1)),
-    Option("worker_id", "--worker-id", "name shown in /ready (default HOST-PID-random)", (WORKER,)),
+    Option("worker_id", "--worker-id", "name shown in /ready (default HOST-PID-random); with several --model, "
+           "one worker per model, named ID-MODEL", (WORKER,)),
     Option("retention_seconds", "--retention", "seconds results and audio are kept (default 3600)", type=float,
            env="RETENTION"),
     Option("max_queue", "--max-queue", "queued jobs before submissions get 429 (default 1000)", (SERVE,), int),

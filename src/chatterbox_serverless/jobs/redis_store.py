@@ -813,7 +813,10 @@ class RedisJobStore(JobStore):
         by_model: dict[str, int] = {}
         others = sorted(m.decode() for m in models if m.decode() != DEFAULT_MODEL)
         if others:
-            counts = self._call(lambda: [self.r.zcard(self._k("mq", m)) for m in others])
+            pipe = self.r.pipeline(transaction=False)
+            for m in others:
+                pipe.zcard(self._k("mq", m))
+            counts = self._call(pipe.execute)
             by_model = {m: n for m, n in zip(others, counts) if n}
         default = queued - sum(by_model.values())
         if default > 0:
