@@ -78,8 +78,11 @@ class Pricing:
     def cost(self, audio_seconds: float) -> int:
         return charge_for(audio_seconds, self.credits_per_second, self.minimum)
 
-    def estimate(self, text: str) -> int:
-        return self.cost(len(text) / self.hold_chars_per_second + self.hold_extra_seconds)
+    def estimate(self, text: str, audio_seconds: float | None = None) -> int:
+        """The hold for synthesising `text`; `audio_seconds`: the audio's length where it is known without text
+        (voice conversion: its source's)."""
+        seconds = len(text) / self.hold_chars_per_second if audio_seconds is None else audio_seconds
+        return self.cost(seconds + self.hold_extra_seconds)
 
 
 class AuthError(Exception):
@@ -154,10 +157,11 @@ class Accounts:
         if wait > 0:
             raise RateLimited(wait, acc.rate_per_min)
 
-    def hold_for(self, acc: Account, job_id: str, text: str) -> Account:
-        """Reserve the estimated cost of synthesising `text` for `job_id`, recording this service's price with
-        the hold (the job is charged at it when it completes, wherever). Raises InsufficientCredits."""
-        return self.store.hold(acc.id, job_id, self.pricing.estimate(text),
+    def hold_for(self, acc: Account, job_id: str, text: str, audio_seconds: float | None = None) -> Account:
+        """Reserve the estimated cost of synthesising `text` (or of `audio_seconds` of audio, where that is known
+        instead: voice conversion) for `job_id`, recording this service's price with the hold (the job is charged
+        at it when it completes, wherever). Raises InsufficientCredits."""
+        return self.store.hold(acc.id, job_id, self.pricing.estimate(text, audio_seconds),
                                per_second=self.pricing.credits_per_second, minimum=self.pricing.minimum)
 
     def settle(self, job_id: str, audio_seconds: float | None) -> Account | None:

@@ -72,9 +72,10 @@ class AccountGate:
         setattr(request.state, STATE_REMAINING, acc.available)
         return acc.id
 
-    def charge_submission(self, request: Request, job_id: str, text: str) -> None:
-        """Count the submission against the key's rate, then hold the request's estimated cost. Call after
-        the parameters are validated and before the job is stored."""
+    def charge_submission(self, request: Request, job_id: str, text: str, audio_seconds: float | None = None) -> None:
+        """Count the submission against the key's rate, then hold the request's estimated cost (from `text`, or
+        `audio_seconds` where the audio's length is known instead). Call after the parameters are validated and
+        before the job is stored."""
         if self.accounts is None:
             return
         acc: Account = getattr(request.state, STATE_ACCOUNT)
@@ -84,7 +85,7 @@ class AccountGate:
             retry = max(1, int(e.retry_after + 0.999))
             raise ApiError(429, str(e), {"Retry-After": str(retry)}) from None
         try:
-            acc = self.accounts.hold_for(acc, job_id, text)
+            acc = self.accounts.hold_for(acc, job_id, text, audio_seconds)
         except InsufficientCredits as e:
             setattr(request.state, STATE_REMAINING, e.available)
             raise ApiError(406, f"{e}; add credits to this key "

@@ -1,6 +1,11 @@
-"""What every router shares: the service it serves, the account gate, URL building and signing, reading JSON
-bodies, submitting a job, finding a caller's job. One `ApiContext` per app; routers are built over it
-(`routers/*.py: router(ctx) -> APIRouter`)."""
+"""What every router shares: the service it serves (and the API models it serves), the account gate, URL
+building and signing, reading JSON bodies, submitting a job (for one model), finding a caller's job. One
+`ApiContext` per app; routers are built over it (`routers/*.py: router(ctx) -> APIRouter`).
+
+Models: `models` are the API model names this deployment serves (`Service.served_models`, the default first);
+each has its request schema (api/schemas.py REQUESTS). A job is submitted for one model (`submit(..., model=)`,
+stored as `Job.model`: only a worker of that model claims it); a synchronous call waits for a live worker of its
+model."""
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +23,14 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
-from ..jobs.store import ChunkRead, Job, JobState, QueueFull
+from ..jobs.store import DEFAULT_MODEL, ChunkRead, Job, JobState, QueueFull
 from ..media import FORMATS
 from ..service import Service
 from .auth import AccountGate
 from .errors import ApiError, echo
 from .middleware import SAFE_ID
 from .bodies import JobBodies
-from .schemas import TTSRequest, describe_validation_error
+from .schemas import REQUESTS, AnyRequest, TTSRequest, describe_validation_error
 from .signing import UrlSigner
 
 log = logging.getLogger("chatterbox_serverless.api")
@@ -70,6 +75,15 @@ class ApiContext:
         self.allow_hosts = AllowList(self.settings.allow_fetch_hosts)     # what reference URLs may reach
         self.voices = service.voices                                      # the voice library, or None
         self.wait_limiter = anyio.CapacityLimiter(1000)    # threads parked in store.wait for synchronous calls
+        self.models: tuple[str, ...] = tuple(service.served_models)    # API models served, the default first
+        unknown = [m for m in self.models if m not in REQUESTS]
+        if unknown:
+            raise ValueError(f"no request schema for the model {unknown[0]!r} (api/schemas.py REQUESTS knows "
+                             f"{', '.join(REQUESTS)})")
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
 
     # --- URLs ------------------------------------------------------------------------------------------------
     def base_url(self, request: Request) -> str:
@@ -102,12 +116,14 @@ class ApiContext:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def parse_tts(self, request: Request, model: type[TTSRequest] = TTSRequest) -> TTSRequest:
-        """The hosted contract's parameters (`model`: TTSRequest, or V2Request with webhook_url), validated: 400
-        naming the parameter, 415/413 for the body."""
+    async def parse_tts(self, request: Request, model: type[AnyRequest] = TTSRequest) -> AnyRequest:
+        """A model's parameters (`model`: its request schema, api/schemas.py REQUESTS / V2_REQUESTS: TTSRequest,
+        V2Request with webhook_url, ...), validated: 400 naming the parameter, 415/413 for the body. Audio given
+        inline (reference_audio, source_audio) is decoded and probed here; URLs are checked for their address."""
         body = await self.read_json_body(request)
         if not body.strip():
-            raise ApiError(400, "empty request body: send a JSON object of parameters, at least {\"text\": ...}")
+            first = "source_audio" if "source_audio" in model.model_fields else "text"
+            raise ApiError(400, f"empty request body: send a JSON object of parameters, at least {{\"{first}\": ...}}")
         try:
             params = model.model_validate_json(body)
         except ValidationError as e:
@@ -115,40 +131,56 @@ class ApiContext:
             if err.get("type") == "json_invalid":
                 raise ApiError(400, f"malformed JSON body: {err.get('msg', '').removeprefix('Invalid JSON: ')}")
             raise ApiError(400, describe_validation_error(e))
-        text = params.text.strip()
-        if not text:
-            raise ApiError(400, "parameter 'text': must not be empty")
-        if len(text) > self.settings.max_text_chars:
-            raise ApiError(400, f"parameter 'text': {len(text)} characters is more than this server's limit of "
-                                f"{self.settings.max_text_chars}")
+        update: dict[str, Any] = {}
+        if "text" in model.model_fields:
+            text = params.text.strip()
+            if not text:
+                raise ApiError(400, "parameter 'text': must not be empty")
+            if len(text) > self.settings.max_text_chars:
+                raise ApiError(400, f"parameter 'text': {len(text)} characters is more than this server's limit of "
+                                    f"{self.settings.max_text_chars}")
+            update["text"] = text
         if params.reference_audio is not None:
-            from ..media import ReferenceAudioError, parse_reference
-            try:
-                await run_in_threadpool(lambda: parse_reference(params.reference_audio,
-                                                                allow_hosts=self.allow_hosts))
-            except ReferenceAudioError as e:
-                raise ApiError(400, str(e))
+            await self.check_audio_param(params.reference_audio, "reference_audio",
+                                         min_seconds=getattr(model, "min_reference_seconds", None))
+        if getattr(params, "source_audio", None) is not None:
+            await self.check_audio_param(params.source_audio, "source_audio")
         webhook_url = getattr(params, "webhook_url", None)
         if webhook_url is not None:
             from ..jobs.webhooks import WebhookUrlError, check_webhook_url
             try:
-                webhook_url = check_webhook_url(webhook_url, self.allow_hosts)
+                update["webhook_url"] = check_webhook_url(webhook_url, self.allow_hosts)
             except WebhookUrlError as e:
                 raise ApiError(400, str(e)) from None
-            return params.model_copy(update={"text": text, "webhook_url": webhook_url})
-        return params.model_copy(update={"text": text})
+        return params.model_copy(update=update)
+
+    async def check_audio_param(self, value: str, name: str, min_seconds: float | None = None) -> Any:
+        """An audio parameter (reference_audio's rules: media/reference.py) checked at submit: its
+        ReferenceSource, or 400 naming `name`. Inline audio is decoded and probed (`min_seconds`: None, the
+        media default); a URL's address is checked (SSRF rules, `--allow-fetch-hosts`)."""
+        from ..media import ReferenceAudioError, parse_reference
+        from ..media.reference import PARAM
+        limits = {} if min_seconds is None else {"min_seconds": min_seconds}
+        try:
+            return await run_in_threadpool(lambda: parse_reference(value, allow_hosts=self.allow_hosts, **limits))
+        except ReferenceAudioError as e:
+            message = str(e)
+            raise ApiError(400, name + message[len(PARAM):] if message.startswith(PARAM) else f"{name}: {message}")
 
     # --- jobs ------------------------------------------------------------------------------------------------
-    def submit(self, request: Request, params: TTSRequest, owner: str, mode: str) -> Job:
-        """Hold the credits and queue the job (blocking: call in a thread). 429 when the queue is full. On the
-        hosted routes, an Idempotency-Key header seen before (same owner, within the retention) with the same
-        parameters returns that first job instead (`request.state.idempotent_replay`), with other ones 409."""
+    def submit(self, request: Request, params: AnyRequest, owner: str, mode: str, model: str = DEFAULT_MODEL
+               ) -> Job:
+        """Hold the credits and queue the job for `model` (blocking: call in a thread). 429 when that model's
+        queue is full. On the hosted routes, an Idempotency-Key header seen before (same owner, within the
+        retention) with the same parameters and model returns that first job instead
+        (`request.state.idempotent_replay`), with other ones 409. The job's params are the request's, by their
+        API names (the worker reads `language`, `source_audio`, `top_k` from there)."""
         if params.voice is not None:     # the job records the library voice's id (None: the built-in voice)
             params = params.model_copy(update={"voice": self.resolve_voice(owner, params.voice)})
         webhook_url = getattr(params, "webhook_url", None)
         exclude = {"webhook_url"} | (set() if params.stream else {"stream"})   # unstreamed jobs: params as before
         job = Job(id=str(uuid.uuid4()), owner=owner, params=params.model_dump(mode="json", exclude=exclude),
-                  webhook_url=webhook_url, base_url=self.base_url(request) if webhook_url else None)
+                  webhook_url=webhook_url, base_url=self.base_url(request) if webhook_url else None, model=model)
         key = self.idempotency_key(request) if mode in IDEMPOTENT_MODES else None
         if key is not None:
             first = self._reserve_key(owner, key, _fingerprint(job), job.id)
@@ -192,15 +224,19 @@ class ApiContext:
                                     "retry in a few seconds", {"Retry-After": "2"})
             time.sleep(0.02)    # the first submission is between its reservation and its job
 
-    def _queue(self, request: Request, params: TTSRequest, job: Job, mode: str) -> Job:
-        """Hold the credits for `job` and store it."""
+    def _queue(self, request: Request, params: AnyRequest, job: Job, mode: str) -> Job:
+        """Hold the credits for `job` (by its text, or for voice conversion by its source's seconds) and store
+        it."""
         owner = job.owner
         max_queue = self.settings.max_queue
-        if self.gate.enabled and self.store.stats().by_state.get("QUEUED", 0) >= max_queue:
+        if self.gate.enabled and self._queued(job.model) >= max_queue:
             self._queue_full(f"{max_queue} jobs are waiting")      # refused before any hold: no ledger entry
-        self.gate.charge_submission(request, job.id, params.text)     # 429 over the key's rate, 406 unpaid
+        text = getattr(params, "text", "")
+        source = getattr(params, "source_audio", None)
+        seconds = self._source_seconds(source) if source is not None else None
+        self.gate.charge_submission(request, job.id, text, seconds)     # 429 over the key's rate, 406 unpaid
         try:
-            self.store.submit(job, max_queue)
+            self.store.submit(job, max_queue, model=job.model)
         except QueueFull as e:
             self.gate.cancel_submission(request, job.id, "queue full: not queued")
             self._queue_full(str(e))
@@ -211,8 +247,22 @@ class ApiContext:
         if self.worker is not None:
             self.worker.notify()
         log.info("job queued", extra={"request_id": job.id, "mode": mode, "owner": owner or None,
-                                      "chars": len(params.text)})
+                                      "model": job.model, "chars": len(text)})
         return job
+
+    def _queued(self, model: str) -> int:
+        """QUEUED jobs of `model` (the store bounds each model's queue)."""
+        return self.store.stats().queued_by_model.get(model, 0)
+
+    def _source_seconds(self, value: str) -> float:
+        """How long a voice conversion's result will be, for its hold: its source's length (inline audio: from
+        its header, checked at parse), or for a URL, fetched only by the worker, the longest source allowed."""
+        from ..media.decode import DEFAULT_MAX_SECONDS, probe_audio
+        from ..media.reference import parse_reference
+        source = parse_reference(value, allow_hosts=self.allow_hosts, check_audio=False)
+        if source.data is None:
+            return DEFAULT_MAX_SECONDS
+        return min(probe_audio(source.data).seconds, DEFAULT_MAX_SECONDS)
 
     def resolve_voice(self, owner: str, value: str) -> str | None:
         """A request's `voice` as the id of a library voice the caller may use, or None (built-in); 400 naming
@@ -227,22 +277,23 @@ class ApiContext:
         except VoiceError as e:
             raise ApiError(e.status, e.message) from None
 
-    async def _live_worker(self) -> None:
-        """502 when no worker is alive (after a short grace for a restart)."""
-        reason = await run_in_threadpool(self.no_worker_reason)
+    async def _live_worker(self, model: str | None = None) -> None:
+        """502 when no worker (of `model`) is alive (after a short grace for a restart)."""
+        reason = await run_in_threadpool(self.no_worker_reason, model)
         deadline = time.monotonic() + NO_WORKER_GRACE_S
         while reason and time.monotonic() < deadline:     # ride out a worker restart before answering 502
             await anyio.sleep(0.25)
-            reason = await run_in_threadpool(self.no_worker_reason)
+            reason = await run_in_threadpool(self.no_worker_reason, model)
         if reason:
             raise ApiError(502, f"service temporarily unavailable: {reason}")
 
-    async def run_and_stream(self, request: Request, params: TTSRequest, owner: str, mode: str
-                             ) -> tuple[Job, ChunkRead | None, tuple[bytes, str] | None]:
-        """Queue a streamed job (`params.stream`) and wait for its first piece (the synchronous routes, streaming):
-        502/422/504 as `run_and_wait`, within sync_timeout. See `wait_for_audio` for what it returns."""
-        await self._live_worker()
-        job = await run_in_threadpool(self.submit, request, params, owner, mode)
+    async def run_and_stream(self, request: Request, params: AnyRequest, owner: str, mode: str,
+                             model: str = DEFAULT_MODEL) -> tuple[Job, ChunkRead | None, tuple[bytes, str] | None]:
+        """Queue a streamed job (`params.stream`) for `model` and wait for its first piece (the synchronous
+        routes, streaming): 502/422/504 as `run_and_wait`, within sync_timeout. See `wait_for_audio` for what it
+        returns."""
+        await self._live_worker(model)
+        job = await run_in_threadpool(self.submit, request, params, owner, mode, model)
         return await self.wait_for_audio(request, job.id, self.settings.sync_timeout)
 
     async def wait_for_audio(self, request: Request, job_id: str, timeout: float
@@ -268,13 +319,14 @@ class ApiContext:
             raise ApiError(404, f"request {job_id} expired before its audio could be sent", ids)
         return job, None, audio
 
-    async def run_and_wait(self, request: Request, params: TTSRequest, owner: str, mode: str
-                           ) -> tuple[Job, bytes, str]:
-        """Queue a job and wait for it (the synchronous routes): 502 when no worker is alive (after a short grace
-        for a restart), 422 when the job FAILED, 504 when it is not done within sync_timeout (it goes on: the body
-        carries its status URLs). Returns the COMPLETED job, its audio and media type."""
-        await self._live_worker()
-        job = await run_in_threadpool(self.submit, request, params, owner, mode)
+    async def run_and_wait(self, request: Request, params: AnyRequest, owner: str, mode: str,
+                           model: str = DEFAULT_MODEL) -> tuple[Job, bytes, str]:
+        """Queue a job for `model` and wait for it (the synchronous routes): 502 when no worker of that model is
+        alive (after a short grace for a restart), 422 when the job FAILED, 504 when it is not done within
+        sync_timeout (it goes on: the body carries its status URLs). Returns the COMPLETED job, its audio and
+        media type."""
+        await self._live_worker(model)
+        job = await run_in_threadpool(self.submit, request, params, owner, mode, model)
         final = await anyio.to_thread.run_sync(self.store.wait, job.id, self.settings.sync_timeout,
                                                limiter=self.wait_limiter)
         ids = {"x-request-id": job.id}
@@ -303,11 +355,16 @@ class ApiContext:
                                 f"{self.settings.retention_seconds:g} s)")
         return job
 
-    def no_worker_reason(self) -> str | None:
-        if self.worker is not None:
+    def no_worker_reason(self, model: str | None = None) -> str | None:
+        """Why no job (of `model`; None: of any model) can run now, or None. A worker in this process serves its
+        engines' models; workers elsewhere advertise theirs in their heartbeat ("models"; none: the original)."""
+        if self.worker is not None and (model is None or model in getattr(self.worker, "models", (DEFAULT_MODEL,))):
             return None if self.worker.alive else "the worker is not running"
-        if not self.store.stats().workers:
-            return "no worker is running to serve this request"
+        workers = self.store.stats().workers
+        if model is None:
+            return None if workers else "no worker is running to serve this request"
+        if not any(model in ((info or {}).get("models") or (DEFAULT_MODEL,)) for info in workers.values()):
+            return f"no worker is running to serve {model}"
         return None
 
     def job_body(self, request: Request, job: Job, with_output: bool) -> tuple[dict[str, Any], int]:
@@ -318,8 +375,10 @@ class ApiContext:
 
 
 def _fingerprint(job: Job) -> str:
-    """What makes two submissions "the same request" for an Idempotency-Key: the validated parameters (defaults
-    filled in) and the webhook URL."""
-    canonical = json.dumps({"params": job.params, "webhook_url": job.webhook_url}, sort_keys=True,
-                           separators=(",", ":"))
+    """What makes two submissions "the same request" for an Idempotency-Key: the model, the validated parameters
+    (defaults filled in) and the webhook URL (the original's jobs are fingerprinted as before models existed)."""
+    fields: dict[str, Any] = {"params": job.params, "webhook_url": job.webhook_url}
+    if job.model != DEFAULT_MODEL:
+        fields["model"] = job.model
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -2,6 +2,9 @@
 
     POST /v1/chatterbox-tts            sync: parameters in, audio bytes out (through the same queue as v2)
     POST /v2/chatterbox-tts            queue a job: {request_id, status, status_url, response_url}
+    POST /v1|v2/<model>                the same for every model this deployment serves (ctx.models:
+                                       chatterbox-turbo, chatterbox-multilingual, chatterbox-vc), each with its
+                                       own request schema (api/schemas.py REQUESTS); a model not served is 404
     GET  /v2/requests/{id}/status      {request_id, status, metrics[, error]}   (FAILED: HTTP 422)
     GET  /v2/requests/{id}             {request_id, status, output, metrics[, error]}   (FAILED: HTTP 422)
 
@@ -36,13 +39,14 @@ from ..audio_stream import cut_on_failure, encoded_audio
 from ..context import EXT_BY_TYPE, NO_WORKER_GRACE_S, STATE_REPLAYED, ApiContext  # noqa: F401 - re-exported
 from ..errors import ERROR_RESPONSES, NOT_ENOUGH_CREDITS, ApiError, echo
 from ..fileresponse import serve_file
-from ..schemas import ErrorResponse, ResultResponse, StatusResponse, SubmitResponse, TTSRequest, V2Request
+from ..schemas import MODEL, REQUESTS, V2_REQUESTS, ErrorResponse, ResultResponse, StatusResponse, SubmitResponse
 
-SLUG = "chatterbox-tts"
-_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": TTSRequest.model_json_schema()}}}}
-_V2_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {
-    "schema": V2Request.model_json_schema()}}}}
+SLUG = MODEL              # the hosted contract's model, the default one where it is served
+SUMMARIES = {"chatterbox-tts": ("Queue a synthesis job", "Synthesize and wait for the audio"),
+             "chatterbox-turbo": ("Queue a synthesis job (Turbo)", "Synthesize with Turbo and wait for the audio"),
+             "chatterbox-multilingual": ("Queue a synthesis job (23 languages)",
+                                         "Synthesize in one of 23 languages and wait for the audio"),
+             "chatterbox-vc": ("Queue a voice conversion job", "Convert a voice and wait for the audio")}
 _IDEMPOTENCY_DOC = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string",
                     "maxLength": 255}, "description": "Retry safely: the same key and body (per API key, within the "
                     "retention) answer the first submission's request again (header idempotent-replayed: true), "
@@ -51,51 +55,22 @@ EVENTS_POLL_S = 0.2        # how often an event stream looks for new events in t
 KEEPALIVE_S = 15.0         # a comment line this often keeps proxies from closing a quiet stream
 
 
+def _body_doc(schema: type) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": schema.model_json_schema()}}}}
+
+
 def router(ctx: ApiContext) -> APIRouter:
     r = APIRouter(tags=[SLUG])
     auth, store = ctx.auth, ctx.store
-
-    @r.post(f"/v2/{SLUG}", response_model=SubmitResponse, responses={
-                **ERROR_RESPONSES, **NOT_ENOUGH_CREDITS,
-                409: {"model": ErrorResponse, "description": "Idempotency-Key used before with another body"}},
-            summary="Queue a synthesis job", openapi_extra={**_V2_BODY_DOC, "parameters": [_IDEMPOTENCY_DOC]})
-    async def submit_v2(request: Request, owner: str = Depends(auth)):
-        params = await ctx.parse_tts(request, V2Request)
-        job = await run_in_threadpool(ctx.submit, request, params, owner, "v2")
-        headers = {"x-request-id": job.id}
-        if getattr(request.state, STATE_REPLAYED, False):
-            headers["idempotent-replayed"] = "true"
-        return JSONResponse({"request_id": job.id, "status": "QUEUED", **ctx.job_urls(request, job.id)},
-                            headers=headers)
-
-    @r.post(f"/v1/{SLUG}", summary="Synthesize and wait for the audio",
-            openapi_extra={**_BODY_DOC, "parameters": [_IDEMPOTENCY_DOC]},
-            responses={200: {"content": {t: {} for t in FORMATS.values()}, "description": "The audio file"},
-                       422: {"model": ErrorResponse, "description": "The job FAILED"},
-                       504: {"model": ErrorResponse, "description": "Waited longer than the sync limit; "
-                                                                     "the job goes on (poll its status_url)"},
-                       **ERROR_RESPONSES, **NOT_ENOUGH_CREDITS})
-    async def run_v1(request: Request, owner: str = Depends(auth)):
-        params = await ctx.parse_tts(request)
-        if params.stream:
-            job, first, audio = await ctx.run_and_stream(request, params, owner, "v1")   # 502/422/504 as ApiError
-            headers = {"x-request-id": job.id, "x-seed-value": str(params.seed), "cache-control": "no-store"}
-            if getattr(request.state, STATE_REPLAYED, False):
-                headers["idempotent-replayed"] = "true"
-            return audio_response(job, first, audio, headers)
-        job, data, media_type = await ctx.run_and_wait(request, params, owner, "v1")   # 502/422/504 as ApiError
-        final, ids = job, {"x-request-id": job.id}
-        headers = {**ids, "x-seed-value": str(params.seed), "cache-control": "no-store",
-                   "x-generation-time": str(final.metrics.get("inference_time", "")),
-                   "content-disposition": f'inline; filename="{job.id}.{EXT_BY_TYPE.get(media_type, "bin")}"'}
-        if getattr(request.state, STATE_REPLAYED, False):
-            headers["idempotent-replayed"] = "true"
-        return Response(content=data, media_type=media_type, headers=headers)
+    for model in ctx.models:
+        _model_routes(r, ctx, model)
 
     @r.post("/v1/{slug}", include_in_schema=False)
     @r.post("/v2/{slug}", include_in_schema=False)
     async def unknown_model(slug: str):
-        raise ApiError(404, f"model {echo(slug)!r} not found: this server serves '{SLUG}'")
+        served = ", ".join(f"'{m}'" for m in ctx.models)
+        raise ApiError(404, f"model {echo(slug)!r} not found: this server serves {served}")
 
     @r.get("/v2/requests/{request_id}/status", response_model=StatusResponse, summary="Poll a job",
            responses={422: {"model": StatusResponse, "description": "The job FAILED"}, **ERROR_RESPONSES})
@@ -137,7 +112,7 @@ def router(ctx: ApiContext) -> APIRouter:
                                ids, request_id=job.id, status=job.state.value)
             job, first, audio = await ctx.wait_for_audio(request, job.id, ctx.settings.sync_timeout)
             if first is not None:
-                return audio_response(job, first, None, {**ids, "cache-control": "no-store"})
+                return audio_response(store, job, first, None, {**ids, "cache-control": "no-store"})
         fmt = str(job.params.get("output_format") or "mp3")
         ext = EXT_BY_TYPE.get(job.media_type or "", fmt)
         headers = {**ids, "cache-control": "private, no-cache",
@@ -150,17 +125,6 @@ def router(ctx: ApiContext) -> APIRouter:
         if audio is None:
             raise ApiError(404, f"request {job.id} expired before its audio could be sent", ids)
         return serve_file(audio[0], audio[1], headers)
-
-    def audio_response(job: Job, first: ChunkRead | None, audio: tuple[bytes, str] | None,
-                       headers: dict) -> Response:
-        """A streamed job's audio: from its chunk channel as it comes, or (its worker did not stream) the file."""
-        fmt = str(job.params.get("output_format") or "mp3")
-        headers = {**headers, "content-disposition": f'inline; filename="{job.id}.{fmt}"'}
-        if first is None:
-            return Response(content=audio[0], media_type=audio[1], headers=headers)
-        body = encoded_audio(store, job.id, first, fmt, float(job.params.get("speed") or 1.0))
-        return StreamingResponse(cut_on_failure(body, job.id), media_type=FORMATS[fmt],
-                                 headers={**headers, "x-accel-buffering": "no"})
 
     @r.post("/v2/requests/{request_id}/cancel", response_model=StatusResponse, summary="Cancel a job",
             responses={409: {"model": ErrorResponse, "description": "The job already finished"}, **ERROR_RESPONSES})
@@ -233,3 +197,66 @@ def router(ctx: ApiContext) -> APIRouter:
             await anyio.sleep(EVENTS_POLL_S)
 
     return r
+
+
+def _model_routes(r: APIRouter, ctx: ApiContext, model: str) -> None:
+    """POST /v2/<model> (queue) and /v1/<model> (wait for the audio) with `model`'s request schema."""
+    auth = ctx.auth
+    v1_request, v2_request = REQUESTS[model], V2_REQUESTS[model]
+    v2_summary, v1_summary = SUMMARIES.get(model, (f"Queue a {model} job", f"Run {model} and wait for the audio"))
+    tags = [model] if model != SLUG else None
+
+    async def submit_v2(request: Request, owner: str = Depends(auth)):
+        params = await ctx.parse_tts(request, v2_request)
+        job = await run_in_threadpool(ctx.submit, request, params, owner, "v2", model)
+        headers = {"x-request-id": job.id}
+        if getattr(request.state, STATE_REPLAYED, False):
+            headers["idempotent-replayed"] = "true"
+        return JSONResponse({"request_id": job.id, "status": "QUEUED", **ctx.job_urls(request, job.id)},
+                            headers=headers)
+
+    async def run_v1(request: Request, owner: str = Depends(auth)):
+        params = await ctx.parse_tts(request, v1_request)
+        if params.stream:
+            job, first, audio = await ctx.run_and_stream(request, params, owner, "v1", model)   # 502/422/504
+            headers = {"x-request-id": job.id, "x-seed-value": str(params.seed), "cache-control": "no-store"}
+            if getattr(request.state, STATE_REPLAYED, False):
+                headers["idempotent-replayed"] = "true"
+            return audio_response(ctx.store, job, first, audio, headers)
+        job, data, media_type = await ctx.run_and_wait(request, params, owner, "v1", model)   # 502/422/504
+        final, ids = job, {"x-request-id": job.id}
+        headers = {**ids, "x-seed-value": str(params.seed), "cache-control": "no-store",
+                   "x-generation-time": str(final.metrics.get("inference_time", "")),
+                   "content-disposition": f'inline; filename="{job.id}.{EXT_BY_TYPE.get(media_type, "bin")}"'}
+        if getattr(request.state, STATE_REPLAYED, False):
+            headers["idempotent-replayed"] = "true"
+        return Response(content=data, media_type=media_type, headers=headers)
+
+    suffix = "" if model == SLUG else "_" + model.removeprefix("chatterbox-").replace("-", "_")
+    submit_v2.__name__, run_v1.__name__ = f"submit_v2{suffix}", f"run_v1{suffix}"
+    r.add_api_route(f"/v2/{model}", submit_v2, methods=["POST"], response_model=SubmitResponse, tags=tags,
+                    responses={**ERROR_RESPONSES, **NOT_ENOUGH_CREDITS,
+                               409: {"model": ErrorResponse, "description": "Idempotency-Key used before with another "
+                                                                            "body"}},
+                    summary=v2_summary, description=v2_request.__doc__ if model != SLUG else None,
+                    openapi_extra={**_body_doc(v2_request), "parameters": [_IDEMPOTENCY_DOC]})
+    r.add_api_route(f"/v1/{model}", run_v1, methods=["POST"], tags=tags, summary=v1_summary,
+                    description=v1_request.__doc__ if model != SLUG else None,
+                    openapi_extra={**_body_doc(v1_request), "parameters": [_IDEMPOTENCY_DOC]},
+                    responses={200: {"content": {t: {} for t in FORMATS.values()}, "description": "The audio file"},
+                               422: {"model": ErrorResponse, "description": "The job FAILED"},
+                               504: {"model": ErrorResponse, "description": "Waited longer than the sync limit; "
+                                                                            "the job goes on (poll its status_url)"},
+                               **ERROR_RESPONSES, **NOT_ENOUGH_CREDITS})
+
+
+def audio_response(store, job: Job, first: ChunkRead | None, audio: tuple[bytes, str] | None,
+                   headers: dict) -> Response:
+    """A streamed job's audio: from its chunk channel as it comes, or (its worker did not stream) the file."""
+    fmt = str(job.params.get("output_format") or "mp3")
+    headers = {**headers, "content-disposition": f'inline; filename="{job.id}.{fmt}"'}
+    if first is None:
+        return Response(content=audio[0], media_type=audio[1], headers=headers)
+    body = encoded_audio(store, job.id, first, fmt, float(job.params.get("speed") or 1.0))
+    return StreamingResponse(cut_on_failure(body, job.id), media_type=FORMATS[fmt],
+                             headers={**headers, "x-accel-buffering": "no"})

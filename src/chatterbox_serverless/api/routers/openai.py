@@ -2,8 +2,15 @@
 
     POST /v1/audio/speech     text in, audio out (`stream_format` audio: the file, sent in chunks; sse:
                               `speech.audio.delta` events with base64 audio, then `speech.audio.done` with usage)
-    GET  /v1/models           the model ids this deployment serves (its model and the operator's aliases)
+    GET  /v1/models           the model ids this deployment serves (its models and the operator's aliases)
     GET  /v1/models/{id}
+
+`model`: one of the models this deployment serves (chatterbox-tts, chatterbox-turbo, chatterbox-multilingual:
+that model), or one of the operator's aliases (`--model-aliases`, default tts-1, tts-1-hd, gpt-4o-mini-tts: the
+default model); anything else is OpenAI's 404 model_not_found, chatterbox-vc a 400 (it converts speech, it does
+not speak text: POST /v1/chatterbox-vc). The chosen model's own parameters are accepted beside OpenAI's (extra
+body fields: seed, temperature, top_p, repetition_penalty; exaggeration, cfg_weight, min_p where the model has
+them; top_k for Turbo; language for Multilingual), with its ranges and defaults (api/schemas.py).
 
 A speech request is a job like `/v1/chatterbox-tts`'s (`ApiContext.run_and_wait`): same keys (Bearer or
 x-api-key), credits, rate limits, queue, worker. Errors on these routes are OpenAI's shape (api/errors.py).
@@ -35,11 +42,11 @@ from ...voices.library import BUILTIN_VOICE, OPENAI_VOICES
 from ..audio_stream import StreamInterrupted, cut_on_failure, encoded_audio
 from ..context import ApiContext
 from ..errors import ApiError
-from ..schemas import TTSRequest, describe_validation_error
-from .hosted import SLUG
+from ..schemas import REQUESTS, TTSRequest, describe_validation_error
 
 CHUNK_BYTES = 16 * 1024                 # body chunks (pcm: whole samples)
-SAMPLING = ("seed", "temperature", "exaggeration", "cfg_weight", "min_p", "top_p", "repetition_penalty")
+SAMPLING = ("seed", "temperature", "exaggeration", "cfg_weight", "min_p", "top_p", "repetition_penalty", "top_k",
+            "language")          # the models' parameters taken from extra body fields (where the model has them)
 STARTED = int(time.time())
 
 
@@ -48,11 +55,14 @@ class VoiceId(BaseModel):
 
 
 class SpeechRequest(BaseModel):
-    """OpenAI's `POST /v1/audio/speech` body; the hosted routes' sampling parameters are accepted beside it
-    (seed, temperature, exaggeration, cfg_weight, min_p, top_p, repetition_penalty: same ranges)."""
+    """OpenAI's `POST /v1/audio/speech` body; the model's own parameters are accepted beside it (seed,
+    temperature, exaggeration, cfg_weight, min_p, top_p, repetition_penalty, top_k (Turbo), language
+    (Multilingual): the ranges and defaults of its /v1/<model> route)."""
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(description=f"'{SLUG}', or one of the operator's aliases (GET /v1/models).")
+    model: str = Field(description="A model this server serves (chatterbox-tts, chatterbox-turbo, "
+                                   "chatterbox-multilingual), or one of the operator's aliases for its default model "
+                                   "(tts-1, ...): GET /v1/models lists them.")
     input: str = Field(description="The text (at most the server's text limit, 5000 characters by default; "
                                    "long text is spoken in sentence chunks).")
     voice: str | VoiceId = Field(description=f"'{BUILTIN_VOICE}' (the model's built-in voice), one of OpenAI's "
@@ -75,7 +85,15 @@ _BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {
 
 
 def served_models(ctx: ApiContext) -> list[str]:
-    return [SLUG, *(a for a in ctx.settings.model_aliases if a != SLUG)]
+    """The model ids of GET /v1/models: every model served (the default first), then the aliases."""
+    return [*ctx.models, *(a for a in ctx.settings.model_aliases if a not in ctx.models)]
+
+
+def resolve_model(ctx: ApiContext, name: str) -> str | None:
+    """The served model a speech request's `model` names (an alias: the default model), or None."""
+    if name in ctx.models:
+        return name
+    return ctx.default_model if name in ctx.settings.model_aliases else None
 
 
 def model_object(model_id: str) -> dict[str, Any]:
@@ -86,7 +104,7 @@ def router(ctx: ApiContext) -> APIRouter:
     r = APIRouter(tags=["openai"])
     auth = ctx.auth
 
-    async def parse(request: Request) -> tuple[SpeechRequest, TTSRequest]:
+    async def parse(request: Request) -> tuple[SpeechRequest, TTSRequest, str]:
         body = await ctx.read_json_body(request)
         try:
             speech = SpeechRequest.model_validate_json(body or b"null")
@@ -95,32 +113,37 @@ def router(ctx: ApiContext) -> APIRouter:
             if err.get("type") == "json_invalid":
                 raise ApiError(400, f"malformed JSON body: {err.get('msg', '').removeprefix('Invalid JSON: ')}")
             raise ApiError(400, describe_validation_error(e))
-        if speech.model not in served_models(ctx):
+        model = resolve_model(ctx, speech.model)
+        if model is None:
             raise ApiError(404, f"parameter 'model': the model {speech.model[:80]!r} does not exist on this server "
                                 f"(it serves {', '.join(served_models(ctx))})", None, openai_code="model_not_found")
-        extra = {k: v for k, v in (speech.model_extra or {}).items() if k in SAMPLING}
+        schema = REQUESTS[model]
+        if "text" not in schema.model_fields:
+            raise ApiError(400, f"parameter 'model': {model} converts speech, it does not speak text: use POST "
+                                f"/v1/{model} (source_audio and a target voice)", None, param="model")
+        extra = {k: v for k, v in (speech.model_extra or {}).items() if k in SAMPLING and k in schema.model_fields}
         voice = speech.voice.id if isinstance(speech.voice, VoiceId) else speech.voice
         try:
-            params = TTSRequest.model_validate({"text": speech.input, "voice": voice, "speed": speech.speed,
-                                                "output_format": speech.response_format, **extra})
+            params = schema.model_validate({"text": speech.input, "voice": voice, "speed": speech.speed,
+                                            "output_format": speech.response_format, **extra})
         except ValidationError as e:
             raise ApiError(400, describe_validation_error(e).replace("parameter 'text'", "parameter 'input'"))
         text = params.text.strip()
         if len(text) > ctx.settings.max_text_chars:
             raise ApiError(400, f"parameter 'input': {len(text)} characters is more than this server's limit of "
                                 f"{ctx.settings.max_text_chars}")
-        return speech, params.model_copy(update={"text": text})
+        return speech, params.model_copy(update={"text": text}), model
 
     @r.post("/v1/audio/speech", summary="Generate audio from text (OpenAI's speech API)", openapi_extra=_BODY_DOC,
             responses={200: {"content": {**{t: {} for t in MEDIA_TYPES.values()}, "text/event-stream": {}},
                              "description": "The audio (chunked), or server-sent events"}})
     async def speech(request: Request, owner: str = Depends(auth)):
-        body, params = await parse(request)
+        body, params, model = await parse(request)
         if params.output_format in STREAM_FORMATS:
             params = params.model_copy(update={"stream": True})
-            job, first, audio = await ctx.run_and_stream(request, params, owner, "openai")
+            job, first, audio = await ctx.run_and_stream(request, params, owner, "openai", model)
         else:
-            job, data, media_type = await ctx.run_and_wait(request, params, owner, "openai")
+            job, data, media_type = await ctx.run_and_wait(request, params, owner, "openai", model)
             first, audio = None, (data, media_type)
         headers = {"x-request-id": job.id, "cache-control": "no-store", "x-seed-value": str(params.seed),
                    "x-accel-buffering": "no"}

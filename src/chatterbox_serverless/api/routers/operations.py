@@ -51,7 +51,8 @@ def router(ctx: ApiContext) -> APIRouter:
         if problem is None:
             writable = getattr(store, "writable", None)
             problem = writable() if writable is not None else None
-        body = {"model": service.model_name or None, "engine_loaded": service.engine is not None,
+        body = {"model": service.model_name or None, "models": list(ctx.models),
+                "engine_loaded": service.engine is not None,
                 "worker": worker.worker_id if worker else None, "workers_alive": len(stats.workers),
                 "workers": stats.workers, "oldest_queued_age_s": round(stats.oldest_queued_age, 3),
                 "queue_depth": stats.by_state.get("QUEUED", 0)}
