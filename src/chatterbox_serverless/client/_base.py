@@ -192,6 +192,16 @@ def check_slug(slug: str) -> str:
     return slug.strip("/")
 
 
+def model_of(slug: str | None, params: dict[str, Any]) -> str:
+    """The model a call names: `slug` (the hosted SDK's first argument) or `model=` (taken out of `params`: no
+    model has a parameter of that name); both: they must agree; neither: chatterbox-tts. Checked as a path part."""
+    from .params import MODEL
+    model = params.pop("model", None)
+    if slug is not None and model is not None and slug != model:
+        raise ParameterError(f"two models named: {slug!r} and model={model!r}")
+    return check_slug(slug if slug is not None else model if model is not None else MODEL)
+
+
 def partial_path(path: Path) -> Path:
     """Where a download is written before it is renamed onto `path` (same folder, so the rename is atomic)."""
     return path.with_name(f".{path.name}.{os.getpid()}.part")

@@ -13,7 +13,7 @@ from . import _base
 from ._base import (DEFAULT_MAX_POLL_INTERVAL_S, DEFAULT_MAX_RETRIES, DEFAULT_POLL_BACKOFF, DEFAULT_POLL_INTERVAL_S,
                     DEFAULT_POLL_TIMEOUT_S, PollSchedule, Progress, ProgressCallback)
 from .errors import APIConnectionError, InferenceFailed, InferenceTimeout
-from .params import validate_params
+from .params import VC, AudioSource, validate_params
 
 
 @dataclass
@@ -92,27 +92,41 @@ class Client:
                                   transport=transport, follow_redirects=False)
 
     # --- the hosted SDK's surface -----------------------------------------------------------------------------
-    def run(self, slug: str, **params: Any) -> dict[str, Any]:
-        """Submit to the queue and wait (default cadence, 600 s): the result body once COMPLETED.
-        Every keyword is a request parameter; for another deadline use `submit_async(...).wait(timeout=...)`."""
+    def run(self, slug: str | None = None, **params: Any) -> dict[str, Any]:
+        """Submit to the queue and wait (default cadence, 600 s): the result body once COMPLETED. `slug` (or
+        `model=`): the model, chatterbox-tts by default. Every other keyword is a request parameter; for another
+        deadline use `submit_async(...).wait(timeout=...)`."""
         return self.submit_async(slug, **params).wait()
 
-    def run_sync(self, slug: str, **params: Any) -> httpx.Response:
-        """One blocking `POST /v1/{slug}`: the response carries the audio bytes (`.content`)."""
-        body = validate_params(params)
-        slug = _base.check_slug(slug)
+    def run_sync(self, slug: str | None = None, **params: Any) -> httpx.Response:
+        """One blocking `POST /v1/{model}`: the response carries the audio bytes (`.content`). `slug` (or
+        `model=`): the model, chatterbox-tts by default; the other keywords are its parameters."""
+        slug = _base.model_of(slug, params)
+        body = validate_params(params, slug)
         start = time.monotonic()
         response = self._post_with_retries(f"{self.base_url}/v1/{slug}", body, headers={"Accept": "*/*"},
                                            timeout=httpx.Timeout(self.sync_timeout, connect=10.0))
         _base.raise_for_status(response, elapsed_s=time.monotonic() - start)
         return response
 
-    def submit_async(self, slug: str, **params: Any) -> Job:
-        """`POST /v2/{slug}`: queue the request and return its `Job` at once."""
-        body = validate_params(params)
-        response = self._post_with_retries(f"{self.base_url}/v2/{_base.check_slug(slug)}", body)
+    def submit_async(self, slug: str | None = None, **params: Any) -> Job:
+        """`POST /v2/{model}`: queue the request and return its `Job` at once. `slug` (or `model=`): the
+        model, chatterbox-tts by default; the other keywords are its parameters."""
+        slug = _base.model_of(slug, params)
+        body = validate_params(params, slug)
+        response = self._post_with_retries(f"{self.base_url}/v2/{slug}", body)
         request_id, status_url, response_url, submitted = _base.parse_submit(response)
         return Job(request_id, status_url, response_url, submitted, self)
+
+    def convert_voice(self, source_audio: AudioSource, *, reference_audio: AudioSource | None = None,
+                      voice: str | None = None, **params: Any) -> bytes:
+        """Voice conversion (`POST /v1/chatterbox-vc`): the speech of `source_audio` (a local file or bytes,
+        uploaded inline, or an http(s) URL / data: URI / base64 string) spoken again in the target voice:
+        `reference_audio` (a clip to clone), `voice` (a library voice's name or id), or neither (the model's
+        built-in voice). Other keywords: seed, output_format (mp3 by default), speed. Returns the audio bytes."""
+        response = self.run_sync(VC, source_audio=source_audio, reference_audio=reference_audio, voice=voice,
+                                    **params)
+        return response.content
 
     # --- beyond it ----------------------------------------------------------------------------------------------
     def job(self, request_id: str) -> Job:

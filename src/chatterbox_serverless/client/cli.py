@@ -3,6 +3,8 @@
     chatterbox-serverless say "Hello there." -o hello.mp3 --voice me.wav --seed 7
     chatterbox-serverless say "Hello again." --voice narrator        # a voice of the key's library
     chatterbox-serverless say --file chapter.txt -o chapter.flac --server http://gpu-box:8000
+    chatterbox-serverless say "Guten Tag." --model chatterbox-multilingual --language de
+    chatterbox-serverless say "Ha! [laugh] Really?" --model chatterbox-turbo --top-k 50
 
 The request goes through the queue (`/v2`); while it waits and runs, a progress line is shown on stderr.
 A text longer than the server accepts in one request (`--max-chars`) is sent as several requests, cut at
@@ -48,14 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, metavar="X", help="sampling temperature, 0-2 (0.8)")
     parser.add_argument("--min-p", type=float, metavar="X", help="min-p sampling, 0-1 (0.05)")
     parser.add_argument("--top-p", type=float, metavar="X", help="top-p sampling, 0-1 (1.0)")
-    parser.add_argument("--repetition-penalty", type=float, metavar="X", help="1-2 (1.2)")
+    parser.add_argument("--repetition-penalty", type=float, metavar="X", help="1-2 (1.2; multilingual: 2.0)")
+    parser.add_argument("--top-k", type=int, metavar="N", help="chatterbox-turbo: sample among the N most likely "
+                                                                "speech tokens, 1-6563 (1000)")
+    parser.add_argument("--language", metavar="CODE", help="chatterbox-multilingual: the text's language, an ISO "
+                                                           "639-1 code (en, de, fr, ja, zh, ...; default en)")
     parser.add_argument("--server", metavar="URL",
                         help="server URL (default: $CHATTERBOX_API_URL, else http://127.0.0.1:8000)")
     parser.add_argument("--key", metavar="KEY",
                         help="API key (default: $CHATTERBOX_API_KEY or $SEGMIND_API_KEY; prefer those: "
                              "a key on the command line is visible to other users)")
     parser.add_argument("--model", default="chatterbox-tts", metavar="NAME",
-                        help="model name on the server (chatterbox-tts)")
+                        help="model name on the server: chatterbox-tts (default), chatterbox-turbo, "
+                             "chatterbox-multilingual (the models it serves: GET /v1/models)")
     parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                         help="seconds to wait for the audio (600)")
     parser.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, metavar="N",
@@ -131,7 +138,7 @@ def _params(args: argparse.Namespace, text: str, fmt: str) -> dict[str, Any]:
     from .params import encode_audio
     params: dict[str, Any] = {"text": text, "output_format": fmt}
     for name in ("seed", "exaggeration", "cfg_weight", "temperature", "min_p", "top_p", "repetition_penalty",
-                 "speed"):
+                 "speed", "top_k", "language"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
@@ -282,6 +289,14 @@ def say(args: argparse.Namespace, client: Any, stderr: TextIO) -> int:
     """The command's work, with the client given (tests pass one bound to a test server)."""
     from .errors import InferenceTimeout
 
+    from .params import MULTILINGUAL, TURBO, VC
+    if args.model == VC:
+        raise _Usage(f"{VC} converts speech, it does not speak text: use the SDK's Client.convert_voice "
+                     f"(or POST /v1/{VC} with source_audio)")
+    if args.language is not None and args.model != MULTILINGUAL:
+        raise _Usage(f"--language is a parameter of {MULTILINGUAL} (add --model {MULTILINGUAL})")
+    if args.top_k is not None and args.model != TURBO:
+        raise _Usage(f"--top-k is a parameter of {TURBO} (add --model {TURBO})")
     text = _read_text(args)
     output, fmt = _output_and_format(args)
     if args.max_chars < 1:

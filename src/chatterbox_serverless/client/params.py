@@ -1,8 +1,18 @@
-"""The request parameters of `chatterbox-tts`, typed, with their ranges; checked before anything is sent.
+"""The request parameters of the Chatterbox models, typed, with their ranges; checked before anything is sent.
 
-`validate_params(dict)` checks the known parameters and returns the JSON body (a `Path` or `bytes`
-`reference_audio` becomes a `data:` URI). Unknown keys are passed through untouched: the server decides.
-`TTSParams` is the same set as a dataclass, for code that wants names checked by the type checker.
+`validate_params(dict, model)` checks the known parameters of `model` and returns the JSON body (a `Path` or
+`bytes` `reference_audio` / `source_audio` becomes a `data:` URI). Unknown keys are passed through untouched:
+the server decides. The models (engine/catalog.py names them; the server's api/schemas.py has the same ranges):
+
+    chatterbox-tts           text + the sampling parameters below (the hosted contract)
+    chatterbox-turbo         text, temperature, top_k (1-6563), top_p, repetition_penalty (exaggeration, cfg_weight
+                             and min_p are sent as given: the server ignores them for Turbo)
+    chatterbox-multilingual  the original's + language (one of the 23 codes of engine/languages.py; default "en")
+    chatterbox-vc            source_audio (required: the speech to convert) and the target (reference_audio or
+                             voice); no text
+    any other name           checked as chatterbox-tts (a server speaking the hosted contract)
+
+`TTSParams` is chatterbox-tts's set as a dataclass, for code that wants names checked by the type checker.
 """
 from __future__ import annotations
 
@@ -16,7 +26,14 @@ from typing import Any
 from ..media.formats import DEFAULT_FORMAT, FORMAT_NAMES, OutputFormatName
 from .errors import ParameterError
 
-MODEL = "chatterbox-tts"
+# The family's model names and Multilingual's languages, as engine/catalog.py and engine/languages.py list them
+# (copied: the client does not import the engine package; tests/unit/client compares them).
+MODEL = "chatterbox-tts"                     # the default model
+TURBO, MULTILINGUAL, VC = "chatterbox-turbo", "chatterbox-multilingual", "chatterbox-vc"
+MODELS = (MODEL, TURBO, MULTILINGUAL, VC)
+LANGUAGES = ("ar", "da", "de", "el", "en", "es", "fi", "fr", "he", "hi", "it", "ja", "ko", "ms", "nl", "no", "pl",
+             "pt", "ru", "sv", "sw", "tr", "zh")
+TOP_K_RANGE = (1, 6563)                      # Turbo's speech vocabulary (the server's api/schemas.py)
 OUTPUT_FORMATS = FORMAT_NAMES        # ("mp3", "wav", "flac", "ogg"): the table is media/formats.py (no dependencies)
 OutputFormat = OutputFormatName
 AudioSource = str | bytes | os.PathLike   # URL / data: URI / base64 string, raw bytes, or a local file
@@ -58,8 +75,10 @@ class TTSParams:
         return validate_params(body)
 
 
-def encode_audio(source: bytes | bytearray | memoryview | os.PathLike | str, media_type: str | None = None) -> str:
-    """A local audio file (path) or raw bytes as a `data:` URI, ready for `reference_audio`."""
+def encode_audio(source: bytes | bytearray | memoryview | os.PathLike | str, media_type: str | None = None,
+                 param: str = "reference_audio") -> str:
+    """A local audio file (path) or raw bytes as a `data:` URI, ready for `reference_audio` (or `source_audio`:
+    `param` names it in errors)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         media_type = media_type or "application/octet-stream"
@@ -68,10 +87,10 @@ def encode_audio(source: bytes | bytearray | memoryview | os.PathLike | str, med
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise ParameterError(f"reference_audio: cannot read {str(path)!r}: {e.strerror or e}") from None
+            raise ParameterError(f"{param}: cannot read {str(path)!r}: {e.strerror or e}") from None
         media_type = media_type or _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
     if not data:
-        raise ParameterError("reference_audio: the audio is empty")
+        raise ParameterError(f"{param}: the audio is empty")
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -86,18 +105,49 @@ def _number(name: str, value: Any) -> float:
     return value
 
 
-def validate_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Check the known parameters (type and range) and return the JSON body to send.
+def _audio(body: dict[str, Any], name: str) -> None:
+    """`body[name]` as the server takes audio: a URL, data: URI or base64 string as given; bytes or a path
+    encoded as a data: URI; None dropped."""
+    value = body[name]
+    if value is None:
+        del body[name]
+    elif isinstance(value, (bytes, bytearray, memoryview, os.PathLike)):
+        body[name] = encode_audio(value, param=name)
+    elif not isinstance(value, str):
+        raise ParameterError(f"{name} must be a URL, a data: URI, base64, bytes or a Path, got {type(value).__name__}")
+    elif not value.strip():
+        raise ParameterError(f"{name} must not be empty")
+
+
+def validate_params(params: dict[str, Any], model: str = MODEL) -> dict[str, Any]:
+    """Check the known parameters of `model` (type and range) and return the JSON body to send.
 
     Raises `ParameterError` naming the first bad parameter."""
     body = dict(params)
-    if "text" not in body:
-        raise ParameterError("text is required")
-    text = body["text"]
-    if not isinstance(text, str):
-        raise ParameterError(f"text must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise ParameterError("text must not be empty")
+    if model == VC:
+        if body.get("source_audio") is None:
+            raise ParameterError("source_audio is required (the speech to convert)")
+        _audio(body, "source_audio")
+        if body.get("stream"):
+            raise ParameterError("stream: voice conversion cannot be streamed")
+    else:
+        if "text" not in body:
+            raise ParameterError("text is required")
+        text = body["text"]
+        if not isinstance(text, str):
+            raise ParameterError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
+            raise ParameterError("text must not be empty")
+    if model == TURBO and "top_k" in body:
+        top_k = body["top_k"]
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise ParameterError(f"top_k must be an integer, got {type(top_k).__name__}")
+        if not TOP_K_RANGE[0] <= top_k <= TOP_K_RANGE[1]:
+            raise ParameterError(f"top_k must be between {TOP_K_RANGE[0]} and {TOP_K_RANGE[1]}, got {top_k}")
+    if model == MULTILINGUAL and "language" in body:
+        language = body["language"]
+        if not isinstance(language, str) or language.strip().lower() not in LANGUAGES:
+            raise ParameterError(f"language must be one of {', '.join(LANGUAGES)}, got {language!r}")
     for name in RANGES:
         if name in body:
             _number(name, body[name])
@@ -120,14 +170,5 @@ def validate_params(params: dict[str, Any]) -> dict[str, Any]:
     elif "voice" in body:
         del body["voice"]
     if "reference_audio" in body:
-        ref = body["reference_audio"]
-        if ref is None:
-            del body["reference_audio"]
-        elif isinstance(ref, (bytes, bytearray, memoryview, os.PathLike)):
-            body["reference_audio"] = encode_audio(ref)
-        elif not isinstance(ref, str):
-            raise ParameterError(f"reference_audio must be a URL, a data: URI, base64, bytes or a Path, "
-                                 f"got {type(ref).__name__}")
-        elif not ref.strip():
-            raise ParameterError("reference_audio must not be empty")
+        _audio(body, "reference_audio")
     return body
