@@ -29,6 +29,8 @@
   const state = {
     models: [],            // [{slug, summary, fields: [...]}]
     fields: [],            // the selected model's parameter fields
+    hasText: true,         // the selected model speaks text (voice conversion does not)
+    example: "",           // the example text put in the box (replaced by the next model's until edited)
     inputs: new Map(),     // field name -> {get(), set(value)}
     clip: null,            // {dataUri, blob, label, seconds}
     library: null,         // null: no library on this server; else [{id, name}]
@@ -211,7 +213,11 @@
     state.fields = model.fields;
     $("stream-choice").hidden = !model.stream;
     const text = model.fields.find((f) => f.name === "text");
-    if (!$("text").value && text?.examples?.length) $("text").value = text.examples[0];
+    state.hasText = !!text;                         // voice conversion has none: its source_audio is a parameter
+    $("text").closest("section").hidden = !text;
+    if (text && (!$("text").value || $("text").value === state.example) && text.examples?.length) {
+      $("text").value = state.example = text.examples[0];     // each model's example, until the text is edited
+    }
     updateCount();
     renderParams();
   }
@@ -292,8 +298,8 @@
   // The request body from the form; throws a Problem naming the first wrong parameter.
   function collectBody() {
     const text = $("text").value;
-    if (!text.trim()) throw new Problem("Type or paste some text to speak first.");
-    const body = { text };
+    if (state.hasText && !text.trim()) throw new Problem("Type or paste some text to speak first.");
+    const body = state.hasText ? { text } : {};
     for (const [name, { get, field: f }] of state.inputs) {
       const raw = get();
       if (raw === "" || raw === undefined) {
@@ -821,7 +827,7 @@
       if (!STREAM_FORMATS.has(body.output_format)) body.output_format = "wav";
       audioContext();                                // from the click: the browser lets it start
     }
-    if (route === "auto") route = body.text.length <= SYNC_MAX_CHARS && model?.v1 ? "v1" : "v2";
+    if (route === "auto") route = (body.text ?? "").length <= SYNC_MAX_CHARS && model?.v1 ? "v1" : "v2";
     if (route === "v1" && !model?.v1) route = "v2";
 
     const abort = new AbortController();
@@ -843,7 +849,7 @@
         n: state.history.length + 1, url: URL.createObjectURL(audio.blob), blob: audio.blob, format,
         playUrl: playable === audio.blob ? null : URL.createObjectURL(playable),
         requestId: audio.requestId, metrics: audio.metrics, route: audio.route, model: slug, voice: voiceLabel,
-        text: body.text, seed: body.seed != null ? String(body.seed) : null,
+        text: body.text ?? "(voice conversion)", seed: body.seed != null ? String(body.seed) : null,
         firstAudio: audio.firstAudioAt != null ? (audio.firstAudioAt - started) / 1000 : null, wall,
         at: new Date(), live: audio.streamed || null,
       };
