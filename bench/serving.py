@@ -174,6 +174,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens-per-chunk", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8, help="batch mode: requests per batch at most")
     ap.add_argument("--scenarios", default="single,interference,poisson")
+    ap.add_argument("--modes", default="batch,core", help="which to run: batch, core (comma-separated)")
     ap.add_argument("--poisson-seconds", type=float, default=180.0)
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: measured)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -191,6 +192,7 @@ def main(argv=None) -> None:
           f"{args.tokens_per_chunk} tokens per sentence chunk", flush=True)
     figures: dict = {}
     modes = {"batch": lambda arr: run_batch(engine, arr, args.batch), "core": lambda arr: run_core(engine, arr)}
+    modes = {m: modes[m] for m in args.modes.split(",")}
     scenarios = args.scenarios.split(",")
 
     if "single" in scenarios:

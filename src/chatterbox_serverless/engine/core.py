@@ -112,7 +112,7 @@ class SchedulerView:
     free_rows: int                   # T3 rows free (after what already waits inside the decoder)
     t3_busy: bool                    # T3 has rows decoding or admitted
     units: Sequence[S3GenUnit]       # S3Gen work whose input is ready
-    t3_seconds: float                # engine time spent in T3 since S3Gen work was last waiting for nothing
+    t3_seconds: float                # engine time spent in T3 since S3Gen work began to wait (none waited before)
     s3gen_seconds: float             # ... and in S3Gen
     unit_seconds: float              # expected seconds of a unit (the last measured)
 
@@ -262,8 +262,8 @@ class EngineCore:
                 self._decode(out)
             if plan.s3gen is not None:
                 self._run_unit(plan.s3gen, out)
-            if not self._units() and not self.runner.decoder.busy:
-                self._t3_s = self._s3gen_s = 0.0          # nothing waits: the budget starts afresh
+            if not self._units():
+                self._t3_s = self._s3gen_s = 0.0          # no S3Gen work waits: its budget starts afresh
         return events
 
     # ---- steps ------------------------------------------------------------------------------------------------
