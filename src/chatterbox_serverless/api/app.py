@@ -1,6 +1,7 @@
 """The HTTP layer (FastAPI) over a `Service` (service.py): one router per surface, over one `ApiContext`.
 
-    routers/hosted.py      the hosted contract: /v1 and /v2 chatterbox-tts, /v2/requests/{id}[/status]
+    routers/hosted.py      the hosted contract: /v1 and /v2 chatterbox-tts (and /v1|v2/<model> for every other
+                           model served: service.served_models), /v2/requests/{id}[/status]
     routers/files.py       /files/{id}.{ext}: the signed audio URLs
     routers/accounts.py    /v1/account, /v1/admin/keys...
     routers/operations.py  /health, /ready, /metrics
