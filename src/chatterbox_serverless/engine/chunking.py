@@ -115,10 +115,15 @@ class CrossfadeStream:
         self.ready = np.zeros(0, dtype=np.float32)     # final samples held back as too short a piece
         self.total = 0                                  # length of the joined audio so far
 
-    def push(self, clip: np.ndarray, last: bool = False) -> np.ndarray:
+    def push(self, clip: np.ndarray, last: bool = False, continues: bool = False) -> np.ndarray:
+        """`continues`: `clip` goes on the previous clip (the next window of one chunk's audio, as
+        s3gen_stream.ChunkStreamer hands it out): appended as is, no crossfade."""
         clip = np.asarray(clip, dtype=np.float32)
         if len(clip):
-            if self.total == 0:
+            if continues and self.total:
+                joined = np.concatenate([self.tail, clip])
+                self.total += len(clip)
+            elif self.total == 0:
                 joined = clip
                 self.total = len(clip)
             else:
