@@ -61,10 +61,11 @@ def _body_doc(schema: type) -> dict:
 
 
 def router(ctx: ApiContext) -> APIRouter:
-    r = APIRouter(tags=[SLUG])
-    auth, store = ctx.auth, ctx.store
+    root = APIRouter()             # each model's routes under its own tag, first (before the unknown model's)
     for model in ctx.models:
-        _model_routes(r, ctx, model)
+        _model_routes(root, ctx, model)
+    r = APIRouter(tags=[SLUG])     # the job routes (every model's jobs) under the hosted contract's tag
+    auth, store = ctx.auth, ctx.store
 
     @r.post("/v1/{slug}", include_in_schema=False)
     @r.post("/v2/{slug}", include_in_schema=False)
@@ -196,7 +197,8 @@ def router(ctx: ApiContext) -> APIRouter:
                     last_write = time.monotonic()
             await anyio.sleep(EVENTS_POLL_S)
 
-    return r
+    root.include_router(r)
+    return root
 
 
 def _model_routes(r: APIRouter, ctx: ApiContext, model: str) -> None:
@@ -204,7 +206,7 @@ def _model_routes(r: APIRouter, ctx: ApiContext, model: str) -> None:
     auth = ctx.auth
     v1_request, v2_request = REQUESTS[model], V2_REQUESTS[model]
     v2_summary, v1_summary = SUMMARIES.get(model, (f"Queue a {model} job", f"Run {model} and wait for the audio"))
-    tags = [model] if model != SLUG else None
+    tags = [model]
 
     async def submit_v2(request: Request, owner: str = Depends(auth)):
         params = await ctx.parse_tts(request, v2_request)
