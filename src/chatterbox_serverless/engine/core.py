@@ -26,9 +26,16 @@ T3 request per chunk, per-chunk seeds), so it draws the same tokens as there, al
 - not streamed: once every chunk is decoded, its chunks are vocoded in the flow groups `synthesize` uses
   (`ChatterboxEngine.s3gen_groups`, one unit each), joined and watermarked as there: the same samples as
   `synthesize` gives for it (on CPU, where S3Gen runs per request; tests/unit/engine/test_engine_core.py);
-- streamed (`stream=True`): its chunks are vocoded in order as each is decoded (one unit each), joined with the
-  crossfade stream and watermarked piece by piece, exactly as `synthesize` streams it; each piece is an
-  `AudioChunk` event, and the final `RequestFinished` carries their concatenation.
+- streamed (`stream=True`): its current chunk is vocoded in windows while T3 is still decoding it
+  (engine/s3gen_stream.py `ChunkStreamer`: the flow re-run over the voice prompt, a bounded left context and the
+  tokens so far, the 3-token lookahead held back, the noise fixed per chunk, the vocoder's excitation carried;
+  the first window after 12 tokens, then every 30), one window per unit; once the chunk is decoded its final
+  window flushes it and the next chunk's windows begin. A chunk's windows go on one another, chunks are joined
+  with the crossfade stream, and each piece is watermarked (pieces under pipeline.MIN_PIECE_SECONDS wait for the
+  next, so each carries the mark); each piece is an `AudioChunk` event and `RequestFinished` carries their
+  concatenation. Same tokens as unstreamed; the audio differs within the bounds s3gen_stream.py states (its
+  noise is drawn for the chunk's longest length, not the exact one), and the re-decoded windows cost S3Gen time
+  (about 3x a chunk's one flow call on CPU: the price of streaming, paid only by requests that ask for it).
 
 Memory and admission: T3 rows are bounded by the engine's `max_rows`; the number of requests in the core (decoding
 or waiting for S3Gen) by `SchedulerConfig.max_requests`, which the driver reads through `free_slots()` before it
@@ -170,6 +177,10 @@ class ModelRunner:
     def vocode(self, chunks) -> list[np.ndarray]:
         return self.engine._s3gen(list(chunks))
 
+    def stream_window(self, streamer, tokens: torch.Tensor, final: bool) -> np.ndarray:
+        """A streamed chunk's next window (s3gen_stream.ChunkStreamer.advance): its tokens so far in, audio out."""
+        return streamer.advance(tokens, final=final)
+
     def watermark(self, audio: np.ndarray) -> np.ndarray:
         w = self.engine.watermarker
         return audio if w is None else w.apply(audio, self.engine.sample_rate)
@@ -186,7 +197,10 @@ class _Request:
     submitted: set = dataclasses.field(default_factory=set)    # chunk indices given to T3
     decoded: int = 0                              # chunks whose tokens are known
     groups: list | None = None                    # not streamed: flow groups left (lists of chunk indices)
-    next_piece: int = 0                           # streamed: next chunk to vocode
+    next_piece: int = 0                           # streamed: the chunk whose windows are being made
+    streamer: object | None = None                # streamed: that chunk's s3gen_stream.ChunkStreamer
+    windows: int = 0                              # streamed: windows vocoded (all chunks)
+    windows_in_chunk: int = 0                     # streamed: windows of the current chunk handed to the joiner
     pieces: list = dataclasses.field(default_factory=list)
     first_audio_s: float | None = None
     t3_s: float = 0.0
@@ -200,7 +214,8 @@ class _Request:
 class EngineCore:
     """Drive from one thread (`add_request`, `step`); `abort` from any. See the module docstring."""
 
-    def __init__(self, engine, config: SchedulerConfig | None = None):
+    def __init__(self, engine, config: SchedulerConfig | None = None, window_plan=None):
+        """`window_plan`: how streamed chunks are cut into windows (s3gen_stream.WindowPlan; DEFAULT_PLAN)."""
         self.engine = engine
         self.scheduler = Scheduler(config or SchedulerConfig())
         self.runner = ModelRunner(engine)
@@ -212,6 +227,9 @@ class EngineCore:
         self._t3_s = self._s3gen_s = 0.0
         self._unit_s = self.scheduler.config.unit_estimate_s
         self._by_t3: dict[int, tuple[_Request, object]] = {}   # id(T3Request) -> (request, chunk)
+        self._partial: dict[int, torch.Tensor] = {}             # id(T3Request) -> speech tokens so far
+        from .s3gen_stream import DEFAULT_PLAN
+        self.window_plan = window_plan or DEFAULT_PLAN
 
     # ---- public ----------------------------------------------------------------------------------------------
     def add_request(self, request: SynthesisRequest) -> str:
@@ -308,7 +326,7 @@ class EngineCore:
             if r.chunks is None:
                 continue
             if r.joiner is not None:
-                if r.next_piece < len(r.chunks) and r.chunks[r.next_piece].tokens is not None:
+                if r.next_piece < len(r.chunks) and self._window_due(r):
                     units.append(S3GenUnit(r.id, (r.next_piece,), True, not r.pieces, r.arrival,
                                            len(r.chunks) - r.next_piece))
             elif r.decoded == len(r.chunks):
@@ -317,6 +335,24 @@ class EngineCore:
                 if r.groups:
                     units.append(S3GenUnit(r.id, tuple(r.groups[0]), False, False, r.arrival, len(r.groups)))
         return units
+
+    def _window_due(self, r: _Request) -> bool:
+        """Is a window of r's current chunk ready: its tokens all decoded (the final window), or enough of them
+        decoded so far for the streamer's next window?"""
+        c = r.chunks[r.next_piece]
+        if c.tokens is not None:
+            return True
+        partial = self._partial.get(id(c.t3))
+        return partial is not None and self._streamer(r).ready(len(partial))
+
+    def _streamer(self, r: _Request):
+        if r.streamer is None:
+            from .s3gen_stream import ChunkStreamer
+            c = r.chunks[r.next_piece]
+            r.streamer = ChunkStreamer(self.engine.s3gen, c.conds, seed=c.seed,
+                                       suffix=tuple(self.engine.parts.flow_suffix_tokens),
+                                       max_tokens=c.t3.max_new_tokens, plan=self.window_plan)
+        return r.streamer
 
     def _groups(self, r: _Request) -> list[list[int]]:
         speaking = [c for c in r.chunks if c.tokens is not None and c.tokens.numel() > 0]
@@ -356,6 +392,10 @@ class EngineCore:
             r, c = held
             c.tokens = res.speech_tokens
             r.decoded += 1
+        # speech tokens drawn so far by each chunk still decoding (what a streamed chunk's windows are made of)
+        start = self.engine.t3.cfg.start_speech_token
+        self._partial = {id(a.request): torch.tensor([t for t in a.tokens if t < start], dtype=torch.long)
+                         for a in self.runner.decoder.active if a.request.request_id in self._streamed_ids()}
         for r in list(self.requests.values()):      # a request with nothing to vocode ends here
             if r.chunks is not None and r.decoded == len(r.chunks) and r.joiner is None and not self._groups(r):
                 del self.requests[r.id]
@@ -367,12 +407,12 @@ class EngineCore:
         chunks = [r.chunks[i] for i in unit.chunks]
         t0 = time.perf_counter()
         try:
-            speaking = [c for c in chunks if c.tokens.numel() > 0]
-            for c, wav in zip(speaking, self.runner.vocode(speaking) if speaking else []):
-                c.wav = wav
             if r.joiner is not None:
-                self._stream_piece(r, chunks[0], out)
+                self._stream_window(r, out)
             else:
+                speaking = [c for c in chunks if c.tokens.numel() > 0]
+                for c, wav in zip(speaking, self.runner.vocode(speaking) if speaking else []):
+                    c.wav = wav
                 r.groups.pop(0)
         except Exception as e:          # its vocoding, or its consumer: this request alone
             log.warning("request %s failed in S3Gen: %s", r.id, e)
@@ -390,10 +430,21 @@ class EngineCore:
         elif r.joiner is not None and r.next_piece == len(r.chunks):
             self._finish(r, out)
 
-    def _stream_piece(self, r: _Request, c, out) -> None:
-        last = r.next_piece == len(r.chunks) - 1
-        piece = r.joiner.push(c.wav if c.wav is not None else np.zeros(0, np.float32), last=last)
-        r.next_piece += 1
+    def _stream_window(self, r: _Request, out) -> None:
+        """The next window of r's current chunk (the final one once the chunk is decoded), joined to what was
+        streamed (a chunk's windows go on one another; chunks are crossfaded), watermarked, handed out."""
+        c = r.chunks[r.next_piece]
+        streamer = self._streamer(r)
+        final = c.tokens is not None
+        wav = self.runner.stream_window(streamer, c.tokens if final else self._partial[id(c.t3)], final)
+        continues = r.windows_in_chunk > 0
+        r.windows_in_chunk = 0 if final else r.windows_in_chunk + (1 if len(wav) else 0)
+        r.windows += 1
+        last = final and r.next_piece == len(r.chunks) - 1
+        if final:
+            r.next_piece += 1
+            r.streamer = None
+        piece = r.joiner.push(wav, last=last, continues=continues and len(wav) > 0)
         if len(piece):
             piece = self.runner.watermark(piece)
             if r.first_audio_s is None:
@@ -408,7 +459,8 @@ class EngineCore:
                 out(RequestFailed(r.id, "the model produced no speech for this text"))
                 return
             audio = np.concatenate(r.pieces)
-            extra = {"stream_pieces": len(r.pieces), "first_audio_s": round(r.first_audio_s or 0.0, 4)}
+            extra = {"stream_pieces": len(r.pieces), "stream_windows": r.windows,
+                     "first_audio_s": round(r.first_audio_s or 0.0, 4)}
         else:
             audio = crossfade_join([c.wav for c in r.chunks if c.wav is not None], self.engine.sample_rate,
                                    self.engine.crossfade_seconds)
@@ -419,6 +471,9 @@ class EngineCore:
             "speech_tokens": sum(int(c.tokens.numel()) for c in r.chunks if c.tokens is not None),
             "chunks": len(r.chunks), "t3_s": round(r.t3_s, 4), "s3gen_s": round(r.s3gen_s, 4),
             "latency_s": round(time.perf_counter() - r.added, 4), **extra})))
+
+    def _streamed_ids(self) -> set[str]:
+        return {r.id for r in self.requests.values() if r.joiner is not None}
 
     def _forget_t3(self, r: _Request) -> None:
         for key in [k for k, (owner, _) in self._by_t3.items() if owner is r]:
