@@ -83,6 +83,22 @@ def read_safetensors(path: str | Path, prefixes: tuple[str, ...] | None = None) 
         raise CheckpointError(f"{path} is not a valid safetensors file ({type(e).__name__}: {e})") from None
 
 
+def read_weights(path: str | Path, prefixes: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A state dict from `path`: a safetensors file (`read_safetensors`), or a torch-saved one (`.pt`, `.pth`,
+    `.bin`: the Multilingual checkpoint's ve.pt and s3gen.pt), loaded with weights_only=True and refused unless
+    it maps names to tensors. With `prefixes`, only the keys starting with one of them."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, prefixes)
+    data = read_torch(path)
+    if isinstance(data, dict) and isinstance(data.get("model"), list) and data["model"] \
+            and isinstance(data["model"][0], dict):
+        data = data["model"][0]          # {"model": [state_dict]}, as the official loaders also accept
+    if not isinstance(data, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in data.items()):
+        raise CheckpointError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return {k: v for k, v in data.items() if prefixes is None or k.startswith(prefixes)}
+
+
 def read_torch(path: str | Path) -> Any:
     """What a torch-saved file holds, loaded with weights_only=True (tensors and plain containers only)."""
     path = Path(path)

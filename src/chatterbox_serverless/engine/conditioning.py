@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from . import audio
-from .checkpoint import (CheckpointError, config_from_state_dict, load_strict, read_config, read_safetensors,
-                         read_torch)
+from .checkpoint import CheckpointError, config_from_state_dict, load_strict, read_config, read_torch, read_weights
 from .models.campplus import CAMPPlus, CAMPPlusConfig
 from .models.s3tokenizer import S3TokenizerConfig, S3TokenizerV2
 from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
@@ -112,13 +111,15 @@ def _prefixed(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_voice_encoder(ckpt_dir: str | Path, config: dict | None = None) -> VoiceEncoder:
-    """The voice encoder from `ve.safetensors`, loaded strictly (on the CPU, eval mode); sizes from tensor shapes,
-    the rest from `config` (the checkpoint's configuration, section "voice_encoder"; read when not given)."""
+def load_voice_encoder(ckpt_dir: str | Path, config: dict | None = None, ve_file: str = "ve.safetensors"
+                       ) -> VoiceEncoder:
+    """The voice encoder from `ve_file` (ve.safetensors; Multilingual: ve.pt, torch-saved, read with
+    weights_only=True), loaded strictly (on the CPU, eval mode); sizes from tensor shapes, the rest from `config`
+    (the checkpoint's configuration, section "voice_encoder"; read when not given)."""
     ckpt_dir = Path(ckpt_dir)
     config = read_config(ckpt_dir) if config is None else config
-    path = ckpt_dir / "ve.safetensors"
-    sd = read_safetensors(path)
+    path = ckpt_dir / ve_file
+    sd = read_weights(path)
     ve = VoiceEncoder(config_from_state_dict(VoiceEncoderConfig.from_state_dict, sd, config.get("voice_encoder"),
                                              str(path)))
     load_strict(ve, sd, what=str(path))
@@ -127,7 +128,8 @@ def load_voice_encoder(ckpt_dir: str | Path, config: dict | None = None) -> Voic
 
 def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
                        s3gen_state: dict[str, torch.Tensor] | None = None, config: dict | None = None,
-                       s3gen_file: str = "s3gen.safetensors") -> tuple[VoiceEncoder, S3TokenizerV2, CAMPPlus]:
+                       s3gen_file: str = "s3gen.safetensors", ve_file: str = "ve.safetensors"
+                       ) -> tuple[VoiceEncoder, S3TokenizerV2, CAMPPlus]:
     """The three front-end networks, loaded strictly: VE from ve.safetensors, the tokenizer and speaker encoder
     from the `tokenizer.` / `speaker_encoder.` parts of s3gen.safetensors (pass `s3gen_state` to reuse an
     already-read file; otherwise only those parts are read). Sizes come from tensor shapes; what shapes cannot
@@ -135,9 +137,9 @@ def load_voice_modules(ckpt_dir: str | Path, device: torch.device | str = "cpu",
     "s3tokenizer" and "campplus", as S3Gen reads them)."""
     ckpt_dir = Path(ckpt_dir)
     overrides = read_config(ckpt_dir) if config is None else config
-    ve = load_voice_encoder(ckpt_dir, overrides)
-    s3 = s3gen_state if s3gen_state is not None else read_safetensors(ckpt_dir / s3gen_file,
-                                                                       ("tokenizer.", "speaker_encoder."))
+    ve = load_voice_encoder(ckpt_dir, overrides, ve_file)
+    s3 = s3gen_state if s3gen_state is not None else read_weights(ckpt_dir / s3gen_file,
+                                                                   ("tokenizer.", "speaker_encoder."))
     tok_sd, spk_sd = _prefixed(s3, "tokenizer."), _prefixed(s3, "speaker_encoder.")
     if not tok_sd or not spk_sd:
         raise CheckpointError(f"{s3gen_file} has no tokenizer.* or speaker_encoder.* weights")
@@ -173,8 +175,8 @@ class VoiceFrontEnd:
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, device: torch.device | str = "cpu", settings: VoiceSettings = VoiceSettings(),
-             s3gen_file: str = "s3gen.safetensors") -> "VoiceFrontEnd":
-        return cls(*load_voice_modules(ckpt_dir, device, s3gen_file=s3gen_file), settings=settings)
+             s3gen_file: str = "s3gen.safetensors", ve_file: str = "ve.safetensors") -> "VoiceFrontEnd":
+        return cls(*load_voice_modules(ckpt_dir, device, s3gen_file=s3gen_file, ve_file=ve_file), settings=settings)
 
     @property
     def device(self) -> torch.device:
@@ -339,7 +341,8 @@ def parity_outputs(ckpt_dir: Path, ref: dict[str, torch.Tensor], meta: dict) -> 
     ckpt_dir = Path(ckpt_dir)
     variant = detect_variant(ckpt_dir)
     samples, sr = sf.read(str(ckpt_dir / "reference_voice.wav"), dtype="float32")
-    front_end = VoiceFrontEnd.load(ckpt_dir, "cpu", settings=variant.voice, s3gen_file=variant.s3gen_file)
+    front_end = VoiceFrontEnd.load(ckpt_dir, "cpu", settings=variant.voice, s3gen_file=variant.s3gen_file,
+                                   ve_file=variant.ve_file)
     conds = front_end.compute(samples, sr)
     out = {"cond.ve_embedding": conds.speaker_emb, "cond.t3_prompt_tokens": conds.t3_prompt_tokens,
            "cond.gen_prompt_token": conds.gen_prompt_token, "cond.gen_prompt_feat": conds.gen_prompt_feat,

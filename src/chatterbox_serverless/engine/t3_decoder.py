@@ -26,9 +26,13 @@ on from 0; the history is [START] for the first draw, then the generated tokens.
 depend on the voice only, so their keys/values are the per-voice cache entry (the 376-position prefill is paid
 once per voice); the text and START are computed per request. Which layout a model has is the model's
 (`T3.frame_text`, `T3.text_embeds`); which chain samples is the variant's (`SamplingChain`).
+A model with `alignment_stop` (Multilingual) also gets 0.1.7's alignment analyser per request
+(engine/alignment.py): the forwards record a few heads' attention of each conditional row over its text, and
+before the chain runs the analyser suppresses or forces the stop token in that request's raw logits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict, deque
@@ -39,6 +43,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .alignment import AlignmentStopping
 from .models.t3 import T3
 from .sampling import CFGMinPChain, SamplingChain, sample
 from .contract import SynthesisParams
@@ -65,6 +70,7 @@ class T3Result:
     stop_reason: str                         # "eos", "max_new_tokens" or "aborted" (`T3Decoder.abort`)
     logits: Tensor | None = None             # (S, 2, V) raw logits, row 1 unconditional ((S, 1, V) without CFG)
     probs: Tensor | None = None              # (S, V) the distributions sampled
+    alignment: Tensor | None = None          # (S + 1, text + 2) alignment rows (alignment-stopping models, record)
 
 
 @dataclass
@@ -76,6 +82,7 @@ class _Active:
     tokens: list[int] = field(default_factory=list)
     logits: list[Tensor] = field(default_factory=list)
     probs: list[Tensor] = field(default_factory=list)
+    align: object | None = None              # alignment.AlignmentAnalyzer (models with alignment_stop)
 
 
 def postprocess(generated: Tensor, stop_token: int, start_token: int) -> Tensor:
@@ -111,6 +118,8 @@ class T3Decoder:
         self.next_logits: Tensor | None = None    # (rows, V) logits for each row's next token
         self._aborts: set[str] = set()            # request ids to drop at the next step (`abort`, any thread)
         self._abort_lock = threading.Lock()
+        # Multilingual: stopping decided by the text alignment of some heads (engine/alignment.py)
+        self.alignment = AlignmentStopping(model) if getattr(model.cfg, "alignment_stop", False) else None
 
     # ---- public ---------------------------------------------------------------------------------------------
     def validate(self, req: T3Request) -> None:
@@ -340,6 +349,8 @@ class T3Decoder:
         gen = torch.Generator(device=device)
         gen.manual_seed(int(req.params.seed))
         a = _Active(request=req, rows=list(rows), seen=seen, generator=gen)
+        if self.alignment is not None:
+            a.align = self.alignment.start(n_cond, n_text)
         self.active.append(a)
         for r in rows:
             self.row_owner[r], self.row_len[r] = a, n_cond + n_after
@@ -355,7 +366,9 @@ class T3Decoder:
         x = feeds[0][0].new_zeros(R, T, feeds[0][0].shape[-1])
         for r, (f, _) in enumerate(feeds):
             x[r, :f.shape[0]] = f
-        hidden = m.tfmr(x, self.cache, slice(first, first + R), [start for _, start in feeds])
+        with (self.alignment.watch_prefill(first, self.row_owner[first:first + R], [f.shape[0] for f, _ in feeds])
+              if self.alignment is not None else contextlib.nullcontext()):
+            hidden = m.tfmr(x, self.cache, slice(first, first + R), [start for _, start in feeds])
         last = torch.tensor([f.shape[0] - 1 for f, _ in feeds], device=hidden.device)
         logits = m.logits(hidden[torch.arange(R, device=hidden.device), last])
         self.next_logits = logits if self.next_logits is None or first == 0 else torch.cat((self.next_logits[:first], logits))
@@ -365,8 +378,9 @@ class T3Decoder:
         device = self.model.device
         cond_rows = torch.tensor([a.rows[0] for a in act], device=device)
         uncond_rows = torch.tensor([a.rows[-1] for a in act], device=device)
-        cond = self.next_logits.index_select(0, cond_rows)
-        uncond = self.next_logits.index_select(0, uncond_rows)
+        raw = cond, uncond = self.next_logits.index_select(0, cond_rows), self.next_logits.index_select(0, uncond_rows)
+        if self.alignment is not None:       # stop suppressed / forced by the alignment (before the chain)
+            cond, uncond = self.alignment.adjust(act, cond, uncond)
         seen = torch.stack([a.seen for a in act])
         probs, greedy = self.chain.process(cond, uncond, seen, [a.request.params for a in act],
                                            rows=[len(a.rows) for a in act])
@@ -379,7 +393,7 @@ class T3Decoder:
                       for a, f, t in zip(act, forced, sampled)]
         for i, (a, tok) in enumerate(zip(act, tokens)):
             if a.request.record:
-                rows = cond[i : i + 1] if len(a.rows) == 1 else torch.stack((cond[i], uncond[i]))
+                rows = raw[0][i : i + 1] if len(a.rows) == 1 else torch.stack((raw[0][i], raw[1][i]))
                 a.logits.append(rows.float().cpu())
                 a.probs.append(probs[i].cpu())
             if not a.tokens and not self.chain.keeps_start_in_history:
@@ -416,7 +430,8 @@ class T3Decoder:
         tokens = torch.tensor([self.row_owner[r].tokens[-1] for r in range(n)], device=device)
         positions = torch.tensor([len(self.row_owner[r].tokens) for r in range(n)], device=device)
         x = m.speech_embeds(tokens, positions)                                 # (n, 1, C)
-        hidden = m.tfmr(x, self.cache, slice(0, n), self.row_len)
+        with self.alignment.watch_step(self.row_owner[:n]) if self.alignment is not None else contextlib.nullcontext():
+            hidden = m.tfmr(x, self.cache, slice(0, n), self.row_len)
         self.next_logits = m.logits(hidden[:, -1])
         self.row_len = [length + 1 for length in self.row_len]
 
@@ -428,7 +443,8 @@ class T3Decoder:
             speech_tokens=postprocess(generated, self.cfg.stop_speech_token, self.cfg.start_speech_token),
             stop_reason=stop,
             logits=torch.stack(a.logits) if a.request.record else None,
-            probs=torch.stack(a.probs) if a.request.record else None)
+            probs=torch.stack(a.probs) if a.request.record else None,
+            alignment=a.align.alignment if a.request.record and a.align is not None else None)
 
 
 def generate(model: T3, requests: Sequence[T3Request], max_rows: int = 32,
@@ -452,14 +468,15 @@ def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[s
     """This engine's versions of the recorded T3 tensors: `t3.text_tokens` (the variant's text front-end on the
     normalised text), `t3.logits` ((S, 2, V) with CFG, (S, V) for Turbo) and `t3.probs` (S, V) teacher-forcing the
     recorded `t3.tokens`, conditioned on the recorded `cond.ve_embedding` / `cond.t3_prompt_tokens`, with the
-    variant's sampling chain and the recorded parameters, in float32 on CPU."""
+    variant's sampling chain and the recorded parameters, in float32 on CPU. Multilingual: the text in the recorded
+    `language`, and `t3.alignment`, the alignment analyser's rows."""
     from .checkpoint import read_config
     from .variants import detect_variant
     ckpt_dir = Path(ckpt_dir)
     variant = detect_variant(ckpt_dir)
     text_front_end = variant.load_text(ckpt_dir)
     text = meta.get("normalised_text") or text_front_end.normalize(meta["text"])
-    text_ids = text_front_end.encode(text)
+    text_ids = text_front_end.encode(text, meta.get("language"))
     model = T3.from_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32,
                                config=variant.architecture(read_config(ckpt_dir)), filename=variant.t3_file)
 
@@ -475,6 +492,9 @@ def parity_outputs(ckpt_dir: Path, ref: dict[str, Tensor], meta: dict) -> dict[s
     logits = res.logits
     if "t3.logits" in ref and ref["t3.logits"].dim() == 2:        # recorded without a CFG row dimension
         logits = logits[:, 0]
-    return {"t3.text_tokens": torch.tensor(text_ids, dtype=ref["t3.text_tokens"].dtype
-                                           if "t3.text_tokens" in ref else torch.int32),
-            "t3.logits": logits, "t3.probs": res.probs}
+    out = {"t3.text_tokens": torch.tensor(text_ids, dtype=ref["t3.text_tokens"].dtype
+                                          if "t3.text_tokens" in ref else torch.int32),
+           "t3.logits": logits, "t3.probs": res.probs}
+    if res.alignment is not None:       # Multilingual: the analyser's alignment rows
+        out["t3.alignment"] = res.alignment
+    return out

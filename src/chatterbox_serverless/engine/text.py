@@ -5,6 +5,10 @@ replacements, same order), so the token ids match the official ones. `TextTokeni
 with `[SPACE]` and runs the HF `tokenizers` model of `tokenizer.json`, as the official `EnTokenizer` does;
 `[START]` / `[STOP]` are added by T3 (`T3.frame_text`).
 
+Every front-end has `check_language(language)` and `encode(text, language=None)`: the English-only ones take
+None or "en" and refuse any other language (ValueError naming `language`); the Multilingual model's front-end
+(engine/text_multilingual.py) reads the text in the requested language.
+
 GPT-2 BPE (Turbo): `normalize_text_turbo` is 0.1.7 `tts_turbo.punc_norm` (its own, shorter list), and
 `BPETokenizer` is what `AutoTokenizer.from_pretrained(ckpt_dir)(text, truncation=True).input_ids` gives: GPT-2's
 byte-level BPE, no BOS/EOS added, the 19 paralinguistic tags (`[laugh]`, `[clear throat]`, ...) as added tokens
@@ -42,13 +46,13 @@ _PUNCTUATION = (
     ("\u2018", "'"),    # ‘
     ("\u2019", "'"),    # ’
 )
-_SENTENCE_ENDERS = (".", "!", "?", "-", ",")
+SENTENCE_ENDERS = (".", "!", "?", "-", ",")
 
 
-def normalize_text(text: str, replacements=None) -> str:
+def normalize_text(text: str, replacements=None, enders: tuple[str, ...] = SENTENCE_ENDERS) -> str:
     """The official punctuation clean-up: capitalise the first letter, collapse whitespace, map rare or LLM-style
     punctuation to common punctuation (`replacements`, default the original model's list), and end with a full
-    stop when no sentence-ending punctuation is there."""
+    stop when none of `enders` ends it (the Multilingual model also counts CJK punctuation)."""
     if len(text) == 0:
         return EMPTY_TEXT_REPLACEMENT
     if text[0].islower():
@@ -57,7 +61,7 @@ def normalize_text(text: str, replacements=None) -> str:
     for old, new in (_PUNCTUATION if replacements is None else replacements):
         text = text.replace(old, new)
     text = text.rstrip(" ")
-    if not text.endswith(_SENTENCE_ENDERS):
+    if not text.endswith(enders):
         text += "."
     return text
 
@@ -104,7 +108,12 @@ class EnglishFrontEnd:
     def normalize(self, text: str) -> str:
         return normalize_text(text)
 
-    def encode(self, text: str) -> list[int]:
+    @staticmethod
+    def check_language(language: str | None) -> None:
+        check_english(language)
+
+    def encode(self, text: str, language: str | None = None) -> list[int]:
+        check_english(language)
         return self.tokenizer.encode(text)
 
 
@@ -232,8 +241,22 @@ class GPT2FrontEnd:
     def normalize(self, text: str) -> str:
         return normalize_text_turbo(text)
 
-    def encode(self, text: str) -> list[int]:
+    @staticmethod
+    def check_language(language: str | None) -> None:
+        check_english(language)
+
+    def encode(self, text: str, language: str | None = None) -> list[int]:
+        check_english(language)
         return self.tokenizer.encode(text)
 
 
-FRONT_ENDS = {c.name: c for c in (EnglishFrontEnd, GPT2FrontEnd)}
+def check_english(language: str | None) -> None:
+    """The language check of the English-only front-ends: None or "en", else ValueError naming `language`."""
+    if language is not None and str(language).lower() != "en":
+        raise ValueError(f"language {language!r}: this model speaks English only (leave language unset or 'en'; "
+                         f"other languages are the chatterbox-multilingual model's)")
+
+
+from .text_multilingual import MultilingualFrontEnd  # noqa: E402  (it builds on this module's functions)
+
+FRONT_ENDS = {c.name: c for c in (EnglishFrontEnd, GPT2FrontEnd, MultilingualFrontEnd)}

@@ -6,13 +6,18 @@ through the same code), how text becomes token ids, how a reference clip becomes
 token is sampled, and how the flow solves. `Variant.load` builds the parts (`EngineParts`) and the engine
 (engine/pipeline.py) works with those parts only: no other module branches on a model's name.
 
-    variant    T3 file / backbone / conditioning                 text front-end         sampling     flow solver
-    original   t3_cfg.safetensors, Llama 520M, perceiver+emotion  English (tokenizer.json) CFG, min_p  10-step CFG cosine
-    turbo      t3_turbo_v1.safetensors, GPT-2, raw 375-token      GPT-2 BPE + tags        top_k, top_p  2-step meanflow
-               prompt                                                                     (no CFG)      (+3 silence tokens)
+    variant       T3 file / backbone / conditioning                 text front-end         sampling     flow solver
+    original      t3_cfg.safetensors, Llama 520M, perceiver+emotion  English (tokenizer.json) CFG, min_p  10-step CFG cosine
+    turbo         t3_turbo_v1.safetensors, GPT-2, raw 375-token      GPT-2 BPE + tags        top_k, top_p  2-step meanflow
+                  prompt                                                                     (no CFG)      (+3 silence tokens)
+    multilingual  t3_mtl23ls_v2.safetensors, the original's T3 with  graphemes + [lang],     CFG, min_p,   10-step CFG cosine
+                  2454 text ids; ve.pt, s3gen.pt (torch-saved)       per-language prep       alignment stop
 
-A variant is recognised from a checkpoint directory by its T3 file (`detect_variant`), and from a Hugging Face
-repo id by the table `REPOS` (`variant_for_repo`; engine/resolve.py downloads only the variant's files).
+A variant is recognised from a checkpoint directory by its T3 file (`detect_variant`; the order of
+catalog.T3_FILES: a directory holding the original's and the Multilingual's files, as the official repo does, is
+the original unless the variant is named), and from a Hugging Face repo id by catalog.OFFICIAL_REPOS
+(`variant_for_repo`; engine/resolve.py downloads only the variant's files; `multilingual=ResembleAI/chatterbox`
+names the Multilingual model of the shared repo).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .catalog import API_MODELS, OFFICIAL_REPOS, T3_FILES
 from .checkpoint import CheckpointError, read_config
 from .conditioning import VoiceConditionals, VoiceFrontEnd, VoiceSettings, load_builtin_voice, load_voice_encoder
 from .models.s3gen import S3Gen
@@ -110,7 +116,7 @@ class Variant:
             raise CheckpointError(f"{ckpt_dir}: the text tokenizer has {text.vocab_size} ids, {self.t3_file} embeds "
                                   f"{t3.cfg.text_vocab_size}")
         s3gen = S3Gen.from_checkpoint(ckpt_dir, device=device, dtype=dtype, config=config, filename=self.s3gen_file)
-        ve = load_voice_encoder(ckpt_dir, config)
+        ve = load_voice_encoder(ckpt_dir, config, self.ve_file)
         front_end = VoiceFrontEnd(ve.to(device).eval(), s3gen.tokenizer, s3gen.speaker_encoder, settings=self.voice)
         voice_path = ckpt_dir / self.builtin_voice_file
         builtin = load_builtin_voice(voice_path, device=device) if voice_path.is_file() else None
@@ -155,18 +161,74 @@ TURBO = Variant(
     voice=VoiceSettings(t3_prompt_seconds=15, t3_prompt_tokens=375, longer_than_seconds=5.0, loudness_lufs=-27.0),
     flow_suffix_tokens=(S3GEN_SIL,) * 3, builtin_voice_required=False, api_model="chatterbox-turbo")
 
-VARIANTS = {v.name: v for v in (ORIGINAL, TURBO)}
-REPOS = {v.repo_id.lower(): v for v in VARIANTS.values()}
+MULTILINGUAL = Variant(
+    name="multilingual", repo_id="ResembleAI/chatterbox",
+    t3_file="t3_mtl23ls_v2.safetensors", s3gen_file="s3gen.pt", ve_file="ve.pt",
+    text_files=(("grapheme_mtl_merged_expanded_v1.json",),), extra_files=("Cangjie5_TC.json",),
+    t3=dict(backbone="llama", conditioning="perceiver", alignment_stop=True),
+    flow=dict(solver="cfg-cosine", n_timesteps=10, decoder=dict(meanflow=False)),
+    text_front_end="multilingual", sampling="cfg-min_p", voice=VoiceSettings(), api_model="chatterbox-multilingual")
+"""Chatterbox Multilingual (chatterbox-tts 0.1.7 `ChatterboxMultilingualTTS`), 23 languages (engine/languages.py).
+
+The original's architecture throughout: T3 (Llama 520M, perceiver, emotion) differs only in its 2454 text ids,
+S3Gen and the voice encoder are the original's, read from torch-saved files (ve.pt, s3gen.pt; weights_only=True,
+strict keys). Text: engine/text_multilingual.py (lowercase, NFKD, per-language preparation, the language token).
+Decoding: the original's CFG / min_p chain with 0.1.7's `AlignmentStreamAnalyzer` (engine/alignment.py): the mean
+attention of heads (12, 15), (13, 11), (9, 2) of the conditional row over the text suppresses the stop token
+until the last 3 text tokens are reached and forces it on a long tail, on attention going back to earlier text,
+or when the last two tokens drawn are the same. Its official `generate` defaults repetition_penalty to 2.0 (the
+original's is 1.2): requests carry their parameters explicitly, so the API layer sets that per-model default.
+
+Where this departs from 0.1.7:
+  * attention: 0.1.7 switches the whole backbone to eager attention with output_attentions to read 3 heads;
+    here every layer keeps SDPA and the 3 heads' probabilities are recomputed (softmax of q.k over the row's
+    keys, float32) beside it: the same numbers to float rounding (t3.alignment in the parity dumps), and every
+    row decodes batched.
+  * the analyser's hooks are not re-registered on every call (0.1.7 stacks one more set per `inference()`;
+    they all record the same thing, so nothing differs but memory).
+  * a text of 3 tokens or fewer (with [START]/[STOP]: 5 positions) makes 0.1.7 fail (a max over no columns
+    once the end is reached); here that reduction counts as 0, so nothing is forced by it.
+  * CJK sentence enders and Devanagari / Arabic punctuation end a chunk when long text is split
+    (engine/chunking.py); the official reads the whole text as one chunk.
+"""
+
+VARIANTS = {v.name: v for v in (ORIGINAL, TURBO, MULTILINGUAL)}
+REPOS = {repo: VARIANTS[name] for repo, name in OFFICIAL_REPOS.items()}
+assert all(API_MODELS[v.name] == v.api_model for v in VARIANTS.values()), "catalog.API_MODELS and the variants differ"
+# the T3 files in catalog.T3_FILES order: the first one a directory holds names its default variant
+_BY_T3_FILE = [VARIANTS[name] for name in T3_FILES.values() if name in VARIANTS]
+assert {v.t3_file for v in _BY_T3_FILE} == set(T3_FILES) == {v.t3_file for v in VARIANTS.values()}
+# the official ResembleAI/chatterbox repo holds both models' files: together they are the original's checkpoint
+_SHARED_REPO = {ORIGINAL.name, MULTILINGUAL.name}
 
 
-def detect_variant(ckpt_dir: str | Path) -> Variant:
-    """The variant whose T3 file the directory holds; CheckpointError when none or several do."""
-    d = Path(ckpt_dir)
-    found = [v for v in VARIANTS.values() if (d / v.t3_file).is_file()]
+def _pick(found: list[Variant]) -> Variant | None:
+    """The variant of a set of T3 files: the only one, or the original beside the Multilingual's."""
     if len(found) == 1:
         return found[0]
+    if {v.name for v in found} == _SHARED_REPO:
+        return ORIGINAL
+    return None
+
+
+def detect_variant(ckpt_dir: str | Path, name: str | None = None) -> Variant:
+    """The variant whose T3 file the directory holds (the original's when it also holds the Multilingual's, as
+    the official repo does); `name` asks for that variant (its T3 file must be there). CheckpointError when
+    none, or several models not meant to share a directory, are there."""
+    d = Path(ckpt_dir)
+    if name is not None:
+        if name not in VARIANTS:
+            raise CheckpointError(f"{name!r} is not a model variant ({', '.join(VARIANTS)})")
+        variant = VARIANTS[name]
+        if not (d / variant.t3_file).is_file():
+            raise CheckpointError(f"{d} is not a Chatterbox {name} checkpoint: it has no {variant.t3_file}.")
+        return variant
+    found = [v for v in _BY_T3_FILE if (d / v.t3_file).is_file()]
+    picked = _pick(found)
+    if picked is not None:
+        return picked
     if not found:
-        names = " or ".join(v.t3_file for v in VARIANTS.values())
+        names = " or ".join(v.t3_file for v in _BY_T3_FILE)
         raise CheckpointError(f"{d} is not a Chatterbox checkpoint: it has no {names}.")
     raise CheckpointError(f"{d} holds the T3 files of several models ({', '.join(v.t3_file for v in found)}); "
                           f"keep one model per directory.")
@@ -178,6 +240,5 @@ def variant_for_repo(repo_id: str) -> Variant | None:
 
 
 def variant_for_files(names: list[str]) -> Variant | None:
-    """The variant whose T3 file is among `names` (a repo's file list), when exactly one is."""
-    found = [v for v in VARIANTS.values() if v.t3_file in names]
-    return found[0] if len(found) == 1 else None
+    """The variant whose T3 file is among `names` (a repo's file list), as `detect_variant` decides."""
+    return _pick([v for v in _BY_T3_FILE if v.t3_file in names])

@@ -6,7 +6,9 @@ which solver is the variant's choice (engine/variants.py), passed in as `filenam
 The official code loads this file with strict=False; here every tensor must land in a module and every
 module tensor must come from the file (only computable buffers such as the tokenizer's mel filters may be
 absent). Speech tokens -> mel is `flow` (see models/flow.py), mel -> 24 kHz waveform is `mel2wav` (HiFT); the
-batched path the pipeline calls is engine/speech_to_wav.py.
+batched path the pipeline calls is engine/speech_to_wav.py. The Multilingual checkpoint ships the same container
+as a torch-saved state dict (`s3gen.pt`), read with weights_only=True (checkpoint.read_weights) and loaded as
+strictly.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_strict, naming, read_config, read_safetensors
+from ..checkpoint import CheckpointError, load_strict, naming, read_config, read_weights
 from .campplus import CAMPPlus, CAMPPlusConfig
 from .flow import CausalMaskedDiffWithXvec, FlowConfig
 from .hift import HiFTConfig, HiFTGenerator
@@ -114,7 +116,7 @@ class S3Gen(nn.Module):
         overrides = read_config(ckpt_dir) if config is None else config
         path = ckpt_dir / filename
         with naming(path):
-            model = cls.from_state_dict(read_safetensors(path), overrides, what=f"S3Gen ({filename})")
+            model = cls.from_state_dict(read_weights(path), overrides, what=f"S3Gen ({filename})")
         model = model.to(device)
         model.flow.to(dtype)
         return model

@@ -17,6 +17,10 @@ backbone "gpt2", conditioning "prompt" (Turbo, `t3_turbo_v1.safetensors`): keys 
     [speaker (1) | prompt speech tokens (up to 375)] [text] [START] then generated tokens
 embedded without Chatterbox's own positions: GPT-2's `wpe` numbers the whole row from 0 (the backbone adds it).
 The text has no START/STOP tokens; there is no CFG row.
+
+The Multilingual model (`t3_mtl23ls_v2.safetensors`) is the first architecture with 2454 text ids; its variant
+sets `alignment_stop`, and `alignment_heads` names the (layer, head) pairs engine/alignment.py reads (the
+official three by default; a smaller test checkpoint names its own in serverless_config.json).
 """
 from __future__ import annotations
 
@@ -67,8 +71,18 @@ class T3Config:
     start_speech_token: int = 6561
     stop_speech_token: int = 6562
     prompt_len: int = 150                     # conditioning prompt tokens (speech_cond_prompt_len)
+    # Multilingual: stop decoding by the text alignment read from these (layer, head) pairs (engine/alignment.py)
+    alignment_stop: bool = False
+    alignment_heads: tuple[tuple[int, int], ...] = ((12, 15), (13, 11), (9, 2))
 
     def __post_init__(self):
+        self.alignment_heads = tuple((int(layer), int(head)) for layer, head in self.alignment_heads)
+        if self.alignment_stop:
+            bad = [lh for lh in self.alignment_heads if not (0 <= lh[0] < self.num_layers and 0 <= lh[1] < self.num_heads)]
+            if bad or not self.alignment_heads:
+                raise CheckpointError(f"T3: alignment head(s) {bad or '(none)'} are not among the model's "
+                                      f"{self.num_layers} layers x {self.num_heads} heads; set t3.alignment_heads in "
+                                      f"{CONFIG_FILE}")
         if self.backbone not in BACKBONES:
             raise CheckpointError(f"T3: unknown backbone {self.backbone!r} (one of {', '.join(BACKBONES)})")
         if self.conditioning not in CONDITIONINGS:
