@@ -391,11 +391,12 @@ class ChatterboxEngine:
                 return
 
     def _plan(self, i: int, req: SynthesisRequest) -> list[_Chunk]:
+        language = self.text.check_language(req.language)    # ValueError naming `language` if not spoken
         conds = self._conditionals(req.voice)
         pieces = split_text(req.text, self.max_chunk_chars) or [""]
         out = []
         for k, piece in enumerate(pieces):
-            ids = self.text.encode(self.text.normalize(piece))
+            ids = self.text.encode(self.text.normalize(piece), language)
             seed = chunk_seed(req.params.seed, k)
             cap = min(self.max_new_tokens, self.t3.max_new_tokens_for(len(ids), conds.t3_prompt_tokens.shape[-1]))
             t3_req = T3Request(text_ids=ids, speaker_emb=conds.speaker_emb, prompt_tokens=conds.t3_prompt_tokens,
@@ -470,8 +471,12 @@ def _reason(e: Exception) -> str:
 
 def load_engine(model: str, data_dir: str | Path | None = None, device: str | None = None,
                 dtype: str | None = None, watermark: bool = True, **options) -> ChatterboxEngine:
-    """Resolve `model` (HF repo id, checkpoint dir, tiny-random or tiny-random-turbo: engine/resolve.py) and load
-    the engine of its variant on `device`."""
+    """Resolve `model` (a --model spec: engine/catalog.py, engine/resolve.py) and load the engine of its variant on
+    `device`: ChatterboxEngine for the text-to-speech variants, VoiceConversionEngine for `vc`."""
+    from .catalog import variant_of_spec
     from .resolve import resolve_checkpoint
-    return ChatterboxEngine(resolve_checkpoint(model, data_dir), device=device, dtype=dtype,
-                            watermark=watermark, **options)
+    path = resolve_checkpoint(model, data_dir)
+    if variant_of_spec(model) == "vc":     # S3Gen alone: the voice-conversion engine (engine/vc.py)
+        from .vc import load_vc_engine
+        return load_vc_engine(path, device=device, dtype=dtype, watermark=watermark, **options)
+    return ChatterboxEngine(path, device=device, dtype=dtype, watermark=watermark, **options)
