@@ -5,6 +5,12 @@ into chunks of at most `max_chars`, preferring sentence ends, then clause punctu
 all requests go through the engine as one batch; their audio is joined with a short equal-power crossfade.
 A paralinguistic tag (`[laugh]`, `[clear throat]`: text.TAG) is never cut: a cut that would fall inside one
 moves before it (or after it, when the tag starts the piece).
+
+Sentence ends of other scripts (the Multilingual model's languages) count too: the full-width 。！？ (a closing
+bracket or quote after them stays with the sentence), which need no space after them, the Devanagari danda
+।/॥ and the Arabic/Urdu ؟/۔; clause marks ，、；：and the Arabic comma ، likewise. Sentences and clauses of CJK text
+are packed together without the space Latin text gets between them. Text without these characters is split exactly
+as before.
 """
 from __future__ import annotations
 
@@ -14,8 +20,13 @@ import numpy as np
 
 from .text import TAG
 
-_SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+')
-_CLAUSE_END = re.compile(r'(?<=[,;:—–])\s+')
+_CJK_ENDERS = "。！？"
+_CJK_CLOSERS = re.escape("」』）》〉”’\"')]")      # (a character class's content)
+_SENTENCE_END = re.compile(r'(?<=[.!?…])["\')\]]*\s+'
+                           rf'|(?<=[{_CJK_ENDERS}][{_CJK_CLOSERS}])\s*|(?<=[{_CJK_ENDERS}])(?![{_CJK_CLOSERS}])\s*'
+                           r'|(?<=[।॥؟۔])\s*')
+_CLAUSE_END = re.compile(r'(?<=[,;:—–])\s+|(?<=[，、；：،])\s*')
+_NO_SPACE_AFTER = re.compile(rf'([{_CJK_ENDERS}][{_CJK_CLOSERS}]?|[，、；：])$')
 
 
 def _pieces(text: str, pattern: re.Pattern) -> list[str]:
@@ -67,8 +78,9 @@ def split_text(text: str, max_chars: int = 280) -> list[str]:
         units.extend(_split_long(sentence.strip(), max_chars) if len(sentence) > max_chars else [sentence.strip()])
     chunks: list[str] = []
     for unit in units:
-        if chunks and len(chunks[-1]) + 1 + len(unit) <= max_chars:
-            chunks[-1] = f"{chunks[-1]} {unit}"
+        sep = "" if chunks and _NO_SPACE_AFTER.search(chunks[-1]) else " "
+        if chunks and len(chunks[-1]) + len(sep) + len(unit) <= max_chars:
+            chunks[-1] = f"{chunks[-1]}{sep}{unit}"
         else:
             chunks.append(unit)
     return chunks
