@@ -39,6 +39,7 @@ CACHE = Path(os.environ.get("CHATTERBOX_REFVENV",
 VARIANTS = [
     ("original", ["--tokens", "8"]),
     ("turbo", ["--tokens", "8"]),
+    ("vc", ["--voice-seconds", "4", "--source-seconds", "1.5"]),
 ]
 
 BUILD_TIMEOUT_S = 45 * 60

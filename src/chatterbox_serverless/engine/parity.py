@@ -78,6 +78,9 @@ def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
     from safetensors.torch import load_file
     ref = load_file(str(ref_dir / "reference.safetensors"))
     meta = json.loads((ref_dir / "reference.json").read_text())
+    if meta.get("model") == "vc":   # S3Gen only: engine/vc.py runs and compares every recorded tensor
+        from .vc import run_vc_parity
+        return run_vc_parity(ref_dir, out=out).ok
     from .checkpoint import CheckpointError
     from .variants import detect_variant
     recorded = str(meta.get("model", "original"))

@@ -41,9 +41,9 @@ def resolve_checkpoint(model: str, data_dir: str | os.PathLike | None = None) ->
         name, source = parse_model_spec(model)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    if name == VC or source == f"{TINY}-{VC}":
-        raise CheckpointError(f"--model {model!r}: voice conversion (vc) is not served by the TTS engine; "
-                              f"load it with engine/vc.py (load_vc_engine)")
+    from .catalog import variant_of_spec
+    if variant_of_spec(model) == VC:      # voice conversion: S3Gen (+ the built-in target voice) only
+        return _resolve_vc(source, data_dir)
     wanted = VARIANTS[name] if name is not None else None
     data = Path(data_dir or default_data_dir())
     if source in TINY_MODELS:
@@ -155,3 +155,38 @@ def _checked(path: Path, repo_id: str, variant: Variant) -> Path:
         raise CheckpointError(f"Hugging Face repo {repo_id!r} lacks {', '.join(absent)} for a Chatterbox "
                               f"{variant.name} checkpoint.")
     return path
+
+
+VC_FILES = ("s3gen.safetensors", "conds.pt")      # what voice conversion needs of a checkpoint (conds.pt optional)
+
+
+def _resolve_vc(source: str, data_dir) -> Path:
+    """Voice conversion's checkpoint: S3Gen (+ the built-in target voice): `tiny-random-vc`, a directory with
+    s3gen.safetensors (a VC checkpoint, or the original model's), or a repo id (only those files downloaded)."""
+    from .vc import make_tiny_vc
+    if source in (f"{TINY}-{VC}", TINY):
+        target = Path(data_dir or default_data_dir()) / f"{TINY}-{VC}"
+        if not (target / "conds.pt").is_file():
+            make_tiny_vc(target)
+        return target
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / VC_FILES[0]).is_file():
+            raise CheckpointError(f"{path} is not a voice-conversion checkpoint: s3gen.safetensors missing.")
+        return path
+    if source.count("/") != 1:
+        raise CheckpointError(f"model {source!r} is neither a checkpoint directory nor a Hugging Face repo id "
+                              f"(like vc={DEFAULT_REPO}).")
+    from huggingface_hub import snapshot_download
+    try:
+        local = Path(snapshot_download(repo_id=source, allow_patterns=list(VC_FILES)))
+    except Exception as e:  # network down, repo missing, offline without a cache: the cache, else one sentence
+        try:
+            local = Path(snapshot_download(repo_id=source, allow_patterns=list(VC_FILES), local_files_only=True))
+        except Exception:
+            raise CheckpointError(f"could not download {source!r} from Hugging Face ({type(e).__name__}); connect "
+                                  f"to the internet once, or pass --model vc=DIR with s3gen.safetensors "
+                                  f"[+ conds.pt].") from None
+    if not (local / VC_FILES[0]).is_file():
+        raise CheckpointError(f"Hugging Face repo {source!r} has no s3gen.safetensors for voice conversion.")
+    return local

@@ -214,3 +214,13 @@ def test_load_vc_engine_takes_the_tts_engines_options(ckpt):
     assert e.max_flow_batch == 1
     with pytest.raises(TypeError):
         load_vc_engine(ckpt, device="cpu", watermark=False, no_such_option=1)
+
+
+def test_model_specs_load_the_voice_conversion_engine(tmp_path):
+    """`--model tiny-random-vc`, `vc=DIR` and a directory holding S3Gen alone all load VoiceConversionEngine."""
+    from chatterbox_serverless.engine.pipeline import load_engine
+    from chatterbox_serverless.engine.vc import VoiceConversionEngine
+    tiny = load_engine("tiny-random-vc", data_dir=tmp_path, device="cpu")
+    assert isinstance(tiny, VoiceConversionEngine) and tiny.model == "chatterbox-vc"
+    for spec in (f"vc={tmp_path / 'tiny-random-vc'}", str(tmp_path / "tiny-random-vc")):
+        assert isinstance(load_engine(spec, data_dir=tmp_path, device="cpu"), VoiceConversionEngine)
