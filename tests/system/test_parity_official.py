@@ -34,11 +34,12 @@ DUMP = REFERENCE / "dump_reference.py"
 CACHE = Path(os.environ.get("CHATTERBOX_REFVENV",
                             Path.home() / ".cache" / "chatterbox-serverless" / "refvenv")).expanduser()
 
-# (dump_reference.py --model, extra dump arguments). More official classes (multilingual, vc) go here once
-# `chatterbox-serverless parity` covers them. Turbo's dump holds a 16 s reference (its default) and 8 tokens.
+# (dump_reference.py --model, extra dump arguments). Turbo's dump holds a 16 s reference (its default) and 8 tokens;
+# the Multilingual one German text (its language token, the alignment analyser's rows compared too) and 8 tokens.
 VARIANTS = [
     ("original", ["--tokens", "8"]),
     ("turbo", ["--tokens", "8"]),
+    ("multilingual", ["--tokens", "8", "--language", "de"]),
     ("vc", ["--voice-seconds", "4", "--source-seconds", "1.5"]),
 ]
 
