@@ -1,9 +1,11 @@
 """`chatterbox-serverless parity REFERENCE_DIR`: run this engine on the inputs recorded by the official
 implementation (shared/reference/dump_reference.py) and compare every recorded tensor.
 
-The variant (original, turbo) is recognised from the dump: its checkpoint files (engine/variants.py) and the
-`model` of reference.json must agree; each stage then runs with that variant's parts (Turbo: the -27 LUFS front
-end and `cond.ref_lufs`, GPT-2 T3 without CFG and its sampling chain, the 2-step meanflow flow).
+The variant (original, turbo, multilingual) is recognised from the dump: its checkpoint files
+(engine/variants.py) and the `model` of reference.json must agree; each stage then runs with that variant's parts
+(Turbo: the -27 LUFS front end and `cond.ref_lufs`, GPT-2 T3 without CFG and its sampling chain, the 2-step
+meanflow flow; Multilingual: ve.pt and s3gen.pt, the text in the recorded `language`, and `t3.alignment`, the
+alignment analyser's rows, its stop-token decisions being part of `t3.probs`).
 
 Where the official run drew random numbers, the recorded ones are fed in (T3 is teacher-forced with the
 recorded tokens; the flow gets the recorded noise, the vocoder the recorded excitation). Each stage's part lives
@@ -35,7 +37,7 @@ STAGES = (  # (module with parity_outputs, names of the recorded tensors it cove
 INPUT_ONLY = {"t3.tokens", "flow.tokens", "flow.noise", "hift.source"}   # recorded randomness / inputs we feed
 REL_TOL = 1e-4
 MIN_P_CUT = {"t3.probs": "min_p"}      # distributions cut at min_p x max probability -> the parameter's name
-CUT_BY_MIN_P = {"original"}            # the variants whose sampling chain has min_p
+CUT_BY_MIN_P = {"original", "multilingual"}   # the variants whose sampling chain has min_p
 
 
 def compare(ours: "torch.Tensor", theirs: "torch.Tensor") -> tuple[float, float, bool]:
