@@ -9,8 +9,8 @@ files alone cannot tell: `multilingual=ResembleAI/chatterbox` downloads the Mult
 shares with the original. When the directory then also holds another model's T3 file (the original's, say,
 downloaded into the same snapshot earlier), the directory returned is a view of the named variant's files only
 (symbolic links under DATA_DIR/views/), so that whatever reads it recognises that variant. HF_HUB_OFFLINE and the
-local cache are honoured; when a model cannot be had, CheckpointError says so in one sentence. `vc=` and
-`tiny-random-vc` (voice conversion) are not served through this function (yet): CheckpointError.
+local cache are honoured; when a model cannot be had, CheckpointError says so in one sentence. `vc=`,
+`tiny-random-vc` and a directory with S3Gen alone are voice conversion's checkpoints (`_resolve_vc`).
 """
 from __future__ import annotations
 
