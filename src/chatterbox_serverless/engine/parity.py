@@ -75,11 +75,16 @@ def compare_cut_distribution(ours: "torch.Tensor", theirs: "torch.Tensor", min_p
     return diff, rel, ok, at_cut
 
 
+def read_dump(ref_dir: Path) -> tuple[dict, dict]:
+    """A reference dump's recorded tensors (reference.safetensors) and inputs (reference.json)."""
+    from safetensors.torch import load_file
+    ref_dir = Path(ref_dir)
+    return load_file(str(ref_dir / "reference.safetensors")), json.loads((ref_dir / "reference.json").read_text())
+
+
 def run_parity(ref_dir: Path, out=sys.stdout) -> bool:
     import torch
-    from safetensors.torch import load_file
-    ref = load_file(str(ref_dir / "reference.safetensors"))
-    meta = json.loads((ref_dir / "reference.json").read_text())
+    ref, meta = read_dump(ref_dir)
     if meta.get("model") == "vc":   # S3Gen only: engine/vc.py runs and compares every recorded tensor
         from .vc import run_vc_parity
         return run_vc_parity(ref_dir, out=out).ok

@@ -580,11 +580,9 @@ def run_vc_parity(dump_dir: str | Path, out: TextIO | None = sys.stdout) -> VCPa
     theirs| / max |theirs|, REL_TOL; token ids identical). Every recorded tensor is compared except the recorded
     randomness fed in (flow.noise, hift.source); flow.tokens is compared (here the tokenizer's output). Printed to
     `out` (None: not printed) in `chatterbox-serverless parity`'s format."""
-    from safetensors.torch import load_file
-    from .parity import compare
+    from .parity import compare, read_dump
     dump_dir = Path(dump_dir)
-    ref = load_file(str(dump_dir / "reference.safetensors"))
-    meta = json.loads((dump_dir / "reference.json").read_text())
+    ref, meta = read_dump(dump_dir)
     notes = []
     if meta.get("model") != "vc":
         notes.append(f"reference.json says model {meta.get('model')!r}, not 'vc'")

