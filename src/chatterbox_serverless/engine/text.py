@@ -66,22 +66,29 @@ def normalize_text(text: str, replacements=None, enders: tuple[str, ...] = SENTE
     return text
 
 
+def load_text_tokenizer(path: Path):
+    """A Chatterbox text tokenizer file (HF `tokenizers`, with [START], [STOP] and [SPACE]), or CheckpointError
+    naming the file."""
+    from tokenizers import Tokenizer
+    if not path.is_file():
+        raise CheckpointError(f"text tokenizer file {path} is missing")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:   # not JSON, not a tokenizers file
+        raise CheckpointError(f"{path} is not a tokenizers file ({type(e).__name__}: {e})") from None
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in (START, STOP, SPACE) if t not in vocab]
+    if missing:
+        raise CheckpointError(f"{path} is not a Chatterbox text tokenizer: no {', '.join(missing)} token")
+    return tokenizer
+
+
 class TextTokenizer:
     """The checkpoint's `tokenizer.json` (HF `tokenizers`), used the official way: ' ' -> '[SPACE]', then encode."""
 
     def __init__(self, path_to_tokenizer_json: str | Path):
-        from tokenizers import Tokenizer
-        path = Path(path_to_tokenizer_json)
-        if not path.is_file():
-            raise CheckpointError(f"text tokenizer file {path} is missing")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:   # not JSON, not a tokenizers file
-            raise CheckpointError(f"{path} is not a tokenizers file ({type(e).__name__}: {e})") from None
+        self.tokenizer = load_text_tokenizer(Path(path_to_tokenizer_json))
         vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (START, STOP, SPACE) if t not in vocab]
-        if missing:
-            raise CheckpointError(f"{path} is not a Chatterbox text tokenizer: no {', '.join(missing)} token")
         self.start_id: int = vocab[START]
         self.stop_id: int = vocab[STOP]
         self.space_id: int = vocab[SPACE]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, read_json
 from .languages import LANGUAGES
-from .text import SENTENCE_ENDERS, SPACE, START, STOP, normalize_text
+from .text import SENTENCE_ENDERS, SPACE, START, STOP, load_text_tokenizer, normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +199,10 @@ class MultilingualFrontEnd:
     languages = tuple(LANGUAGES)
 
     def __init__(self, ckpt_dir: str | Path):
-        from tokenizers import Tokenizer
         self.ckpt_dir = Path(ckpt_dir)
         path = self.ckpt_dir / TOKENIZER_FILE
-        if not path.is_file():
-            raise CheckpointError(f"text tokenizer file {path} is missing")
-        try:
-            self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:   # not JSON, not a tokenizers file
-            raise CheckpointError(f"{path} is not a tokenizers file ({type(e).__name__}: {e})") from None
+        self.tokenizer = load_text_tokenizer(path)
         vocab = self.tokenizer.get_vocab()
-        missing = [t for t in (START, STOP, SPACE) if t not in vocab]
-        if missing:
-            raise CheckpointError(f"{path} is not a Chatterbox text tokenizer: no {', '.join(missing)} token")
         absent = [f"[{code}]" for code in LANGUAGES if f"[{code}]" not in vocab]
         if absent:
             raise CheckpointError(f"{path} lacks the language token(s) {', '.join(absent)}")
