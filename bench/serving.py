@@ -186,6 +186,7 @@ def main(argv=None) -> None:
     from chatterbox_serverless.engine.pipeline import ChatterboxEngine
     engine = ChatterboxEngine(args.ckpt, device="cpu", dtype=args.dtype, compile=args.compile)
     engine.max_new_tokens = args.tokens_per_chunk
+    engine.max_chunk_chars = max(len(x) for x in SENTENCES)     # one sentence, one chunk: an N-sentence request is N chunks
     model = engine.variant.name
     engine.synthesize([SynthesisRequest(text_of(1), params_for(model, 99))])          # warm-up (and the voice)
     print(f"# {machine()}; {model}, {args.dtype}{' + compile' if args.compile else ''}, {args.threads} threads, "
@@ -230,6 +231,8 @@ def main(argv=None) -> None:
                 break
             arrivals.append((t, rng.choice([1, 2, 4]), rng.randrange(1 << 30)))
         print(f"poisson: {len(arrivals)} requests over {args.poisson_seconds:.0f} s ({rate:.3f}/s)", flush=True)
+        if not arrivals:
+            raise SystemExit("no arrivals: give a higher --rate or longer --poisson-seconds")
         for stream in (False, True):
             for mode, run in modes.items():
                 arr = [Arrival(at, n, stream, seed, f"p{i}") for i, (at, n, seed) in enumerate(arrivals)]

@@ -14,7 +14,7 @@ Three parts, each testable alone, plain dataclasses between them:
   its active rows, and which unit of S3Gen work runs (`S3GenUnit`), under a time budget: while T3 has rows
   decoding, S3Gen gets at most `s3gen_share` of the engine's time (a streamed request's first audio is exempt),
   so neither stage starves the other; with T3 idle S3Gen runs unit after unit. Units go first-audio first, then
-  streamed pieces, then the request with the fewest units left (a short request is not queued behind a long
+  streamed pieces, then the request with the least S3Gen work left (a short request is not queued behind a long
   one's vocoding);
 - the **model runner** (`ModelRunner`) computes and decides nothing: the T3 decoding step (`T3Decoder.step`), one
   S3Gen unit (flow + vocoder for a group of chunks, `ChatterboxEngine._s3gen`), the watermark;
@@ -110,7 +110,8 @@ class S3GenUnit:
     streamed: bool
     first_audio: bool                # a streamed request's first piece (exempt from the time budget)
     arrival: int
-    units_left: int                  # units its request has left, this one included
+    work_left: int                   # S3Gen work its request has left, this unit included: frames of prompt + speech
+                                     # tokens over its remaining chunks (the flow's cost grows with both)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +149,7 @@ class Scheduler:
         decode = view.t3_busy or bool(admit)
         unit = None
         if view.units:
-            first = min(view.units, key=lambda u: (not u.first_audio, not u.streamed, u.units_left, u.arrival))
+            first = min(view.units, key=lambda u: (not u.first_audio, not u.streamed, u.work_left, u.arrival))
             share = self.config.s3gen_share
             within_budget = view.s3gen_seconds + view.unit_seconds <= share / (1 - share) * view.t3_seconds
             if first.first_audio or not decode or within_budget:
@@ -328,13 +329,20 @@ class EngineCore:
             if r.joiner is not None:
                 if r.next_piece < len(r.chunks) and self._window_due(r):
                     units.append(S3GenUnit(r.id, (r.next_piece,), True, not r.pieces, r.arrival,
-                                           len(r.chunks) - r.next_piece))
+                                           self._work(r.chunks[r.next_piece:])))
             elif r.decoded == len(r.chunks):
                 if r.groups is None:
                     r.groups = self._groups(r)
                 if r.groups:
-                    units.append(S3GenUnit(r.id, tuple(r.groups[0]), False, False, r.arrival, len(r.groups)))
+                    units.append(S3GenUnit(r.id, tuple(r.groups[0]), False, False, r.arrival,
+                                           self._work([r.chunks[i] for g in r.groups for i in g])))
         return units
+
+    @staticmethod
+    def _work(chunks) -> int:
+        """S3Gen work of chunks, in tokens: each one's voice prompt and its speech tokens (drawn, or its bound)."""
+        return sum(int(c.conds.gen_prompt_token.shape[-1])
+                   + (int(c.tokens.numel()) if c.tokens is not None else int(c.t3.max_new_tokens)) for c in chunks)
 
     def _window_due(self, r: _Request) -> bool:
         """Is a window of r's current chunk ready: its tokens all decoded (the final window), or enough of them

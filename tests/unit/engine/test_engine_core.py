@@ -135,7 +135,7 @@ def view(**kw) -> SchedulerView:
     return SchedulerView(**{**base, **kw})
 
 
-def unit(rid, *, streamed=False, first=False, arrival=0, left=1) -> S3GenUnit:
+def unit(rid, *, streamed=False, first=False, arrival=0, left=100) -> S3GenUnit:
     return S3GenUnit(rid, (0,), streamed, first, arrival, left)
 
 
@@ -149,17 +149,17 @@ def test_scheduler_admits_every_first_chunk_before_anyones_next_within_free_rows
 
 def test_scheduler_keeps_s3gen_within_its_share_while_t3_decodes_and_runs_it_freely_when_idle():
     s = Scheduler(SchedulerConfig(s3gen_share=0.3))
-    work = [unit("long", left=4)]
+    work = [unit("long", left=400)]
     assert s.schedule(view(t3_busy=True, units=work, t3_seconds=1.0)).s3gen is None
     assert s.schedule(view(t3_busy=True, units=work, t3_seconds=3.0)).s3gen is not None
     assert s.schedule(view(t3_busy=True, units=work, t3_seconds=3.0, s3gen_seconds=1.0)).s3gen is None
     assert s.schedule(view(t3_busy=False, units=work)).s3gen == work[0]
 
 
-def test_scheduler_orders_units_first_audio_then_streamed_then_fewest_left():
+def test_scheduler_orders_units_first_audio_then_streamed_then_least_work_left():
     s = Scheduler()
-    units = [unit("long", left=4, arrival=0), unit("short", left=1, arrival=1),
-             unit("streamed", streamed=True, arrival=2, left=3)]
+    units = [unit("long", left=400, arrival=0), unit("short", left=100, arrival=1),
+             unit("streamed", streamed=True, arrival=2, left=300)]
     assert s.schedule(view(units=units)).s3gen.request_id == "streamed"
     assert s.schedule(view(units=units[:2])).s3gen.request_id == "short"
     first = unit("new", streamed=True, first=True, arrival=3)
