@@ -15,16 +15,19 @@ Three parts, each testable alone, plain dataclasses between them:
   decoding, S3Gen gets at most `s3gen_share` of the engine's time (a streamed request's first audio is exempt),
   so neither stage starves the other; with T3 idle S3Gen runs unit after unit. Units go first-audio first, then
   streamed pieces, then the request with the least S3Gen work left (a short request is not queued behind a long
-  one's vocoding);
+  one's vocoding: a unit is one step of it, so the long one's flow solve waits, suspended between two steps,
+  while the short one's runs);
 - the **model runner** (`ModelRunner`) computes and decides nothing: the T3 decoding step (`T3Decoder.step`), one
-  S3Gen unit (flow + vocoder for a group of chunks, `ChatterboxEngine._s3gen`), the watermark;
+  S3Gen unit (one flow solver step or the vocoder of a group of chunks: a step of `ChatterboxEngine.s3gen_steps`,
+  or one streamed window), the watermark;
 - the **core** (`EngineCore`) keeps each request's state, asks the scheduler, has the runner compute, and turns the
   outcome into events.
 
 A request is planned as `ChatterboxEngine.synthesize` plans it (voice conditionals, text split into chunks, one
 T3 request per chunk, per-chunk seeds), so it draws the same tokens as there, alone or among others. Its audio:
 - not streamed: once every chunk is decoded, its chunks are vocoded in the flow groups `synthesize` uses
-  (`ChatterboxEngine.s3gen_groups`, one unit each), joined and watermarked as there: the same samples as
+  (`ChatterboxEngine.s3gen_groups`; each group's solver steps and vocoder one unit each, the same operations
+  in the same order as there), joined and watermarked as there: the same samples as
   `synthesize` gives for it (on CPU, where S3Gen runs per request; tests/unit/engine/test_engine_core.py);
 - streamed (`stream=True`): its current chunk is vocoded in windows while T3 is still decoding it
   (engine/s3gen_stream.py `ChunkStreamer`: the flow re-run over the voice prompt, a bounded left context and the
@@ -104,7 +107,8 @@ class PendingChunk:
 
 @dataclasses.dataclass(frozen=True)
 class S3GenUnit:
-    """One unit of S3Gen work: flow + vocoder over `chunks` (indices in the request) of one request."""
+    """One unit of S3Gen work of one request over `chunks` (indices in the request): the next step (a flow solver
+    step or the vocoder) of that flow group, or a streamed chunk's next window."""
     request_id: str
     chunks: tuple[int, ...]
     streamed: bool
@@ -175,8 +179,10 @@ class ModelRunner:
         """One T3 step: every active row draws one token; returns the chunks' results that finished in it."""
         return self.engine.decoder.step()
 
-    def vocode(self, chunks) -> list[np.ndarray]:
-        return self.engine._s3gen(list(chunks))
+    def vocode(self, chunks):
+        """The S3Gen work of chunks as steps (`ChatterboxEngine.s3gen_steps`): each `next` runs one flow step or
+        the vocoder; its return value is their waveforms."""
+        return self.engine.s3gen_steps(list(chunks))
 
     def stream_window(self, streamer, tokens: torch.Tensor, final: bool) -> np.ndarray:
         """A streamed chunk's next window (s3gen_stream.ChunkStreamer.advance): its tokens so far in, audio out."""
@@ -198,6 +204,7 @@ class _Request:
     submitted: set = dataclasses.field(default_factory=set)    # chunk indices given to T3
     decoded: int = 0                              # chunks whose tokens are known
     groups: list | None = None                    # not streamed: flow groups left (lists of chunk indices)
+    vocoding: object | None = None                # not streamed: the first group's S3Gen steps under way
     next_piece: int = 0                           # streamed: the chunk whose windows are being made
     streamer: object | None = None                # streamed: that chunk's s3gen_stream.ChunkStreamer
     windows: int = 0                              # streamed: windows vocoded (all chunks)
@@ -418,10 +425,15 @@ class EngineCore:
             if r.joiner is not None:
                 self._stream_window(r, out)
             else:
-                speaking = [c for c in chunks if c.tokens.numel() > 0]
-                for c, wav in zip(speaking, self.runner.vocode(speaking) if speaking else []):
-                    c.wav = wav
-                r.groups.pop(0)
+                if r.vocoding is None:
+                    r.vocoding = self.runner.vocode([c for c in chunks if c.tokens.numel() > 0])
+                try:
+                    next(r.vocoding)
+                except StopIteration as done:
+                    for c, wav in zip([c for c in chunks if c.tokens.numel() > 0], done.value):
+                        c.wav = wav
+                    r.vocoding = None
+                    r.groups.pop(0)
         except Exception as e:          # its vocoding, or its consumer: this request alone
             log.warning("request %s failed in S3Gen: %s", r.id, e)
             del self.requests[r.id]

@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Generator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -49,7 +49,8 @@ import torch
 from .chunking import CrossfadeStream, crossfade_join, max_speech_tokens, split_text
 from .conditioning import VoiceCache, VoiceConditionals, conditionals_from_bytes, conditionals_to_bytes, front_end_fingerprint
 from .models.flow_decoder import pick_attention
-from .speech_to_wav import SpeechItem, flow_groups, mel_to_wav, tokens_to_mel
+from .models.flow import run_steps
+from .speech_to_wav import SpeechItem, flow_groups, mel_to_wav, tokens_to_mel_steps
 from .t3_decoder import T3Decoder, T3Request
 from .variants import EngineParts, detect_variant
 from .contract import OnAudio, PreparedVoice, SynthesisRequest, SynthesisResult, VoiceAudio
@@ -436,11 +437,18 @@ class ChatterboxEngine:
 
     def _s3gen(self, chunks: list[_Chunk]) -> list[np.ndarray]:
         """Waveforms of the chunks, in order: flow and vocoder one flow group at a time (`s3gen_groups`)."""
+        return run_steps(self.s3gen_steps(chunks))
+
+    def s3gen_steps(self, chunks: list[_Chunk]) -> Generator[None, None, list[np.ndarray]]:
+        """`_s3gen` as a generator that pauses between the flow's steps and before each vocoder call, and returns
+        the waveforms: the engine core runs a request's vocoding one step at a time (the same operations in the
+        same order, so the same samples)."""
         wavs: dict[int, np.ndarray] = {}
         for group in self.s3gen_groups(chunks):
             gens = [torch.Generator(device=self.device).manual_seed(c.seed) for c in group]
-            mels = tokens_to_mel(self.s3gen, [self._speech_item(c) for c in group], generators=gens,
-                                 max_batch=self.max_flow_batch)
+            mels = yield from tokens_to_mel_steps(self.s3gen, [self._speech_item(c) for c in group],
+                                                  generators=gens, max_batch=self.max_flow_batch)
+            yield
             for c, w in zip(group, mel_to_wav(self.s3gen, mels, generators=gens)):
                 wavs[id(c)] = w.float().cpu().numpy()
         return [wavs[id(c)] for c in chunks]

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Generator, Sequence
 
 import torch
 
+from .models.flow import run_steps
 from .models.s3gen import S3Gen
 
 # Max |batched - alone| of a request's float samples on CUDA (see the module docstring), per compute dtype.
@@ -76,7 +77,6 @@ def flow_groups(items: Sequence[SpeechItem], max_waste: float = 0.25, max_batch:
     return _groups([int(it.prompt_token.shape[-1]) + int(it.tokens.shape[-1]) for it in items], max_waste, max_batch)
 
 
-@torch.inference_mode()
 def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
                   generators: Sequence[torch.Generator | None] | None = None,
                   noises: Sequence[torch.Tensor] | None = None,
@@ -85,6 +85,18 @@ def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
     """Mels (80, 2N) of the requests, in order. Noise: `noises[i]` ((1, 80, F) or (80, F), F >= 2(T+N) frames
     of prompt + speech), or drawn from `generators[i]` (None: the global RNG). `max_batch`: requests per flow
     call at most (None: no bound)."""
+    return run_steps(tokens_to_mel_steps(s3gen, items, generators, noises, n_timesteps, max_waste, max_batch))
+
+
+@torch.inference_mode()
+def tokens_to_mel_steps(s3gen: S3Gen, items: Sequence[SpeechItem],
+                        generators: Sequence[torch.Generator | None] | None = None,
+                        noises: Sequence[torch.Tensor] | None = None,
+                        n_timesteps: int | None = None, max_waste: float = 0.25,
+                        max_batch: int | None = None) -> Generator[None, None, list[torch.Tensor]]:
+    """`tokens_to_mel` as a generator that pauses between the flow's steps (models/flow.py `steps`: after the
+    encoder, after each solver step) and returns the mels: the engine core runs one step at a time, so a long
+    request's vocoding gives way to a short one's between two steps, with the same result."""
     if not items:
         return []
     dev, flow = s3gen.device, s3gen.flow
@@ -120,8 +132,9 @@ def tokens_to_mel(s3gen: S3Gen, items: Sequence[SpeechItem],
             prompt_frames.append(pf.shape[0])
             noise[b, :, :noise_list[i].shape[1]] = noise_list[i]
             embedding.append(it.embedding.reshape(1, -1).to(dev, torch.float32))
-        mel = flow(tokens, torch.tensor([lengths[i] for i in group], device=dev), prompt_feat,
-                   torch.tensor(prompt_frames, device=dev), torch.cat(embedding), noise, n_timesteps)
+        mel = yield from flow.steps(tokens, torch.tensor([lengths[i] for i in group], device=dev), prompt_feat,
+                                    torch.tensor(prompt_frames, device=dev), torch.cat(embedding), noise,
+                                    n_timesteps)
         for b, i in enumerate(group):
             out[i] = mel[b, :, prompt_frames[b]:ratio * lengths[i]].float()
     return out  # type: ignore[return-value]

@@ -97,6 +97,31 @@ def test_a_short_request_admitted_while_a_long_one_decodes_finishes_first_with_i
     assert np.array_equal(finished(events)["short"], alone)
 
 
+def test_a_short_request_overtakes_a_long_ones_vocoding_between_flow_steps(engine):
+    """The long request's S3Gen group is under way (its flow solve begun) when the short one arrives: the long
+    one's vocoding waits, suspended between two steps, while the short one decodes and vocodes, and resumes
+    where it stopped (both give the samples they give alone)."""
+    alone = {"long": engine.synthesize([req("long", LONG)])[0].audio,
+             "short": engine.synthesize([req("short", SHORT, seed=5)])[0].audio}
+    core = EngineCore(engine, SchedulerConfig(s3gen_share=0.01))
+    core.add_request(req("long", LONG))
+    events = []
+    while core.requests["long"].vocoding is None:          # until its first group's first flow step has run
+        events += core.step()
+        assert len(events) < 10_000 and core.has_unfinished()
+    suspended = core.requests["long"].vocoding
+    groups_left = len(core.requests["long"].groups)
+    core.add_request(req("short", SHORT, seed=5))
+    while not any(isinstance(e, RequestFinished) for e in events):
+        events += core.step()
+    assert [e.request_id for e in events if isinstance(e, RequestFinished)] == ["short"]
+    assert core.requests["long"].vocoding is suspended and len(core.requests["long"].groups) == groups_left
+    events += drain(core)
+    assert [e.request_id for e in events if isinstance(e, RequestFinished)] == ["short", "long"]
+    for rid, audio in finished(events).items():
+        assert np.array_equal(audio, alone[rid]), rid
+
+
 def test_abort_frees_rows_at_the_next_step_and_leaves_the_others_unchanged(engine):
     alone = engine.synthesize([req("keep", LONG, seed=3)])[0].audio
     core = EngineCore(engine)

@@ -15,6 +15,7 @@ Everything is batched over requests of different lengths and voices (right paddi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Generator, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from torch import nn
 
 from .flow_decoder import ConditionalDecoder, FlowDecoderConfig
 from .flow_encoder import FlowEncoderConfig, UpsampleConformerEncoder
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -96,9 +99,16 @@ class CausalConditionalCFM(nn.Module):
     def forward(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
                 cond: torch.Tensor, n_timesteps: int | None = None) -> torch.Tensor:
         """noise, mu, cond (B, 80, T); mask (B, 1, T) 0/1; spks (B, 80). Returns the sample (B, 80, T)."""
+        return run_steps(self.steps(noise, mu, mask, spks, cond, n_timesteps))
+
+    def steps(self, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
+              cond: torch.Tensor, n_timesteps: int | None = None) -> Generator[None, None, torch.Tensor]:
+        """`forward` as a generator that pauses after each Euler step (one estimator call) and returns the
+        sample: a caller may interleave other work between the steps (the engine core) and gets the same
+        result, the same operations running in the same order."""
         n = n_timesteps or self.config.n_timesteps
         if self.config.solver == "meanflow":
-            return self._meanflow(noise, mu, mask, spks, cond, n)
+            return (yield from self._meanflow(noise, mu, mask, spks, cond, n))
         cfg = self.config.inference_cfg_rate
         B, T = mu.size(0), mu.size(2)
         t_span = torch.linspace(0, 1, n + 1, device=mu.device, dtype=mu.dtype)
@@ -115,6 +125,8 @@ class CausalConditionalCFM(nn.Module):
             v = self.estimator(inp, mask2, t_embs[i], key_mask)
             v = (1.0 + cfg) * v[:B] - cfg * v[B:]
             x = x + (t_span[i + 1:i + 2] - t_span[i:i + 1]) * v
+            if i + 1 < n:
+                yield
         return x
 
     def _meanflow(self, noise, mu, mask, spks, cond, n: int) -> torch.Tensor:
@@ -128,6 +140,8 @@ class CausalConditionalCFM(nn.Module):
         for i in range(n):
             v = self.estimator(torch.cat([x, static], dim=1), mask, t_embs[i], key_mask)
             x = x + (t_span[i + 1:i + 2] - t_span[i:i + 1]) * v
+            if i + 1 < n:
+                yield
         return x
 
 
@@ -148,6 +162,13 @@ class CausalMaskedDiffWithXvec(nn.Module):
         prompt_feat (B, Fp, 80) right-padded prompt mels with `prompt_frames` (B,) real frames;
         embedding (B, spk_embed_dim) x-vectors; noise (B, 80, ratio*L) (only each row's first ratio*length
         frames matter). Returns the mel (B, 80, ratio*L), prompt frames included, zeros past each row's end."""
+        return run_steps(self.steps(tokens, lengths, prompt_feat, prompt_frames, embedding, noise, n_timesteps))
+
+    def steps(self, tokens: torch.Tensor, lengths: torch.Tensor, prompt_feat: torch.Tensor,
+              prompt_frames: torch.Tensor, embedding: torch.Tensor, noise: torch.Tensor,
+              n_timesteps: int | None = None) -> Generator[None, None, torch.Tensor]:
+        """`forward` as a generator that pauses after the encoder and after each solver step but the last, and
+        returns the mel (see CausalConditionalCFM.steps)."""
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"speech tokens must lie in [0, {self.config.vocab_size}); drop special tokens first")
         dtype = self.input_embedding.weight.dtype
@@ -168,4 +189,14 @@ class CausalMaskedDiffWithXvec(nn.Module):
         fp = min(prompt_feat.size(1), T)
         prompt_mask = (frames[:, :fp] < prompt_frames[:, None]).to(dtype)[:, None, :]
         cond[:, :, :fp] = prompt_feat[:, :fp].transpose(1, 2).to(dtype) * prompt_mask
-        return self.decoder(noise[:, :, :T].to(dtype), mu, mel_mask, spks, cond, n_timesteps)
+        yield
+        return (yield from self.decoder.steps(noise[:, :, :T].to(dtype), mu, mel_mask, spks, cond, n_timesteps))
+
+
+def run_steps(steps: Generator[None, None, R]) -> R:
+    """Run a generator of steps (`steps` above) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
