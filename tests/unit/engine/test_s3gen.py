@@ -172,6 +172,24 @@ def test_vocoder_recorded_source_and_short_inputs(s3gen):
     assert mel_to_wav(s3gen, [torch.zeros(80, 0)])[0].numel() == 0
 
 
+def test_bfloat16_runs_the_vocoders_convolutions_in_bfloat16_and_its_source_in_float32(tiny_state, tmp_path):
+    save_file(tiny_state, tmp_path / "s3gen.safetensors")
+    (tmp_path / "serverless_config.json").write_text(json.dumps(_overrides()))
+    exact = S3Gen.from_checkpoint(tmp_path, dtype=torch.float32)
+    fast = S3Gen.from_checkpoint(tmp_path, dtype=torch.bfloat16)
+    hift = fast.mel2wav
+    assert hift.conv_pre.weight.dtype == hift.resblocks[0].convs1[0].weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for m in (hift.f0_predictor, hift.m_source, hift.conv_post)
+               for p in m.parameters())
+    assert exact.mel2wav.conv_pre.weight.dtype == torch.float32
+    mel = torch.randn(80, 40, generator=torch.Generator().manual_seed(3)) - 4
+    a = mel_to_wav(exact, [mel], [torch.Generator().manual_seed(1)])[0]
+    b = mel_to_wav(fast, [mel], [torch.Generator().manual_seed(1)])[0]
+    assert b.dtype == torch.float32 and b.shape == a.shape
+    snr = 10 * torch.log10(a.pow(2).mean() / (b - a).pow(2).mean())
+    assert 20 < snr < 80, snr           # bfloat16 rounding: close to float32, not equal
+
+
 def test_end_to_end_tiny_tokens_to_wav(s3gen):
     items = _items(s3gen.config.flow.spk_embed_dim)[:2]
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]

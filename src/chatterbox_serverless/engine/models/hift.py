@@ -207,6 +207,13 @@ class HiFTGenerator(nn.Module):
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
+    def convolve_in(self, dtype: torch.dtype) -> None:
+        """Run the convolution stack (conv_pre, the upsampling and residual blocks, the source's downsampling
+        convolutions; most of the vocoder's arithmetic) in `dtype`; the F0 predictor, the sine source, conv_post,
+        the STFTs and everything between stay in float32 (the engine's bfloat16 mode: engine/speech_to_wav.py)."""
+        for m in (self.conv_pre, self.ups, self.source_downs, self.source_resblocks, self.resblocks):
+            m.to(dtype)
+
     def source(self, mel: torch.Tensor, generators: list[torch.Generator | None] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """mel (B, 80, T) -> (f0 (B, T), source (B, 1, T*samples_per_frame)); row b draws from generators[b]."""
@@ -222,7 +229,8 @@ class HiFTGenerator(nn.Module):
         spec = torch.stft(source.squeeze(1), c.n_fft, c.hop_len, c.n_fft, window=window, return_complex=True)
         s_stft = torch.cat([spec.real, spec.imag], dim=1)
 
-        x = self.conv_pre(mel)
+        dtype = self.conv_pre.weight.dtype
+        x, s_stft = self.conv_pre(mel.to(dtype)), s_stft.to(dtype)
         n_k = len(c.resblock_kernel_sizes)
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, c.lrelu_slope))
@@ -233,7 +241,7 @@ class HiFTGenerator(nn.Module):
             for j in range(1, n_k):
                 xs = xs + self.resblocks[i * n_k + j](x)
             x = xs / n_k
-        x = self.conv_post(F.leaky_relu(x))
+        x = self.conv_post(F.leaky_relu(x.float()))
         half = c.n_fft // 2 + 1
         magnitude = torch.clip(torch.exp(x[:, :half]), max=1e2)
         phase = torch.sin(x[:, half:])

