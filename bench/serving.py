@@ -2,6 +2,7 @@
 
     python bench/serving.py CKPT_DIR [--dtype bfloat16] [--compile] [--threads 2] [--tokens-per-chunk 60]
                             [--scenarios single,interference,poisson] [--poisson-seconds 180] [--rate R]
+                            [--poisson-mixes whole,streamed]
 
 CKPT_DIR: a checkpoint in an official layout with full-size weights (e.g. a `../shared/reference` dump:
 dump_reference.py --out /tmp/refs/a). Both modes drive the same loaded engine from one thread, as the worker
@@ -21,7 +22,9 @@ Scenarios (each in both modes, figures side by side):
                 alone): its latency over its latency alone
   poisson       Poisson arrivals of 1/2/4-sentence requests for --poisson-seconds (rate: --rate, default ~70% of
                 the batch mode's measured capacity), once not streamed and once streamed: p50/p95 latency and
-                TTFA, aggregate audio seconds per second of wall time (the price of streaming: streamed vs not)
+                TTFA, aggregate audio seconds per second of wall time (the price of streaming: streamed vs not),
+                and T3's decoding steps with their mean rows (a step costs about the same for 2 rows as for 16 on
+                a CPU: fewer, fuller steps are throughput)
 """
 from __future__ import annotations
 
@@ -176,6 +179,7 @@ def main(argv=None) -> None:
     ap.add_argument("--scenarios", default="single,interference,poisson")
     ap.add_argument("--modes", default="batch,core", help="which to run: batch, core (comma-separated)")
     ap.add_argument("--poisson-seconds", type=float, default=180.0)
+    ap.add_argument("--poisson-mixes", default="whole,streamed", help="poisson: whole, streamed (comma-separated)")
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: measured)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -233,14 +237,18 @@ def main(argv=None) -> None:
         print(f"poisson: {len(arrivals)} requests over {args.poisson_seconds:.0f} s ({rate:.3f}/s)", flush=True)
         if not arrivals:
             raise SystemExit("no arrivals: give a higher --rate or longer --poisson-seconds")
-        for stream in (False, True):
+        for stream in [m == "streamed" for m in args.poisson_mixes.split(",")]:
             for mode, run in modes.items():
                 arr = [Arrival(at, n, stream, seed, f"p{i}") for i, (at, n, seed) in enumerate(arrivals)]
+                steps, row_steps = engine.decoder.steps_taken, engine.decoder.row_steps
                 s = summary(run(arr))
+                s["t3_steps"] = engine.decoder.steps_taken - steps
+                s["t3_rows_per_step"] = (engine.decoder.row_steps - row_steps) / max(1, s["t3_steps"])
                 figures[f"poisson/{'streamed' if stream else 'whole'}/{mode}"] = s
                 print(f"poisson {'streamed' if stream else 'whole   '} {mode:5s}  latency p50 {s['latency_p50']:6.2f} "
                       f"p95 {s['latency_p95']:6.2f} s  TTFA p50 {s['ttfa_p50']:6.2f} p95 {s['ttfa_p95']:6.2f} s  "
-                      f"{s['audio_s_per_s']:.3f} audio s/s  ({s['failed']} failed)", flush=True)
+                      f"{s['audio_s_per_s']:.3f} audio s/s  T3 {s['t3_steps']} steps of {s['t3_rows_per_step']:.1f} rows "
+                      f"({s['failed']} failed)", flush=True)
     figures["peak_rss_mb"] = peak_rss_mb()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))

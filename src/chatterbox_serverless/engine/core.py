@@ -10,7 +10,9 @@
 Three parts, each testable alone, plain dataclasses between them:
 - the **scheduler** (`Scheduler.schedule`) decides, from a `SchedulerView` of the state, what one step does: which
   chunks enter T3 (rows permitting, every request's first chunk before anyone's next one, oldest first, so a
-  short request that arrives while a long one decodes starts at the next step), whether T3 decodes one token for
+  short request that arrives while a long one decodes starts at the next step; while T3 is idle, an unstreamed
+  arrival whose vocoding would queue behind S3Gen work that outlasts its decoding waits, so that later arrivals
+  decode with it instead of each paying for its own T3 steps: `Scheduler.due`), whether T3 decodes one token for
   its active rows, and which unit of S3Gen work runs (`S3GenUnit`), under a time budget: while T3 has rows
   decoding, S3Gen gets at most `s3gen_share` of the engine's time (a streamed request's first audio is exempt),
   so neither stage starves the other; with T3 idle S3Gen runs unit after unit. Units go first-audio first, then
@@ -103,6 +105,9 @@ class PendingChunk:
     index: int                       # chunk number within its request
     arrival: int                     # order of its request's arrival
     rows: int                        # T3 rows it takes (2 with CFG)
+    streamed: bool = False
+    work: int = 0                    # S3Gen work of its request (as S3GenUnit.work_left): where its vocoding will queue
+    t3_steps: int = 0                # decoding steps it takes at most (its token bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +132,8 @@ class SchedulerView:
     t3_seconds: float                # engine time spent in T3 since S3Gen work began to wait (none waited before)
     s3gen_seconds: float             # ... and in S3Gen
     unit_seconds: float              # expected seconds of a unit (the last measured)
+    t3_step_seconds: float = 0.0     # expected seconds of a T3 step (measured; 0 before any)
+    s3gen_seconds_per_work: float = 0.0  # expected S3Gen seconds per token of work (measured; 0 before any)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,19 +153,36 @@ class Scheduler:
 
     def schedule(self, view: SchedulerView) -> StepPlan:
         admit, free = [], view.free_rows
-        for p in sorted(view.pending, key=lambda p: (p.index, p.arrival)):
-            if p.rows <= free:
-                admit.append(p)
-                free -= p.rows
+        if view.t3_busy or any(self.due(p, view) for p in view.pending):
+            for p in sorted(view.pending, key=lambda p: (p.index, p.arrival)):
+                if p.rows <= free:
+                    admit.append(p)
+                    free -= p.rows
         decode = view.t3_busy or bool(admit)
         unit = None
         if view.units:
-            first = min(view.units, key=lambda u: (not u.first_audio, not u.streamed, u.work_left, u.arrival))
+            first = min(view.units, key=self.s3gen_order)
             share = self.config.s3gen_share
             within_budget = view.s3gen_seconds + view.unit_seconds <= share / (1 - share) * view.t3_seconds
             if first.first_audio or not decode or within_budget:
                 unit = first
         return StepPlan(tuple(admit), decode, unit)
+
+    @staticmethod
+    def s3gen_order(u: S3GenUnit) -> tuple:
+        return (not u.first_audio, not u.streamed, u.work_left, u.arrival)
+
+    def due(self, p: PendingChunk, view: SchedulerView) -> bool:
+        """Should T3, idle now, start decoding for p? Not while the S3Gen work that will run before p's own
+        (`s3gen_order`) outlasts p's decoding: p's audio would wait for that work anyway, and a chunk admitted
+        later decodes together with what arrives meanwhile (a T3 step costs about the same for 2 rows as for 16
+        on a CPU), instead of each arrival paying for its own steps. A streamed chunk is always due (its first
+        window is its first audio), and so is everything before anything was measured."""
+        if p.streamed:
+            return True
+        mine = (True, True, p.work, p.arrival)
+        ahead = sum(u.work_left for u in view.units if self.s3gen_order(u) < mine)
+        return ahead * view.s3gen_seconds_per_work <= p.t3_steps * view.t3_step_seconds
 
 
 # ---- model runner -------------------------------------------------------------------------------------------------
@@ -213,6 +237,7 @@ class _Request:
     first_audio_s: float | None = None
     t3_s: float = 0.0
     s3gen_s: float = 0.0
+    group_s: float = 0.0                          # not streamed: S3Gen seconds of its current flow group so far
 
     @property
     def id(self) -> str:
@@ -234,6 +259,8 @@ class EngineCore:
         self._abort_lock = threading.Lock()
         self._t3_s = self._s3gen_s = 0.0
         self._unit_s = self.scheduler.config.unit_estimate_s
+        self._step_s = 0.0                # a T3 step's seconds (moving average)
+        self._per_work_s = 0.0            # S3Gen seconds per token of work (the last flow group's)
         self._by_t3: dict[int, tuple[_Request, object]] = {}   # id(T3Request) -> (request, chunk)
         self._partial: dict[int, torch.Tensor] = {}             # id(T3Request) -> speech tokens so far
         from .s3gen_stream import DEFAULT_PLAN
@@ -321,12 +348,14 @@ class EngineCore:
         decoder = self.runner.decoder
         chain = decoder.chain
         waiting_rows = sum(chain.rows_needed(q.params) for q in decoder.waiting)
-        pending = [PendingChunk(r.id, c.index, r.arrival, chain.rows_needed(c.t3.params))
+        pending = [PendingChunk(r.id, c.index, r.arrival, chain.rows_needed(c.t3.params), r.joiner is not None,
+                                self._work(r.chunks), int(c.t3.max_new_tokens))
                    for r in self.requests.values() if r.chunks is not None
                    for c in r.chunks if c.index not in r.submitted]
         return SchedulerView(pending=pending, free_rows=decoder.max_rows - decoder.rows_in_use - waiting_rows,
                              t3_busy=decoder.busy, units=self._units(), t3_seconds=self._t3_s,
-                             s3gen_seconds=self._s3gen_s, unit_seconds=self._unit_s)
+                             s3gen_seconds=self._s3gen_s, unit_seconds=self._unit_s, t3_step_seconds=self._step_s,
+                             s3gen_seconds_per_work=self._per_work_s)
 
     def _units(self) -> list[S3GenUnit]:
         units = []
@@ -397,6 +426,7 @@ class EngineCore:
             return
         spent = time.perf_counter() - t0
         self._t3_s += spent
+        self._step_s = spent if not self._step_s else 0.9 * self._step_s + 0.1 * spent
         for rid in holders:
             if rid in self.requests:
                 self.requests[rid].t3_s += spent
@@ -420,6 +450,7 @@ class EngineCore:
         from .pipeline import _reason
         r = self.requests[unit.request_id]
         chunks = [r.chunks[i] for i in unit.chunks]
+        group_done = False
         t0 = time.perf_counter()
         try:
             if r.joiner is not None:
@@ -434,6 +465,7 @@ class EngineCore:
                         c.wav = wav
                     r.vocoding = None
                     r.groups.pop(0)
+                    group_done = True
         except Exception as e:          # its vocoding, or its consumer: this request alone
             log.warning("request %s failed in S3Gen: %s", r.id, e)
             del self.requests[r.id]
@@ -443,8 +475,11 @@ class EngineCore:
             spent = time.perf_counter() - t0
             self._s3gen_s += spent
             r.s3gen_s += spent
+            r.group_s += spent
             if not unit.first_audio:
                 self._unit_s = spent
+        if group_done:                  # what a token of S3Gen work costs, for the scheduler's estimates
+            self._per_work_s, r.group_s = r.group_s / max(1, self._work(chunks)), 0.0
         if r.joiner is None and not r.groups:
             self._finish(r, out)
         elif r.joiner is not None and r.next_piece == len(r.chunks):

@@ -118,6 +118,8 @@ class T3Decoder:
         self.next_logits: Tensor | None = None    # (rows, V) logits for each row's next token
         self._aborts: set[str] = set()            # request ids to drop at the next step (`abort`, any thread)
         self._abort_lock = threading.Lock()
+        self.steps_taken = 0                      # decoding steps run, and rows summed over them (for figures)
+        self.row_steps = 0
         # Multilingual: stopping decided by the text alignment of some heads (engine/alignment.py)
         self.alignment = AlignmentStopping(model) if getattr(model.cfg, "alignment_stop", False) else None
 
@@ -228,6 +230,8 @@ class T3Decoder:
         self.admit()
         if not self.active:
             return aborted
+        self.steps_taken += 1
+        self.row_steps += len(self.row_owner)
         self._sample()
         finished = [a for a in self.active if self._is_done(a)]
         if finished:

@@ -190,3 +190,36 @@ def test_scheduler_orders_units_first_audio_then_streamed_then_least_work_left()
     first = unit("new", streamed=True, first=True, arrival=3)
     plan = s.schedule(view(units=units + [first], t3_busy=True, t3_seconds=0.0))
     assert plan.s3gen == first          # a first piece ignores the budget
+
+
+def test_scheduler_defers_an_idle_t3_while_the_vocoding_ahead_of_the_arrival_outlasts_its_decoding():
+    s = Scheduler()
+    measured = dict(t3_step_seconds=0.1, s3gen_seconds_per_work=0.01)       # 100 steps: 10 s; 1000 work: 10 s
+    big = PendingChunk("big", 0, 2, 2, work=2000, t3_steps=100)
+    ahead = [unit("a", left=1500, arrival=0)]                                # 15 s of vocoding before big's
+    assert s.schedule(view(pending=[big], units=ahead, **measured)).admit == ()
+    assert s.schedule(view(pending=[big], units=[unit("a", left=900)], **measured)).admit == (big,)
+    # a smaller request's vocoding goes first, so nothing waits ahead of it: it starts at once, and what waited
+    # decodes with it
+    small = PendingChunk("small", 0, 3, 2, work=200, t3_steps=100)
+    assert s.schedule(view(pending=[big, small], units=ahead, **measured)).admit == (big, small)
+    # a streamed arrival is always due; T3 already decoding takes everyone; nothing measured yet: no deferral
+    streamed = PendingChunk("st", 0, 4, 2, streamed=True, work=5000, t3_steps=100)
+    assert s.schedule(view(pending=[streamed], units=ahead, **measured)).admit == (streamed,)
+    assert s.schedule(view(pending=[big], units=ahead, t3_busy=True, **measured)).admit == (big,)
+    assert s.schedule(view(pending=[big], units=ahead)).admit == (big,)
+    # the S3Gen work keeps running meanwhile
+    assert s.schedule(view(pending=[big], units=ahead, **measured)).s3gen == ahead[0]
+
+
+def test_the_core_measures_what_the_scheduler_estimates_with(engine):
+    core = EngineCore(engine)
+    core.add_request(req("a", SHORT))
+    drain(core)
+    core.add_request(req("b", LONG))
+    core._plan_new(lambda ev: None)
+    v = core._view()
+    assert v.t3_step_seconds > 0 and v.s3gen_seconds_per_work > 0        # measured on "a"
+    chunks = core.requests["b"].chunks
+    assert [(p.index, p.streamed, p.work, p.t3_steps) for p in v.pending] == [
+        (c.index, False, EngineCore._work(chunks), c.t3.max_new_tokens) for c in chunks]
