@@ -240,14 +240,17 @@ def main(argv=None) -> None:
         for stream in [m == "streamed" for m in args.poisson_mixes.split(",")]:
             for mode, run in modes.items():
                 arr = [Arrival(at, n, stream, seed, f"p{i}") for i, (at, n, seed) in enumerate(arrivals)]
-                steps, row_steps = engine.decoder.steps_taken, engine.decoder.row_steps
+                d = engine.decoder
+                steps, row_steps, t3_s = d.steps_taken, d.row_steps, d.step_seconds
                 s = summary(run(arr))
-                s["t3_steps"] = engine.decoder.steps_taken - steps
-                s["t3_rows_per_step"] = (engine.decoder.row_steps - row_steps) / max(1, s["t3_steps"])
+                s["t3_steps"] = d.steps_taken - steps
+                s["t3_rows_per_step"] = (d.row_steps - row_steps) / max(1, s["t3_steps"])
+                s["t3_seconds"] = d.step_seconds - t3_s
                 figures[f"poisson/{'streamed' if stream else 'whole'}/{mode}"] = s
                 print(f"poisson {'streamed' if stream else 'whole   '} {mode:5s}  latency p50 {s['latency_p50']:6.2f} "
                       f"p95 {s['latency_p95']:6.2f} s  TTFA p50 {s['ttfa_p50']:6.2f} p95 {s['ttfa_p95']:6.2f} s  "
-                      f"{s['audio_s_per_s']:.3f} audio s/s  T3 {s['t3_steps']} steps of {s['t3_rows_per_step']:.1f} rows "
+                      f"{s['audio_s_per_s']:.3f} audio s/s  T3 {s['t3_steps']} steps of {s['t3_rows_per_step']:.1f} rows, "
+                      f"{s['t3_seconds']:.0f} s "
                       f"({s['failed']} failed)", flush=True)
     figures["peak_rss_mb"] = peak_rss_mb()
     if args.json:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,9 @@ class T3Decoder:
         self.next_logits: Tensor | None = None    # (rows, V) logits for each row's next token
         self._aborts: set[str] = set()            # request ids to drop at the next step (`abort`, any thread)
         self._abort_lock = threading.Lock()
-        self.steps_taken = 0                      # decoding steps run, and rows summed over them (for figures)
-        self.row_steps = 0
+        self.steps_taken = 0                      # for figures: decoding steps run, rows summed over them, and
+        self.row_steps = 0                        # seconds spent in `step`
+        self.step_seconds = 0.0
         # Multilingual: stopping decided by the text alignment of some heads (engine/alignment.py)
         self.alignment = AlignmentStopping(model) if getattr(model.cfg, "alignment_stop", False) else None
 
@@ -226,6 +228,7 @@ class T3Decoder:
     def step(self) -> list[T3Result]:
         """Drop aborted requests, admit, sample one token for every active request, retire finished ones,
         advance the rest."""
+        t0 = time.perf_counter()
         aborted = self._drop_aborted()
         self.admit()
         if not self.active:
@@ -238,6 +241,7 @@ class T3Decoder:
             self._retire(finished)
         if self.active:
             self._advance()
+        self.step_seconds += time.perf_counter() - t0
         return aborted + [self._result(a) for a in finished]
 
     def run(self, requests: Sequence[T3Request]) -> list[T3Result]:
