@@ -190,7 +190,9 @@ def test_tokenizer_batch_equals_alone(tiny_modules):
         for i, m in enumerate(mels):
             h1, l1 = tok.encode(m[None], lens[i:i + 1])
             assert int(lb[i]) == int(l1[0]) == h1.shape[1]
-            assert torch.allclose(hb[i, :h1.shape[1]], h1[0], atol=1e-5, rtol=1e-5)
+            # float32 rounding only (values up to ~40; the GEMMs of a batch and of one clip sum in another order,
+            # 1.5e-5 apart at most on an AVX2-only CPU); padding leaking in would differ by whole units
+            assert torch.allclose(hb[i, :h1.shape[1]], h1[0], atol=1e-4, rtol=1e-5)
         codes, code_lens = tok.tokenize([a, b])
         assert torch.equal(codes[1, :code_lens[1]], tok.tokenize([b])[0][0])
 
