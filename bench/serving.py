@@ -2,7 +2,7 @@
 
     python bench/serving.py CKPT_DIR [--dtype bfloat16] [--compile] [--threads 2] [--tokens-per-chunk 60]
                             [--scenarios single,interference,poisson] [--poisson-seconds 180] [--rate R]
-                            [--poisson-mixes whole,streamed]
+                            [--poisson-mixes whole,streamed] [--repeat N]
 
 CKPT_DIR: a checkpoint in an official layout with full-size weights (e.g. a `../shared/reference` dump:
 dump_reference.py --out /tmp/refs/a). Both modes drive the same loaded engine from one thread, as the worker
@@ -24,13 +24,19 @@ Scenarios (each in both modes, figures side by side):
                 the batch mode's measured capacity), once not streamed and once streamed: p50/p95 latency and
                 TTFA, aggregate audio seconds per second of wall time (the price of streaming: streamed vs not),
                 and T3's decoding steps with their mean rows (a step costs about the same for 2 rows as for 16 on
-                a CPU: fewer, fuller steps are throughput)
+                a CPU: fewer, fuller steps are throughput). Where the wall time went: T3 seconds, the engine's busy
+                seconds (in `synthesize` / `step`: T3, S3Gen, watermark), the process's CPU seconds, and the seconds
+                the hypervisor stole from this machine's CPUs meanwhile (/proc/stat: noise from other tenants).
+                --repeat N runs the two modes N times each, alternating which goes first (batch, core, core,
+                batch, ...), and prints each mode's throughput over all its runs: on a shared machine the run-to-run
+                noise can exceed the difference between the modes
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
@@ -99,6 +105,7 @@ def run_batch(engine, arrivals: list[Arrival], batch: int) -> dict[str, Record]:
         if recs[rid].first_audio is None:
             recs[rid].first_audio = now()
 
+    busy = 0.0
     while todo or waiting:
         while todo and todo[0].at <= now():
             a = todo.pop(0)
@@ -108,12 +115,14 @@ def run_batch(engine, arrivals: list[Arrival], batch: int) -> dict[str, Record]:
             time.sleep(min(0.01, max(0.0, todo[0].at - now())))
             continue
         take, waiting = waiting[:batch], waiting[batch:]
+        t1 = time.perf_counter()
         results = engine.synthesize([request_of(engine, a) for a in take], on_audio=on_audio)
+        busy += time.perf_counter() - t1
         for a, res in zip(take, results):
             r = recs[a.rid]
             r.done, r.error = now(), res.error
             r.audio_s = res.metrics.get("audio_seconds", 0.0) if res.error is None else 0.0
-    return recs
+    return recs, busy
 
 
 def run_core(engine, arrivals: list[Arrival], config=None) -> dict[str, Record]:
@@ -136,6 +145,7 @@ def run_core(engine, arrivals: list[Arrival], config=None) -> dict[str, Record]:
         elif isinstance(ev, RequestFailed):
             r.done, r.error = now(), ev.error
 
+    busy = 0.0
     while todo or waiting or core.has_unfinished():
         while todo and todo[0].at <= now():
             a = todo.pop(0)
@@ -144,10 +154,21 @@ def run_core(engine, arrivals: list[Arrival], config=None) -> dict[str, Record]:
         while waiting and core.free_slots() > 0:
             core.add_request(request_of(engine, waiting.pop(0)))
         if core.has_unfinished():
+            t1 = time.perf_counter()
             core.step(emit=on_event)
+            busy += time.perf_counter() - t1
         elif todo:
             time.sleep(min(0.01, max(0.0, todo[0].at - now())))
-    return recs
+    return recs, busy
+
+
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor gave to others since boot, all CPUs (/proc/stat 'steal'; 0 where unknown)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -180,6 +201,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default="batch,core", help="which to run: batch, core (comma-separated)")
     ap.add_argument("--poisson-seconds", type=float, default=180.0)
     ap.add_argument("--poisson-mixes", default="whole,streamed", help="poisson: whole, streamed (comma-separated)")
+    ap.add_argument("--repeat", type=int, default=1, help="poisson: runs of each mode, alternating which goes first")
     ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: measured)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -196,8 +218,9 @@ def main(argv=None) -> None:
     print(f"# {machine()}; {model}, {args.dtype}{' + compile' if args.compile else ''}, {args.threads} threads, "
           f"{args.tokens_per_chunk} tokens per sentence chunk", flush=True)
     figures: dict = {}
-    modes = {"batch": lambda arr: run_batch(engine, arr, args.batch), "core": lambda arr: run_core(engine, arr)}
-    modes = {m: modes[m] for m in args.modes.split(",")}
+    timed = {"batch": lambda arr: run_batch(engine, arr, args.batch), "core": lambda arr: run_core(engine, arr)}
+    timed = {m: timed[m] for m in args.modes.split(",")}
+    modes = {m: (lambda arr, f=f: f(arr)[0]) for m, f in timed.items()}      # the records alone
     scenarios = args.scenarios.split(",")
 
     if "single" in scenarios:
@@ -238,20 +261,34 @@ def main(argv=None) -> None:
         if not arrivals:
             raise SystemExit("no arrivals: give a higher --rate or longer --poisson-seconds")
         for stream in [m == "streamed" for m in args.poisson_mixes.split(",")]:
-            for mode, run in modes.items():
-                arr = [Arrival(at, n, stream, seed, f"p{i}") for i, (at, n, seed) in enumerate(arrivals)]
-                d = engine.decoder
-                steps, row_steps, t3_s = d.steps_taken, d.row_steps, d.step_seconds
-                s = summary(run(arr))
-                s["t3_steps"] = d.steps_taken - steps
-                s["t3_rows_per_step"] = (d.row_steps - row_steps) / max(1, s["t3_steps"])
-                s["t3_seconds"] = d.step_seconds - t3_s
-                figures[f"poisson/{'streamed' if stream else 'whole'}/{mode}"] = s
-                print(f"poisson {'streamed' if stream else 'whole   '} {mode:5s}  latency p50 {s['latency_p50']:6.2f} "
-                      f"p95 {s['latency_p95']:6.2f} s  TTFA p50 {s['ttfa_p50']:6.2f} p95 {s['ttfa_p95']:6.2f} s  "
-                      f"{s['audio_s_per_s']:.3f} audio s/s  T3 {s['t3_steps']} steps of {s['t3_rows_per_step']:.1f} rows, "
-                      f"{s['t3_seconds']:.0f} s "
-                      f"({s['failed']} failed)", flush=True)
+            mix = "streamed" if stream else "whole"
+            totals = {mode: [0.0, 0.0] for mode in timed}          # audio seconds, wall seconds over the runs
+            for k in range(args.repeat):
+                for mode in (list(timed) if k % 2 == 0 else list(timed)[::-1]):
+                    arr = [Arrival(at, n, stream, seed, f"p{i}") for i, (at, n, seed) in enumerate(arrivals)]
+                    d = engine.decoder
+                    steps, row_steps, t3_s = d.steps_taken, d.row_steps, d.step_seconds
+                    cpu, stolen = time.process_time(), stolen_seconds()
+                    recs, busy = timed[mode](arr)
+                    s = summary(recs)
+                    s["cpu_s"], s["stolen_s"] = time.process_time() - cpu, stolen_seconds() - stolen
+                    s["busy_s"] = busy
+                    s["t3_steps"] = d.steps_taken - steps
+                    s["t3_rows_per_step"] = (d.row_steps - row_steps) / max(1, s["t3_steps"])
+                    s["t3_seconds"] = d.step_seconds - t3_s
+                    totals[mode][0] += s["audio_s"]
+                    totals[mode][1] += s["wall_s"]
+                    figures[f"poisson/{mix}/{mode}" + (f"/{k}" if args.repeat > 1 else "")] = s
+                    print(f"poisson {mix:8s} {mode:5s}  latency p50 {s['latency_p50']:6.2f} "
+                          f"p95 {s['latency_p95']:6.2f} s  TTFA p50 {s['ttfa_p50']:6.2f} p95 {s['ttfa_p95']:6.2f} s  "
+                          f"{s['audio_s_per_s']:.3f} audio s/s (wall {s['wall_s']:.0f} s, busy {busy:.0f} s, "
+                          f"CPU {s['cpu_s']:.0f} s, stolen {s['stolen_s']:.0f} s)  T3 {s['t3_steps']} steps of "
+                          f"{s['t3_rows_per_step']:.1f} rows, {s['t3_seconds']:.0f} s ({s['failed']} failed)", flush=True)
+            if args.repeat > 1:
+                rates = {mode: a / max(1e-9, w) for mode, (a, w) in totals.items()}
+                figures[f"poisson/{mix}/audio_s_per_s"] = rates
+                print(f"poisson {mix:8s} over {args.repeat} runs each: " + ", ".join(
+                    f"{mode} {rate:.3f} audio s/s" for mode, rate in rates.items()), flush=True)
     figures["peak_rss_mb"] = peak_rss_mb()
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
